@@ -1,0 +1,133 @@
+"""moepic_jax checkpoints: orbax-checkpoint trees of the host `Params`, beside config.json and tokenizer.json.
+
+Layout of a checkpoint directory:
+  config.json            Hugging Face config (the same reader as HF directories)
+  tokenizer.json         optional
+  moepic_checkpoint.json manifest: format version, dtype, config identity, leaf count
+  params/                orbax StandardCheckpointer tree (experts neuron-major [E, F, 3, D])
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from moepic_jax import model as M
+from moepic_jax.config import MoEConfig, from_hf_config
+
+MANIFEST = "moepic_checkpoint.json"
+FORMAT_VERSION = 1
+
+
+def default_checkpoint_dir() -> pathlib.Path:
+    """The embedded default model shipped under `checkpoints/` (first directory holding a manifest)."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
+    found = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    if not found:
+        raise FileNotFoundError(f"no embedded model under {root}; pass a model path")
+    return found[0]
+
+
+def is_orbax_checkpoint(path) -> bool:
+    return (pathlib.Path(path) / MANIFEST).exists()
+
+
+def _to_tree(params: M.Params):
+    """Params -> nested dict of NumPy arrays (orbax-friendly, None leaves dropped)."""
+    import dataclasses
+
+    def conv(x):
+        if isinstance(x, np.ndarray):
+            return x
+        if isinstance(x, tuple):
+            return {str(i): conv(v) for i, v in enumerate(x)}
+        return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x) if getattr(x, f.name) is not None}
+
+    return conv(params)
+
+
+def _from_tree(tree, like: M.Params):
+    import dataclasses
+
+    def conv(t, ref):
+        if isinstance(ref, np.ndarray):
+            return t
+        if isinstance(ref, tuple):
+            return tuple(conv(t[str(i)], r) for i, r in enumerate(ref))
+        kw = {}
+        for f in dataclasses.fields(ref):
+            r = getattr(ref, f.name)
+            kw[f.name] = None if r is None else conv(t[f.name], r)
+        return type(ref)(**kw)
+
+    return conv(tree, like)
+
+
+def save(path, cfg: MoEConfig, params: M.Params, dtype: str, tokenizer=None) -> None:
+    """Write a checkpoint directory (see module docstring). `path` must not exist yet or be empty."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    tree = _to_tree(params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path / "params", tree, force=True)
+    ckptr.wait_until_finished()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path)) if hasattr(tokenizer, "save_pretrained") else tokenizer.save(
+            str(path / "tokenizer.json"))
+    leaves = sum(1 for _ in _iter_leaves(tree))
+    manifest = {"format_version": FORMAT_VERSION, "dtype": dtype, "config_identity": cfg.identity(), "leaves": leaves}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _iter_leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _iter_leaves(v)
+    else:
+        yield tree
+
+
+def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
+    """Read a checkpoint directory into host NumPy `Params` cast to `dtype`.
+
+    Raises:
+      ValueError: the manifest does not match config.json, or the orbax tree is truncated/corrupted
+        (the message names the directory and what to do).
+    """
+    import orbax.checkpoint as ocp
+
+    from moepic_jax.weights import empty_params, np_dtype
+
+    path = pathlib.Path(path).resolve()
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        cfg = from_hf_config(json.loads((path / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({e}); re-create or re-download it") from e
+    if manifest.get("config_identity") != cfg.identity():
+        raise ValueError(f"checkpoint {path}: config.json does not match the manifest; the directory was modified")
+    stored = manifest["dtype"]
+    like = empty_params(cfg, stored)
+    abstract = _to_tree(like)
+    try:
+        tree = ocp.StandardCheckpointer().restore(path / "params", abstract)
+    except Exception as e:  # orbax raises many types for missing/corrupt files
+        raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
+                         "re-create it (or `git checkout` the embedded one)") from e
+    target = np_dtype(dtype)
+    tree = {k: v for k, v in tree.items()}
+
+    def cast(t, ref):
+        if isinstance(ref, dict):
+            return {k: cast(t[k], r) for k, r in ref.items()}
+        a = np.asarray(t)
+        if a.shape != ref.shape:
+            raise ValueError(f"checkpoint {path}: a tensor has shape {a.shape}, expected {ref.shape}; corrupted")
+        return a.astype(target)
+
+    return cfg, _from_tree(cast(tree, abstract), like)

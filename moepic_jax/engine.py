@@ -1,0 +1,126 @@
+"""Engines: place a host `Model` on the device for one (policy, VRAM budget) and run compiled steps.
+
+This file starts with the `resident` policy (every weight on the device); the offloading policies
+are added by `offload.py` and share this interface:
+
+  engine.new_state(batch, max_len)        -> state        (KV cache + policy state; checks the budget)
+  engine.prefill(state, tokens, mask)      -> (logits [B, V], state, counters)
+  engine.decode(state, tokens)             -> (logits [B, V], state, counters)
+
+Compiled executables are built ahead of time (`jit(...).lower(...).compile()`) and cached by input
+shapes, so compile time is measured apart from TTFT/TPOT and counted in `compile_count`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moepic_jax import model as M
+from moepic_jax.budget import parse_budget
+from moepic_jax.weights import Model
+
+POLICIES = ("resident", "ondemand", "lru", "static", "moepic")
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf of a pytree."""
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def device_memory_stats() -> dict | None:
+    """`memory_stats()` of the default device; None where the backend does not report it (CPU)."""
+    try:
+        return jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+
+
+class CompileCache:
+    """AOT-compiled executables keyed by (name, input shapes); counts compiles and their seconds."""
+
+    def __init__(self):
+        self._fns: dict[Any, Any] = {}
+        self.count = 0
+        self.seconds = 0.0
+
+    def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), static_key=()) -> Any:
+        key = (name, static_key, jax.tree_util.tree_structure(args),
+               tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", None) and x.sharding.memory_kind))
+                     for x in jax.tree_util.tree_leaves(args)))
+        exe = self._fns.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+            self.seconds += time.perf_counter() - t0
+            self.count += 1
+            self._fns[key] = exe
+        return exe
+
+
+class ResidentEngine:
+    """Every weight on the device: the speed ceiling and the exactness reference."""
+
+    policy = "resident"
+
+    def __init__(self, model: Model, vram_budget=None):
+        self.model = model
+        self.cfg = model.cfg
+        self.dtype = jnp.dtype(model.dtype)
+        self.vram_budget_bytes = parse_budget(vram_budget, model.weight_bytes())
+        self.compiles = CompileCache()
+        need = model.weight_bytes()
+        if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
+            raise ValueError(
+                f"policy 'resident' needs all {need / 2**30:.3f} GiB of weights on the device, more than the VRAM "
+                f"budget of {self.vram_budget_bytes / 2**30:.3f} GiB; use an offloading policy (e.g. 'moepic')")
+        self.params = jax.device_put(model.params, jax.devices()[0])
+        self.cache_plan = None
+
+    def fixed_bytes(self, batch: int, max_len: int) -> int:
+        return self.model.weight_bytes() + M.kv_cache_bytes(self.cfg, batch, max_len, self.dtype.itemsize)
+
+    def new_state(self, batch: int, max_len: int):
+        need = self.fixed_bytes(batch, max_len)
+        if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
+            raise ValueError(f"weights + KV cache for batch {batch} x {max_len} tokens need {need / 2**30:.3f} GiB, "
+                             f"over the VRAM budget of {self.vram_budget_bytes / 2**30:.3f} GiB")
+        return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
+
+    def _step(self, params, cache, tokens, mask):
+        logits, cache = M.forward_tokens(params, self.cfg, tokens, mask, cache)
+        return logits[:, -1], cache, {}
+
+    def prefill(self, state, tokens, mask):
+        args = (self.params, state, tokens, mask)
+        return self.compiles.get("prefill", self._step, args, donate_argnums=(1,))(*args)
+
+    def decode(self, state, tokens):
+        tokens = tokens[:, None]
+        args = (self.params, state, tokens, jnp.ones(tokens.shape, bool))
+        return self.compiles.get("decode", self._step, args, donate_argnums=(1,))(*args)
+
+    def warmup(self, state, tokens, mask, dec_tokens):
+        """Compile the prefill and decode steps for these shapes (kept out of TTFT/TPOT)."""
+        self.compiles.get("prefill", self._step, (self.params, state, tokens, mask), donate_argnums=(1,))
+        t = dec_tokens[:, None]
+        self.compiles.get("decode", self._step, (self.params, state, t, jnp.ones(t.shape, bool)), donate_argnums=(1,))
+
+
+def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan=None, **kw):
+    """Build the engine of `policy` for `model` under `vram_budget` (see `budget.parse_budget`).
+
+    Raises:
+      ValueError: unknown policy; a budget below what the policy needs (the message names the minimum).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy == "resident":
+        return ResidentEngine(model, vram_budget)
+    from moepic_jax.offload import OffloadEngine
+
+    return OffloadEngine(model, policy=policy, vram_budget=vram_budget, plan=plan, **kw)

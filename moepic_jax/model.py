@@ -1,0 +1,300 @@
+"""Functional JAX model of an MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+Dim legend (used in comments and einsums): B batch, T seq (new tokens), S cache slots,
+D d_model, F d_ff (neurons of one expert), E experts, K top_k, H heads, G kv heads,
+hd head_dim, V vocab, N tokens flattened (B*T).
+
+Why plain functions over `flax.struct.dataclass` pytrees rather than linen/NNX modules:
+offloading needs every expert (and every segment of an expert) to be an explicit argument
+of the MoE step, placed in a chosen memory kind and sliced by traced ids. A module would
+hide those arrays in its state; a dataclass pytree keeps them addressable and jit-friendly.
+
+The split that MoEpic (arXiv 2509.08342, §3) relies on is exact for SwiGLU: an expert is a
+sum over its neurons j of silu(x·g_j) (x·u_j) d_j, so the output of the top segment
+(neurons [0, s)) plus that of the bottom segment (neurons [s, F)) is the full output. Experts
+are stored **neuron-major**, `[E, F, 3, D]` with row j = (gate column j, up column j,
+down row j), so any split is a contiguous slice `[e, :s]` / `[e, s:]`.
+
+Reference behaviour: transformers/models/{mixtral,qwen2_moe,qwen3_moe,olmoe}/modeling_*.py
+(RMSNorm in float32, router softmax in float32, rotate-half RoPE, GQA).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moepic_jax.config import MoEConfig
+
+# Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
+_MASK_VALUE = -1e30
+
+
+@flax.struct.dataclass
+class AttnParams:
+    wq: jax.Array  # [D, H*hd]
+    wk: jax.Array  # [D, G*hd]
+    wv: jax.Array  # [D, G*hd]
+    wo: jax.Array  # [H*hd, D]
+    bq: Optional[jax.Array] = None  # [H*hd]
+    bk: Optional[jax.Array] = None  # [G*hd]
+    bv: Optional[jax.Array] = None  # [G*hd]
+    bo: Optional[jax.Array] = None  # [D]
+    q_norm: Optional[jax.Array] = None  # [hd] (qk_norm="head") or [H*hd] ("full")
+    k_norm: Optional[jax.Array] = None  # [hd] or [G*hd]
+
+
+@flax.struct.dataclass
+class MLPParams:
+    """A dense SwiGLU MLP (dense layers, the shared expert)."""
+
+    w_gate: jax.Array  # [D, F']
+    w_up: jax.Array  # [D, F']
+    w_down: jax.Array  # [F', D]
+
+
+@flax.struct.dataclass
+class MoEParams:
+    w_router: jax.Array  # [D, E]
+    experts: jax.Array  # [E, F, 3, D] neuron-major; may be absent (None) when experts are offloaded
+    shared: Optional[MLPParams] = None  # Qwen2-MoE shared expert
+    w_shared_gate: Optional[jax.Array] = None  # [D, 1]
+
+
+@flax.struct.dataclass
+class LayerParams:
+    attn_norm: jax.Array  # [D]
+    attn: AttnParams
+    mlp_norm: jax.Array  # [D]
+    mlp: Optional[MLPParams] = None  # dense layer
+    moe: Optional[MoEParams] = None  # MoE layer
+
+
+@flax.struct.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: tuple  # tuple[LayerParams, ...] (n_layers)
+    final_norm: jax.Array  # [D]
+    lm_head: Optional[jax.Array] = None  # [D, V]; None when tied to embed
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated KV cache. Slots are in time order for every row; left padding fills leading slots.
+
+    k, v: [L, B, S, G, hd]; valid: [B, S] bool, slot holds a real token; pos: [B] int32, number of
+    real tokens seen per row (the RoPE position of the next token); length: [] int32, slots written.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    pos: jax.Array
+    length: jax.Array
+
+
+def init_kv_cache(cfg: MoEConfig, batch: int, max_len: int, dtype) -> KVCache:
+    """An empty cache for `batch` rows of `max_len` slots (zeros; `jnp.empty` is uninitialised on jax 0.11)."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
+        pos=jnp.zeros((batch,), jnp.int32), length=jnp.zeros((), jnp.int32),
+    )
+
+
+def kv_cache_bytes(cfg: MoEConfig, batch: int, max_len: int, dtype_bytes: int) -> int:
+    """Device bytes of `init_kv_cache(cfg, batch, max_len)`."""
+    return 2 * cfg.n_layers * batch * max_len * cfg.n_kv_heads * cfg.head_dim * dtype_bytes + batch * (max_len + 4) + 4
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, weight applied in the input dtype (as HF's *RMSNorm)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, heads, hd]; positions: [B, T] int. Angles in float32, as HF."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention(
+    p: AttnParams, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
+    valid: jax.Array, start: jax.Array, cfg: MoEConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Grouped-query self-attention with a KV cache (prefill when T > 1, decode when T == 1).
+
+    Args:
+      x: [B, T, D] normed input; positions: [B, T] RoPE positions (real tokens only).
+      k_cache, v_cache: [L, B, S, G, hd] the whole cache (updated in place at `layer`, so a donated
+        cache is never copied); layer: static layer index; valid: [B, S] bool after writing the T new
+        slots; start: [] int32, slot of the first new token.
+    Returns:
+      ([B, T, D] output, new k_cache, new v_cache).
+    """
+    B, T, _ = x.shape
+    H, G, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = x @ p.wq, x @ p.wk, x @ p.wv
+    if cfg.qkv_bias:
+        q, k, v = q + p.bq, k + p.bk, v + p.bv
+    if cfg.qk_norm == "full":  # OLMoE: norm over all heads before the reshape
+        q, k = rms_norm(q, p.q_norm, cfg.rms_eps), rms_norm(k, p.k_norm, cfg.rms_eps)
+    if cfg.clip_qkv is not None:
+        c = cfg.clip_qkv
+        q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
+    q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, G, hd), v.reshape(B, T, G, hd)
+    if cfg.qk_norm == "head":  # Qwen3-MoE: per-head norm
+        q, k = rms_norm(q, p.q_norm, cfg.rms_eps), rms_norm(k, p.k_norm, cfg.rms_eps)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    zero = jnp.zeros((), jnp.int32)
+    idx = (jnp.asarray(layer, jnp.int32), zero, start.astype(jnp.int32), zero, zero)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], idx)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], idx)
+    kl, vl = k_cache[layer], v_cache[layer]  # [B, S, G, hd]
+    S = kl.shape[1]
+    qg = q.reshape(B, T, G, H // G, hd)
+    scores = jnp.einsum("btgrh,bsgh->bgrts", qg, kl).astype(jnp.float32) * (hd**-0.5)
+    causal = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]  # [T, S]
+    mask = causal[None] & valid[:, None, :]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bgrts,bsgh->btgrh", probs, vl).reshape(B, T, H * hd)
+    out = out @ p.wo
+    if cfg.o_bias:
+        out = out + p.bo
+    return out, k_cache, v_cache
+
+
+def mlp(x: jax.Array, p: MLPParams) -> jax.Array:
+    """Dense SwiGLU. x: [..., D] -> [..., D]."""
+    return (jax.nn.silu(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down
+
+
+def route(x: jax.Array, w_router: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """Top-k router: softmax in float32 over E logits, top-k, optional renormalisation.
+
+    Args:
+      x: [N, D] normed hidden states.
+    Returns:
+      (ids [N, K] int32, weights [N, K] float32). Mixtral always renormalises; the others follow
+      `norm_topk_prob` (HF `*TopKRouter.forward`).
+    """
+    logits = x @ w_router  # [N, E]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    w, ids = jax.lax.top_k(probs, cfg.top_k)
+    if cfg.norm_topk_prob:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), w
+
+
+def segment_ffn(x: jax.Array, seg: jax.Array) -> jax.Array:
+    """Partial SwiGLU output of a run of neurons of one expert.
+
+    Args:
+      x: [N, D]; seg: [S, 3, D] neuron-major rows (gate col, up col, down row).
+    Returns:
+      [N, D]. Summing over an expert's segments gives the full expert output (exact).
+    """
+    g = jnp.einsum("nd,sd->ns", x, seg[:, 0])
+    u = jnp.einsum("nd,sd->ns", x, seg[:, 1])
+    return jnp.einsum("ns,sd->nd", jax.nn.silu(g) * u, seg[:, 2])
+
+
+def experts_dense(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """Routed-expert output computed over all E experts with a combine matrix (prefill; many tokens).
+
+    x: [N, D]; experts: [E, F, 3, D]; ids, w: [N, K]. Returns [N, D] float32.
+    """
+    E = experts.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * w[..., None], axis=1)  # [N, E]
+    g = jnp.einsum("nd,efd->nef", x, experts[:, :, 0])
+    u = jnp.einsum("nd,efd->nef", x, experts[:, :, 1])
+    y = jnp.einsum("nef,efd->ned", jax.nn.silu(g) * u, experts[:, :, 2])  # [N, E, D]
+    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine)
+
+
+def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """Routed-expert output reading only the N*K routed experts (decode; few tokens). Returns [N, D] f32."""
+    sel = experts[ids]  # [N, K, F, 3, D]
+    g = jnp.einsum("nd,nkfd->nkf", x, sel[:, :, :, 0])
+    u = jnp.einsum("nd,nkfd->nkf", x, sel[:, :, :, 1])
+    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, sel[:, :, :, 2])
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), w)
+
+
+def shared_expert(x: jax.Array, p: MoEParams) -> jax.Array:
+    """Qwen2-MoE shared expert with its sigmoid gate; zeros when the family has none. x: [N, D]."""
+    if p.shared is None:
+        return jnp.zeros_like(x)
+    return jax.nn.sigmoid(x @ p.w_shared_gate) * mlp(x, p.shared)
+
+
+def moe_resident(x: jax.Array, p: MoEParams, cfg: MoEConfig) -> jax.Array:
+    """MoE block with all experts on the device. x: [N, D] -> [N, D]."""
+    ids, w = route(x, p.w_router, cfg)
+    n = x.shape[0]
+    # Reading only the routed experts is cheaper while N*K is small; the dense form avoids a huge gather.
+    routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_dense(
+        x, p.experts, ids, w)
+    return routed.astype(x.dtype) + shared_expert(x, p)
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> [B, T, D]."""
+    return params.embed[tokens]
+
+
+def lm_head(params: Params, h: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """Final RMSNorm and LM head. h: [B, T, D] -> logits [B, T, V] float32."""
+    h = rms_norm(h, params.final_norm, cfg.rms_eps)
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return (h @ w).astype(jnp.float32)
+
+
+def cache_positions(cache: KVCache, mask: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Positions of T new tokens and the cache bookkeeping after writing them.
+
+    mask: [B, T] bool, real tokens. Returns (positions [B, T], valid [B, S], cache with valid/pos/length
+    advanced; k/v untouched).
+    """
+    positions = cache.pos[:, None] + jnp.cumsum(mask, axis=1) - 1
+    positions = jnp.maximum(positions, 0).astype(jnp.int32)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, cache.length, axis=1)
+    new = cache.replace(valid=valid, pos=cache.pos + jnp.sum(mask, axis=1, dtype=jnp.int32),
+                        length=cache.length + mask.shape[1])
+    return positions, valid, new
+
+
+def forward_tokens(
+    params: Params, cfg: MoEConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """All-resident forward over T new tokens, writing the KV cache.
+
+    Args:
+      tokens: [B, T] int32; mask: [B, T] bool (False = left padding); cache: `KVCache`.
+    Returns:
+      (logits [B, T, V] float32, updated cache).
+    """
+    B, T = tokens.shape
+    positions, valid, new_cache = cache_positions(cache, mask)
+    h = embed(params, tokens)
+    k, v = cache.k, cache.v
+    for l, lp in enumerate(params.layers):
+        a, k, v = attention(lp.attn, rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
+                            cache.length, cfg)
+        h = h + a
+        x = rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, -1)
+        y = moe_resident(x, lp.moe, cfg) if cfg.moe_layers[l] else mlp(x, lp.mlp)
+        h = h + y.reshape(B, T, -1)
+    new_cache = new_cache.replace(k=k, v=v)
+    return lm_head(params, h, cfg), new_cache

@@ -1,0 +1,184 @@
+"""Invariant 5: bad input is a clear error naming the fix (config, checkpoint, prompts, sampling, budget)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import moepic_jax
+from moepic_jax.budget import parse_budget
+from moepic_jax.config import from_hf_config
+from conftest import build_hf_model
+
+
+def _cfg(hf_dirs, fam="qwen2_moe"):
+    return json.loads((hf_dirs[fam] / "config.json").read_text())
+
+
+def test_unsupported_model_type(hf_dirs):
+    d = _cfg(hf_dirs)
+    d["model_type"] = "deepseek_v3"
+    with pytest.raises(ValueError, match="supported MoE families: mixtral, qwen2_moe, qwen3_moe, olmoe"):
+        from_hf_config(d)
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_unsupported_rope_type(hf_dirs, key):
+    d = _cfg(hf_dirs)
+    d.pop("rope_parameters", None)
+    d[key] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="unsupported RoPE type 'yarn'.*supported: default"):
+        from_hf_config(d)
+
+
+def test_sliding_window_refused(hf_dirs):
+    d = _cfg(hf_dirs, "mixtral")
+    d["sliding_window"] = 4096
+    with pytest.raises(ValueError, match="sliding-window attention .* not supported"):
+        from_hf_config(d)
+    d = _cfg(hf_dirs, "qwen3_moe")
+    d["use_sliding_window"], d["sliding_window"] = True, 128
+    with pytest.raises(ValueError, match="sliding-window"):
+        from_hf_config(d)
+
+
+def test_old_and_new_rope_layouts_agree(hf_dirs):
+    new = _cfg(hf_dirs, "qwen3_moe")
+    new["rope_parameters"] = {"rope_type": "default", "rope_theta": 12345.0}
+    old = dict(new)
+    old.pop("rope_parameters")
+    old["rope_theta"] = 12345.0
+    assert from_hf_config(new) == from_hf_config(old)
+    assert from_hf_config(old).rope_theta == 12345.0
+
+
+def test_dense_layers_from_sparse_step(hf_dirs):
+    d = _cfg(hf_dirs, "qwen2_moe")
+    d.update(mlp_only_layers=[], decoder_sparse_step=2)
+    assert from_hf_config(d).moe_layers == (False, True, False)
+    assert from_hf_config(_cfg(hf_dirs, "qwen2_moe")).moe_layers == (True, False, True)
+
+
+def _copy(hf_dirs, tmp_path, fam="mixtral"):
+    dst = tmp_path / fam
+    shutil.copytree(hf_dirs[fam], dst)
+    return dst, load_file(str(dst / "model.safetensors"))
+
+
+def test_missing_tensor(hf_dirs, tmp_path):
+    d, sd = _copy(hf_dirs, tmp_path)
+    sd.pop("model.layers.2.block_sparse_moe.experts.5.w2.weight")
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing 1 tensor.*layers.2.moe.experts.5.2"):
+        moepic_jax.load(d, dtype="float32")
+
+
+def test_unexpected_tensor(hf_dirs, tmp_path):
+    d, sd = _copy(hf_dirs, tmp_path)
+    sd["model.layers.0.mystery.weight"] = np.zeros(3, np.float32)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mystery.weight'"):
+        moepic_jax.load(d, dtype="float32")
+
+
+def test_wrong_shape(hf_dirs, tmp_path):
+    d, sd = _copy(hf_dirs, tmp_path)
+    sd["model.layers.1.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 64\), expected \(32, 64\)"):
+        moepic_jax.load(d, dtype="float32")
+
+
+def test_missing_shard(hf_dirs, tmp_path):
+    m = build_hf_model("qwen3_moe")
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    files = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(files) > 1, "the checkpoint should be sharded for this test"
+    ok = moepic_jax.load(tmp_path / "sharded", dtype="float32")  # sharded + index loads
+    ref = moepic_jax.load(hf_dirs["qwen3_moe"], dtype="float32")
+    np.testing.assert_array_equal(ok.params.layers[2].moe.experts, ref.params.layers[2].moe.experts)
+    files[-1].unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        moepic_jax.load(tmp_path / "sharded", dtype="float32")
+
+
+def test_fused_expert_layout(hf_dirs, tmp_path, models):
+    """transformers' fused layout (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]) loads identically."""
+    d, sd = _copy(hf_dirs, tmp_path, "olmoe")
+    for l in range(3):
+        p = f"model.layers.{l}.mlp.experts."
+        g = np.stack([sd.pop(p + f"{e}.gate_proj.weight") for e in range(8)])
+        u = np.stack([sd.pop(p + f"{e}.up_proj.weight") for e in range(8)])
+        dn = np.stack([sd.pop(p + f"{e}.down_proj.weight") for e in range(8)])
+        sd[p + "gate_up_proj"] = np.concatenate([g, u], axis=1)
+        sd[p + "down_proj"] = dn
+    save_file(sd, str(d / "model.safetensors"))
+    fused = moepic_jax.load(d, dtype="float32")
+    for l in range(3):
+        np.testing.assert_array_equal(fused.params.layers[l].moe.experts, models["olmoe"].params.layers[l].moe.experts)
+
+
+def test_bad_dtype_and_path(hf_dirs, tmp_path):
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        moepic_jax.load(hf_dirs["mixtral"], dtype="int8")
+    with pytest.raises(FileNotFoundError):
+        moepic_jax.load(tmp_path / "nope")
+
+
+def test_bf16_load_casts(hf_dirs):
+    m = moepic_jax.load(hf_dirs["mixtral"])
+    assert str(m.params.layers[0].moe.experts.dtype) == "bfloat16"
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(policy="fastest"), "unknown policy"),
+    (dict(stop=[""]), "stop"),
+])
+def test_bad_generate_args(models, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        moepic_jax.generate([1, 2, 3], model=models["mixtral"], **{"policy": "resident", **kw})
+
+
+def test_bad_prompts(models):
+    m = models["mixtral"]
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        moepic_jax.generate([[]], model=m, policy="resident")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        moepic_jax.generate([], model=m, policy="resident")
+    with pytest.raises(ValueError, match="exceeds the context of 256 tokens"):
+        moepic_jax.generate(list(range(10)) * 25, model=m, max_new_tokens=8, policy="resident")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        moepic_jax.generate("hello", model=m, policy="resident")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        moepic_jax.generate([1, 500], model=m, policy="resident")
+
+
+@pytest.mark.parametrize("budget, want", [
+    (1000, 1000), ("6GiB", 6 * 2**30), ("500MB", 500 * 10**6), ("40%", 400), (0.25, 250), ("1.5 GiB", int(1.5 * 2**30)),
+])
+def test_parse_budget(budget, want):
+    assert parse_budget(budget, 1000) == want
+
+
+@pytest.mark.parametrize("budget", [-5, 0, 1.5, "lots", "120%", True])
+def test_parse_budget_errors(budget):
+    with pytest.raises(ValueError, match="vram_budget|budget"):
+        parse_budget(budget, 1000)
+
+
+def test_sampling_is_seeded_and_respects_top_k(models):
+    m = models["qwen3_moe"]
+    a = moepic_jax.generate([5, 6, 7], model=m, max_new_tokens=8, temperature=1.0, seed=3, policy="resident")
+    b = moepic_jax.generate([5, 6, 7], model=m, max_new_tokens=8, temperature=1.0, seed=3, policy="resident")
+    assert a.token_ids == b.token_ids
+    g = moepic_jax.generate([5, 6, 7], model=m, max_new_tokens=8, policy="resident")
+    k1 = moepic_jax.generate([5, 6, 7], model=m, max_new_tokens=8, temperature=0.7, top_k=1, seed=9, policy="resident")
+    assert k1.token_ids == g.token_ids  # top-k 1 is greedy whatever the seed
