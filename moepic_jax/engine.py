@@ -78,7 +78,7 @@ class ResidentEngine:
             raise ValueError(
                 f"policy 'resident' needs all {need / 2**30:.3f} GiB of weights on the device, more than the VRAM "
                 f"budget of {self.vram_budget_bytes / 2**30:.3f} GiB; use an offloading policy (e.g. 'moepic')")
-        self.params = jax.device_put(model.params, jax.devices()[0])
+        self.params = jax.device_put(model.params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         self.cache_plan = None
 
     def fixed_bytes(self, batch: int, max_len: int) -> int:

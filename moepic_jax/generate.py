@@ -139,7 +139,7 @@ def forward(model: Model, token_ids, attention_mask=None) -> np.ndarray:
         raise ValueError(f"token_ids must be [batch, seq], got shape {tokens.shape}")
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(np.asarray(attention_mask) != 0)
     cache = M.init_kv_cache(model.cfg, tokens.shape[0], tokens.shape[1], jnp.dtype(model.dtype))
-    params = jax.device_put(model.params)
+    params = jax.device_put(model.params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))  # device memory
     fn = jax.jit(M.forward_tokens, static_argnums=1)
     logits, _ = fn(params, model.cfg, tokens, mask, cache)
     return np.asarray(logits)

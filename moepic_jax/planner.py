@@ -22,31 +22,40 @@ Notation (one decoder layer `l`, batch 1 decode)
 Cost model
 ----------
 Each routed expert costs at most ONE copy: a full hit (cached and s_l = f) copies nothing, a top-only hit
-(cached, s_l < f) copies its bottom `(f - s_l) * beta` bytes, a miss copies the whole `f * beta` bytes. Expected
-copies and bytes per token of the routed experts of layer l:
+(cached, s_l < f) copies its bottom `(f - s_l) * beta` bytes, a miss copies the whole `f * beta` bytes. With the
+affine copy curve (HardwareProfile.copy_time_s) one copy of a routed expert takes
 
-    n_l = k - P_l * [s_l == f]                       (copies)
-    b_l = beta * (k * f - s_l * P_l)                  (bytes)
-    t_l = n_l * L_c + b_l / B                         (seconds; HardwareProfile.copy_time_s, affine copy curve)
+    t_miss   = L_c + f * beta / B
+    t_hit_l  = 0 if s_l == f else L_c + (f - s_l) * beta / B
 
-The affine curve `latency + bytes / bandwidth` makes small copies cost more per byte (measured on the H200:
-22 GB/s at 8 MB, 48 GB/s at 512 MB), so splitting trades fewer bytes against a worse per-byte rate.
+and the expected copies, bytes and copy time per token of layer l's routed experts are
 
-Prefetch: the engine copies every predicted expert's missing segment during the previous layer. A share rho_l of
-the routed experts was predicted; the other `k' - rho_l k` predicted experts were wrong and their copies are
-wasted but still use the link. With the wasted experts costing an average routed expert, the prefetch traffic
-and the on-demand traffic (copied after routing, not hidden) are
+    n_l = k - P_l * [s_l == f]                                    (copies)
+    b_l = beta * (k * f - s_l * P_l)                               (bytes)
+    t_l = P_l * t_hit_l + (k - P_l) * t_miss = n_l * L_c + b_l / B  (seconds)
 
-    phi_l       = max(rho_l, k' / k)    (0 when the layer is not predicted)
-    t_pf_l      = phi_l * t_l
-    t_od_l      = (1 - rho_l) * t_l
-    W_{l-1}     = a * c_{l-1}           (W_{-1} = 0)
-    T_l         = c_l + max(0, t_pf_l - W_{l-1}) + t_od_l
-    TPOT        = sum_l T_l + extra_s
+The affine curve makes small copies cost more per byte (measured on the H200: 22 GB/s at 8 MB, 48 GB/s at 512 MB),
+so a top-only hit still pays the per-copy latency that a full hit saves.
 
-Dense layers (all-zero freq row) have k = 0 there, so T_l = c_l. Expectations are taken inside the max (Jensen),
-which underestimates stalls a little when the number of copies varies a lot from token to token.
-T_l is non-increasing in s_l and in N_l, so more budget never predicts a slower token.
+Prefetch: during layer l-1 the engine copies the missing segment of each of the k' experts predicted for layer l
+(wrong guesses included: their copies are wasted but use the link). A routed expert was predicted with
+probability rho_l; the rest is copied after routing (on demand), not hidden. Each predicted expert is cached with
+probability q_l = P_l / k, so the number h of cached ones is ~ Binomial(k', q_l) and the prefetch takes
+X_h = h * t_hit_l + (k' - h) * t_miss. The stall is what the window W_{l-1} does not hide, in expectation over h:
+
+    W_{l-1}    = a * c_{l-1}                                   (W_{-1} = 0)
+    stall_l    = sum_h Binom(h; k', q_l) * max(0, X_h - W_{l-1})  (0 when the layer is not predicted)
+    ondemand_l = (1 - rho_l) * t_l
+    T_l        = c_l + stall_l + ondemand_l
+    TPOT       = sum_l T_l + extra_s
+
+E[X] = (k'/k) * t_l, so with every X_h on the same side of the window this is the DESIGN.md starting model
+`c_l + max(0, t_prefetch - W) + t_ondemand` (plus the wasted prefetches); the binomial only matters where the
+window hides some tokens' prefetches and not others' -- which is exactly where caching the tops of many experts
+(every token's prefetch a little smaller) can beat caching fewer whole experts (some tokens free, others not).
+Under a linear stall it cannot: per cached byte, top rows and whole experts save the same `p[l, e] / B`, and whole
+experts also save the latency, so the most frequent experts are cached whole. Dense layers (all-zero freq row):
+T_l = c_l. T_l is non-increasing in s_l and in N_l, so more budget never predicts a slower token.
 
 Why the window does not depend on the neighbours: layer l's prefetch is issued once layer l-1 has routed, at the
 same time as layer l-1's on-demand copies. With those queued first on the link, layer l-1 lasts
@@ -85,13 +94,17 @@ _FORMAT_VERSION = 1
 # small helpers
 
 
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
 def _loads(s: str, what: str) -> dict:
     try:
         d = json.loads(s)
     except (TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{what}.from_json: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{what}.from_json: expected a JSON object, got {type(d).__name__}")
+    _require(isinstance(d, dict), f"{what}.from_json: expected a JSON object, got {type(d).__name__}")
     return d
 
 
@@ -102,14 +115,14 @@ def _get(d: dict, key: str, what: str):
 
 
 def _as_int(v, what: str) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{what} must be an int, got {v!r}")
+    ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    _require(ok, f"{what} must be an int, got {v!r}")
     return int(v)
 
 
 def _as_float(v, what: str) -> float:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{what} must be a number, got {v!r}")
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    _require(ok, f"{what} must be a number, got {v!r}")
     return float(v)
 
 
@@ -169,11 +182,9 @@ class CachePlan:
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
         for i, lp in enumerate(self.layers):
-            if not isinstance(lp, LayerPlan):
-                raise ValueError(f"CachePlan.layers[{i}] must be a LayerPlan, got {type(lp).__name__}")
+            _require(isinstance(lp, LayerPlan), f"CachePlan.layers[{i}] must be a LayerPlan, got {type(lp).__name__}")
         object.__setattr__(self, "budget_bytes", _as_int(self.budget_bytes, "CachePlan.budget_bytes"))
-        if not isinstance(self.model_id, str):
-            raise ValueError(f"CachePlan.model_id must be a str, got {self.model_id!r}")
+        _require(isinstance(self.model_id, str), f"CachePlan.model_id must be a str, got {self.model_id!r}")
 
     @classmethod
     def empty(cls, n_layers: int, budget_bytes: int = 0, model_id: str = "") -> CachePlan:
@@ -230,20 +241,16 @@ class CachePlan:
         """Inverse of to_json; unknown keys are ignored. Raises ValueError on malformed input."""
         d = _loads(s, "CachePlan")
         layers = _get(d, "layers", "CachePlan")
-        if not isinstance(layers, list):
-            raise ValueError("CachePlan.from_json: 'layers' must be a list")
+        _require(isinstance(layers, list), "CachePlan.from_json: 'layers' must be a list")
         out = []
         for i, x in enumerate(layers):
-            if not isinstance(x, dict):
-                raise ValueError(f"CachePlan.from_json: layers[{i}] must be an object with 'split' and 'cached'")
+            _require(isinstance(x, dict), f"CachePlan.from_json: layers[{i}] must be an object with split, cached")
             cached = _get(x, "cached", f"CachePlan layers[{i}]")
-            if not isinstance(cached, list):
-                raise ValueError(f"CachePlan.from_json: layers[{i}].cached must be a list of ints")
+            _require(isinstance(cached, list), f"CachePlan.from_json: layers[{i}].cached must be a list of ints")
             out.append(LayerPlan(_as_int(_get(x, "split", f"CachePlan layers[{i}]"), f"layers[{i}].split"),
                                  tuple(_as_int(e, f"layers[{i}].cached entry") for e in cached)))
         model_id = d.get("model_id", "")
-        if not isinstance(model_id, str):
-            raise ValueError("CachePlan.from_json: 'model_id' must be a string")
+        _require(isinstance(model_id, str), "CachePlan.from_json: 'model_id' must be a string")
         return cls(tuple(out), _as_int(_get(d, "budget_bytes", "CachePlan"), "budget_bytes"), model_id)
 
     def save(self, path) -> None:
@@ -294,13 +301,12 @@ class ModelProfile:
             raise ValueError(f"ModelProfile.top_k={self.top_k} exceeds n_experts={self.n_experts}")
         if self.n_predicted > self.n_experts:
             raise ValueError(f"ModelProfile.n_predicted={self.n_predicted} exceeds n_experts={self.n_experts}")
-        if not isinstance(self.model_id, str):
-            raise ValueError(f"ModelProfile.model_id must be a str, got {self.model_id!r}")
+        _require(isinstance(self.model_id, str), f"ModelProfile.model_id must be a str, got {self.model_id!r}")
         freq = _float_array(self.freq, "ModelProfile.freq", 2)
         if freq.shape[1] != self.n_experts:
-            raise ValueError(f"ModelProfile.freq has shape {freq.shape}; expected [n_layers, n_experts={self.n_experts}]")
+            raise ValueError(f"ModelProfile.freq has shape {freq.shape}; expected [n_layers, {self.n_experts}]")
         if not np.all(np.isfinite(freq)):
-            raise ValueError("ModelProfile.freq contains NaN or inf; replace missing counts with 0 (and normalise rows)")
+            raise ValueError("ModelProfile.freq contains NaN or inf; replace missing counts with 0, then normalise")
         if np.any(freq < 0) or np.any(freq > 1 + 1e-6):
             raise ValueError("ModelProfile.freq must lie in [0, 1] (tokens routed to the expert / tokens)")
         sums = freq.sum(axis=1)
@@ -317,6 +323,11 @@ class ModelProfile:
             if np.any(np.isinf(a)) or np.any(fin < 0) or np.any(fin > 1):
                 raise ValueError(f"ModelProfile.{name} must lie in [0, 1] (NaN = not measured)")
             object.__setattr__(self, name, a)
+        n_pred = self.n_predicted or self.top_k
+        over = [l for l, r in enumerate(self.recall) if r > n_pred / self.top_k + 1e-9]
+        if over:
+            raise ValueError(f"ModelProfile.recall exceeds n_predicted / top_k = {n_pred}/{self.top_k} at layers "
+                             f"{over}: at most n_predicted of the top_k routed experts can have been predicted")
 
     @property
     def n_layers(self) -> int:
@@ -403,8 +414,7 @@ class HardwareProfile:
         if not np.all(np.isfinite(c)) or np.any(c < 0):
             raise ValueError("HardwareProfile.layer_compute_s must be finite and >= 0 (seconds per layer)")
         object.__setattr__(self, "layer_compute_s", c)
-        if not isinstance(self.device, str):
-            raise ValueError(f"HardwareProfile.device must be a str, got {self.device!r}")
+        _require(isinstance(self.device, str), f"HardwareProfile.device must be a str, got {self.device!r}")
 
     def copy_time_s(self, nbytes):
         """Time of one host->device copy: h2d_latency_s + nbytes / h2d_bandwidth_Bps (0 bytes -> 0 s).
@@ -484,23 +494,41 @@ def _check_hw(mp: ModelProfile, hw: HardwareProfile) -> None:
 
 
 def _layer_consts(mp: ModelProfile, hw: HardwareProfile):
-    """Per-layer constants of the cost model, each [n_layers]: (k_l, rho, phi, window, compute)."""
+    """Per-layer constants of the cost model, each [n_layers]: (k_l, rho, n_pf, window, compute)."""
     _check_hw(mp, hw)
     moe = np.array(mp.moe_layers, dtype=bool)
     k_l = np.where(moe, float(mp.top_k), 0.0)
     predicted = np.isfinite(mp.recall) & moe
     rho = np.where(predicted, np.nan_to_num(mp.recall), 0.0)
-    n_pred = mp.n_predicted or mp.top_k
-    phi = np.where(predicted, np.maximum(rho, n_pred / mp.top_k), 0.0)
+    n_pf = np.where(predicted, mp.n_predicted or mp.top_k, 0)
     c = hw.layer_compute_s
     window = hw.window_fraction * np.concatenate([[0.0], c[:-1]])
-    return k_l, rho, phi, window, c
+    return k_l, rho, n_pf, window, c
 
 
-def _layer_time(n, b, rho, phi, window, c, hw: HardwareProfile):
-    """T = c + max(0, phi * t - W) + (1 - rho) * t with t = n * latency + b / bandwidth (broadcasts)."""
-    t = n * hw.h2d_latency_s + b / hw.h2d_bandwidth_Bps
-    return c + np.maximum(0.0, phi * t - window) + (1.0 - rho) * t
+def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile) -> dict:
+    """Cost model of the module docstring for cached mass p_c and split s (arrays; layers on axis 0, broadcasting).
+
+    Returns a dict of arrays of the broadcast shape: t (expected routed copy time), stall, ondemand, layer (T_l).
+    """
+    p_c, split = np.asarray(p_c, dtype=np.float64), np.asarray(split, dtype=np.float64)
+    nd = max(p_c.ndim, split.ndim, 1)
+    k_l, rho, n_pf, window, c = (x.reshape((-1,) + (1,) * (nd - 1)) for x in _layer_consts(mp, hw))
+    f, beta, lat, bw = mp.d_ff, mp.row_bytes, hw.h2d_latency_s, hw.h2d_bandwidth_Bps
+    t_miss = lat + f * beta / bw
+    t_hit = np.where(split >= f, 0.0, lat + (f - split) * beta / bw)
+    t = p_c * t_hit + (k_l - p_c) * t_miss  # = n_l * latency + b_l / bandwidth
+    # prefetch of n_pf predicted experts, h of them cached: h ~ Binomial(n_pf, q), q = P / k
+    q = np.clip(p_c / mp.top_k, 0.0, 1.0)[..., None]
+    h = np.arange(int(n_pf.max()) + 1, dtype=np.float64)
+    n = n_pf[..., None].astype(np.float64)
+    comb = np.vectorize(math.comb, otypes=[np.float64])(n.astype(np.int64), h.astype(np.int64))
+    pmf = comb * q**h * (1.0 - q) ** np.maximum(n - h, 0.0)
+    x = h * t_hit[..., None] + np.maximum(n - h, 0.0) * t_miss
+    stall = np.sum(pmf * np.maximum(0.0, x - window[..., None]), axis=-1)
+    ondemand = (1.0 - rho) * t
+    return {"t": t, "prefetch": n_pf / mp.top_k * t, "stall": stall, "ondemand": ondemand,
+            "layer": c + stall + ondemand}
 
 
 def plan_bytes(plan: CachePlan, mp: ModelProfile) -> int:
@@ -514,9 +542,12 @@ def plan_stats(plan: CachePlan, mp: ModelProfile, hw: HardwareProfile | None = N
     Returns a dict of [n_layers] float64 arrays: full_hit_rate, top_only_hit_rate, miss_rate (per routed expert;
     0 on dense layers), copies (routed copies per token), routed_bytes (bytes per token of routed experts),
     h2d_bytes (routed + wasted prefetch bytes per token); with hw also prefetch_s, ondemand_s, stall_s, layer_s
-    (T_l, seconds); plus "tpot_s" (float, with hw). Raises ValueError if the plan does not fit the model.
+    (T_l, seconds); plus "tpot_s" (float, with hw).
+    Raises ValueError if the plan does not fit the model (CachePlan.validate) or names another model_id.
     """
     plan.validate(mp.n_layers, mp.n_experts, mp.d_ff, mp.moe_layers)
+    if plan.model_id and mp.model_id and plan.model_id != mp.model_id:
+        raise ValueError(f"plan was solved for model_id {plan.model_id!r}, the profile is {mp.model_id!r}; re-plan")
     f, k = mp.d_ff, mp.top_k
     split = np.array([lp.split for lp in plan.layers], dtype=np.float64)
     p_c = np.array([mp.freq[l, list(lp.cached)].sum() for l, lp in enumerate(plan.layers)], dtype=np.float64)
@@ -535,13 +566,13 @@ def plan_stats(plan: CachePlan, mp: ModelProfile, hw: HardwareProfile | None = N
     }
     if hw is None:
         return out
-    k_l, rho, phi, window, c = _layer_consts(mp, hw)
-    t = n * hw.h2d_latency_s + b / hw.h2d_bandwidth_Bps
-    out["h2d_bytes"] = (phi + 1.0 - rho) * b
-    out["prefetch_s"] = phi * t
-    out["ondemand_s"] = (1.0 - rho) * t
-    out["stall_s"] = np.maximum(0.0, phi * t - window)
-    out["layer_s"] = _layer_time(n, b, rho, phi, window, c, hw)
+    cost = _layer_time(p_c, split, mp, hw)
+    _, rho, n_pf, _, _ = _layer_consts(mp, hw)
+    out["h2d_bytes"] = (n_pf / k + 1.0 - rho) * b
+    out["prefetch_s"] = cost["prefetch"]
+    out["ondemand_s"] = cost["ondemand"]
+    out["stall_s"] = cost["stall"]
+    out["layer_s"] = cost["layer"]
     out["tpot_s"] = float(out["layer_s"].sum() + hw.extra_s)
     return out
 
@@ -596,16 +627,12 @@ def _frontiers(mp: ModelProfile, hw: HardwareProfile, s_cand: np.ndarray):
     each row starts with (s=0, N=0) and is sorted by memory with strictly decreasing time.
     """
     n_layers, n_exp = mp.freq.shape
-    f, beta = mp.d_ff, float(mp.row_bytes)
+    beta = float(mp.row_bytes)
     order = np.argsort(-mp.freq, axis=1, kind="stable")  # most frequent first, ties -> lower id
     p_cum = np.concatenate([np.zeros((n_layers, 1)), np.cumsum(np.take_along_axis(mp.freq, order, 1), 1)], 1)
-    k_l, rho, phi, window, c = (x[:, None, None] for x in _layer_consts(mp, hw))
     s = s_cand.astype(np.float64)[None, :, None]  # [1, S, 1]
     n_slots = np.arange(n_exp + 1, dtype=np.float64)[None, None, :]  # [1, 1, E+1]
-    p = p_cum[:, None, :]  # [L, 1, E+1]
-    n = np.maximum(k_l - p * (s == f), 0.0)
-    b = beta * np.maximum(k_l * f - s * p, 0.0)
-    time = _layer_time(n, b, rho, phi, window, c, hw).reshape(n_layers, -1)  # [L, S*(E+1)]
+    time = _layer_time(p_cum[:, None, :], s, mp, hw)["layer"].reshape(n_layers, -1)  # [L, S*(E+1)]
     mem = (n_slots * s * beta).reshape(-1)
     valid = (((s > 0) & (n_slots > 0)) | ((s == 0) & (n_slots == 0))).reshape(-1)
     moe = np.array(mp.moe_layers, dtype=bool)
@@ -628,12 +655,8 @@ def _frontiers(mp: ModelProfile, hw: HardwareProfile, s_cand: np.ndarray):
     return ft, fm, fs, fn, order
 
 
-def _lagrange(ft: np.ndarray, fm: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
-    """Divide and conquer: per layer argmin(T + lambda * mem), lambda bisected to the budget.
-
-    Returns (feasible, over): the choices at the smallest feasible lambda found, and at the largest infeasible one
-    (more memory than the budget; equal to `feasible` when lambda = 0 already fits).
-    """
+def _lagrange(ft: np.ndarray, fm: np.ndarray, budget: float) -> np.ndarray:
+    """Divide and conquer: per layer argmin(T + lambda * mem), lambda bisected to the smallest feasible value."""
     rows = np.arange(ft.shape[0])
     fm0 = np.where(np.isfinite(fm), fm, 0.0)
 
@@ -644,14 +667,14 @@ def _lagrange(ft: np.ndarray, fm: np.ndarray, budget: float) -> tuple[np.ndarray
         return fm[rows, p].sum() <= budget
 
     if fits(pick(0.0)):
-        return pick(0.0), pick(0.0)
+        return pick(0.0)
     # above hi every layer prefers (0, 0): hi = the largest time saved per byte over the first option
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(fm0 > 0, (ft[:, :1] - ft) / fm0, 0.0)
     hi = float(np.max(np.where(np.isfinite(ratio), ratio, 0.0))) * (1 + 1e-9) + 1e-300
     lo = hi * 1e-18
     if fits(pick(lo)):
-        return pick(lo), pick(0.0)
+        return pick(lo)
     for _ in range(200):
         if hi <= lo * (1 + 1e-13):
             break
@@ -660,21 +683,7 @@ def _lagrange(ft: np.ndarray, fm: np.ndarray, budget: float) -> tuple[np.ndarray
             hi = mid
         else:
             lo = mid
-    return pick(hi), pick(lo)
-
-
-def _repair(ft: np.ndarray, fm: np.ndarray, pos: np.ndarray, budget: float) -> np.ndarray:
-    """Make an over-budget choice feasible: repeatedly take the one-layer step down losing least time per byte."""
-    rows = np.arange(ft.shape[0])
-    pos = pos.copy()
-    while fm[rows, pos].sum() > budget:
-        freed = fm[rows, pos][:, None] - fm
-        loss = ft - ft[rows, pos][:, None]
-        ok = freed > 0
-        cost = np.where(ok, loss / np.where(ok, freed, 1.0), np.inf)
-        l, q = np.unravel_index(np.argmin(cost), cost.shape)
-        pos[l] = q
-    return pos
+    return pick(hi)
 
 
 def _fill(ft: np.ndarray, fm: np.ndarray, pos: np.ndarray, budget: float) -> np.ndarray:
@@ -748,12 +757,8 @@ def solve(mp: ModelProfile, hw: HardwareProfile, budget_bytes: int, granule: int
         layers = tuple(LayerPlan(mp.d_ff, every) if m else LayerPlan() for m in moe)
         return CachePlan(layers, budget, mp.model_id)
     ft, fm, fs, fn, order = _frontiers(mp, hw, s_cand)
-    rows = np.arange(mp.n_layers)
-    pos, best = None, np.inf
-    for start in _lagrange(ft, fm, float(budget)):  # from below and from above the budget; keep the better
-        cand = _exchange(ft, fm, _fill(ft, fm, _repair(ft, fm, start, budget), budget), budget)
-        if ft[rows, cand].sum() < best:
-            pos, best = cand, ft[rows, cand].sum()
+    pos = _lagrange(ft, fm, float(budget))
+    pos = _exchange(ft, fm, _fill(ft, fm, pos, float(budget)), float(budget))
     layers = []
     for l in range(mp.n_layers):
         n_l = int(fn[l, pos[l]])

@@ -128,7 +128,7 @@ def test_more_budget_never_worse(seed):
     mp, hw = make_profiles(rng, 6, 16, 2, 512, dense=(2,), alpha=0.2)
     budgets = np.linspace(0, mp.full_cache_bytes, 25).astype(np.int64)
     tpots = [predicted_tpot(solve(mp, hw, int(b), granule=64), mp, hw) for b in budgets]
-    for a, b in zip(tpots, tpots[1:]):
+    for a, b in itertools.pairwise(tpots):
         assert b <= a * 1.01
     assert tpots[-1] < tpots[0]  # caching everything whole beats caching nothing
 
@@ -174,19 +174,33 @@ def test_no_split_uses_whole_experts_only():
     assert 512 in seen
 
 
-def test_split_helps_when_copies_are_bandwidth_bound():
-    """With zero latency and no prefetch window, bytes are everything: half-caching twice the experts wins."""
-    freq = np.array([[0.5, 0.5, 0.5, 0.5]])
-    mp = ModelProfile(freq, np.array([np.nan]), np.array([np.nan]), D_MODEL, 256, 2, 4, DTYPE_BYTES, "m")
-    hw = HardwareProfile(0.0, 10e9, np.array([1e-3]))
+def test_split_wins_when_bottoms_hide_in_the_window():
+    """Flat popularity, window = one expert copy: four half experts always hide, two whole ones stall 1/4 of the time.
+
+    Layer 1 routes 2 of 4 experts (p = 0.5 each), both predicted (recall 1); a whole copy takes t_m = 1 ms, the window
+    (layer 0's compute) is 1 ms. Whole experts 0, 1 cached: prefetch X = (2 - h) t_m with h ~ Binomial(2, 1/2), so
+    E[max(0, X - W)] = 1/4 * 1 ms. Four tops of half size: X = 2 * 0.5 ms = W, no stall.
+    """
+    freq = np.array([[0.0] * 4, [0.5] * 4])
+    recall = np.array([np.nan, 1.0])
+    mp = ModelProfile(freq, recall, recall, D_MODEL, 256, 2, 4, DTYPE_BYTES, "m")
+    hw = HardwareProfile(0.0, 256 * BETA / 1e-3, np.array([1e-3, 2e-3]))
     budget = 2 * 256 * BETA  # two whole experts or four halves
     plan = solve(mp, hw, budget)
-    assert plan.layers[0].split == 128 and plan.layers[0].cached == (0, 1, 2, 3)
-    assert plan_stats(plan, mp, hw)["routed_bytes"][0] == pytest.approx(BETA * (2 * 256 - 128 * 2.0))
+    assert plan.layers[1] == LayerPlan(128, (0, 1, 2, 3))
+    assert predicted_tpot(plan, mp, hw) == pytest.approx(3e-3)
     whole = solve(mp, hw, budget, allow_split=False)
-    assert whole.layers[0] == LayerPlan(256, (0, 1))
-    # same bytes copied both ways (2 * 128 rows saved vs 1 expert saved), but whole experts also save copies
-    assert predicted_tpot(plan, mp, hw) == pytest.approx(predicted_tpot(whole, mp, hw))
+    assert whole.layers[1] == LayerPlan(256, (0, 1))
+    assert predicted_tpot(whole, mp, hw) == pytest.approx(3e-3 + 0.25e-3)
+    st = plan_stats(whole, mp, hw)
+    assert st["stall_s"][1] == pytest.approx(0.25e-3) and st["prefetch_s"][1] == pytest.approx(1e-3)
+    assert st["full_hit_rate"][1] == pytest.approx(0.5) and st["copies"][1] == pytest.approx(1.0)
+    # with no window to hide in, bytes are all that count and both plans copy the same bytes: a tie
+    hw0 = HardwareProfile(0.0, 256 * BETA / 1e-3, np.array([0.0, 2e-3]))
+    assert predicted_tpot(plan, mp, hw0) == pytest.approx(predicted_tpot(whole, mp, hw0))
+    # a per-copy latency then favours whole experts (a full hit saves the copy, a top-only hit does not)
+    hw_lat = HardwareProfile(1e-4, 256 * BETA / 1e-3, np.array([0.0, 2e-3]))
+    assert solve(mp, hw_lat, budget).layers[1] == LayerPlan(256, (0, 1))
 
 
 def test_cost_model_hand_computed():
@@ -198,13 +212,13 @@ def test_cost_model_hand_computed():
     assert plan_bytes(plan, mp) == 2 * 40 * 96
     # P = 1.6, n = 2 copies, b = 96 * (2 * 100 - 40 * 1.6) = 13056 bytes, t = 2e-5 + 13056e-6 s
     t = 2e-5 + 13056e-6
-    phi, rho, window = 1.0, 0.5, 0.5 * 2e-3
+    phi, rho, window = 1.0, 0.5, 0.5 * 2e-3  # every prefetch outlasts the window: the stall is linear here
     expect = 2e-3 + 1e-3 + max(0.0, phi * t - window) + (1 - rho) * t + 1e-4
     assert predicted_tpot(plan, mp, hw) == pytest.approx(expect, rel=1e-12)
     st = plan_stats(plan, mp, hw)
     assert st["top_only_hit_rate"][1] == pytest.approx(0.8) and st["miss_rate"][1] == pytest.approx(0.2)
     assert st["h2d_bytes"][1] == pytest.approx(1.5 * 13056)  # prefetched (incl. wasted) + on demand
-    # n_predicted = 4 doubles the prefetch traffic (phi = 4 / 2)
+    # n_predicted = 3 of top_k = 2: 1.5 times the routed traffic is prefetched
     mp4 = ModelProfile(freq, recall, recall, 8, 100, 2, 3, 4, "m", n_predicted=3)
     assert plan_stats(plan, mp4, hw)["prefetch_s"][1] == pytest.approx(1.5 * t)
     # caching expert 0 whole removes one copy and its bytes
@@ -263,7 +277,7 @@ def test_model_profile_errors():
         ModelProfile(freq * np.array([[-1.0, 1.0, 1.0]]), r, r, *args)
     with pytest.raises(ValueError, match="sums to"):
         ModelProfile(freq * 0.5 + np.array([[0.0, 0.0, 0.0], [0.2, 0.2, 0.2]]), r, r, *args)
-    with pytest.raises(ValueError, match="n_experts=4"):
+    with pytest.raises(ValueError, match=r"expected \[n_layers, 4\]"):
         ModelProfile(freq, r, r, 8, 64, 2, 4, 2, "m")
     with pytest.raises(ValueError, match="recall has shape"):
         ModelProfile(freq, np.ones(3), r, *args)
@@ -273,6 +287,9 @@ def test_model_profile_errors():
         ModelProfile(freq, r, r, 8, 64, 4, 3, 2, "m")
     with pytest.raises(ValueError, match="d_ff"):
         ModelProfile(freq, r, r, 8, 0, 2, 3, 2, "m")
+    with pytest.raises(ValueError, match=r"recall exceeds n_predicted / top_k = 1/2 at layers \[1\]"):
+        ModelProfile(freq, r, r, 8, 64, 2, 3, 2, "m", n_predicted=1)  # at most 1 of 2 routed can be predicted
+    ModelProfile(freq, np.array([np.nan, 0.5]), r, 8, 64, 2, 3, 2, "m", n_predicted=1)
 
 
 def test_hardware_profile_copy_time_and_fit():
@@ -389,11 +406,14 @@ def test_plan_basics():
     with pytest.raises(ValueError, match="dense layer"):
         plan_stats(plan, ModelProfile(freq[[0, 0, 2]], r, r, 8, 64, 2, 4, 2, "m"))
     assert CachePlan.empty(2).layers == (LayerPlan(), LayerPlan())
+    with pytest.raises(ValueError, match="model_id 'other'"):
+        plan_stats(CachePlan(plan.layers, 10, "other"), mp)
+    assert plan_stats(CachePlan(plan.layers, 10, "m"), mp)["top_only_hit_rate"][1] == pytest.approx(0.5)
 
 
 def test_brute_force_is_exhaustive():
     """The oracle itself: its option count and its optimum at zero and unlimited budget."""
-    mp, hw, _, kw, s_cand = random_instance(1)
+    mp, hw, _, _, s_cand = random_instance(1)
     opts = layer_options(mp, s_cand)
     n_moe = sum(mp.moe_layers)
     assert sum(len(o) for o in opts) == mp.n_layers + n_moe * (len(s_cand) - 1) * mp.n_experts

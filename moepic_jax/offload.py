@@ -1,0 +1,389 @@
+"""The offloading engine: experts in pinned host memory, a VRAM cache of top segments, next-layer
+prediction and prefetch, all inside one compiled decode step per (plan, batch size).
+
+Data flow of one decode step (DESIGN.md; JAX_NOTES.md §2b), per layer l, all on the device:
+
+  attention(l) -> h_mid
+  predictor: layer l+1's post-attention RMSNorm + router on h_mid -> top-k' experts of l+1
+             -> their buffers are assembled now (prefetch), so XLA can overlap the copies with l
+  router(l) -> routed experts (distinct: U = min(B*K, E) slots, padded with -1)
+  per routed expert e:  predicted ? the prefetched buffer : fetch(e)
+     fetch(e) = full hit  -> the cached top (s == F)
+                top hit   -> concat(cached top [0:s], copy of host [e, s:F])   (one copy)
+                miss      -> copy of host [e, 0:F]                              (one copy)
+  y = sum over routed experts of weight * SwiGLU(x, buffer) (+ shared expert)
+  cache rule update (LRU admission for `lru`), counters (hits, bytes, recall)
+
+Copies are `jax.device_put(lax.dynamic_slice(host_stack, ...), Space.Device)` with a traced expert
+id: a DMA of just that slice. Every size comes from the plan (slots N_l, split s_l), so changing which
+expert sits in which slot never recompiles.
+
+Prefill (many tokens) uses nearly every expert of a layer, so it copies each MoE layer's whole
+stack (one large copy, the most efficient per byte), enqueued one layer ahead of the compute that
+needs it, and computes all experts densely with a combine matrix (exact). At most two layer stacks
+are on the device at once; they are part of the budget's fixed part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moepic_jax import cache as C
+from moepic_jax import model as M
+from moepic_jax.budget import parse_budget
+from moepic_jax.engine import CompileCache, tree_bytes
+from moepic_jax.planner import CachePlan, LayerPlan
+from moepic_jax.store import pin_experts, split_resident
+from moepic_jax.weights import Model
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_MARGIN_BYTES = 32 * 2**20  # activations, logits, counters, XLA scratch beyond the buffers we size
+
+
+def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Array:
+    """Copy rows [start, start+size) of expert `e` from a pinned_host stack [E, F, 3, D] to the device.
+
+    e is a traced int32; the dynamic slice feeds `device_put` directly, which lowers to a DMA of just
+    that slice (JAX_NOTES.md §2b). Returns [size, 3, D] on the device.
+    """
+    D = stack.shape[-1]
+    zero = jnp.zeros((), jnp.int32)
+    sl = jax.lax.dynamic_slice(stack, (jnp.maximum(e, 0), jnp.int32(start), zero, zero), (1, size, 3, D))
+    return jax.device_put(sl, jax.memory.Space.Device)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    rule: str  # cache replacement rule
+    prefetch: bool
+    allow_split: bool
+
+
+SPECS = {
+    "ondemand": PolicySpec("static", prefetch=False, allow_split=False),
+    "lru": PolicySpec("lru", prefetch=True, allow_split=False),
+    "static": PolicySpec("static", prefetch=True, allow_split=False),
+    "moepic": PolicySpec("static", prefetch=True, allow_split=True),
+}
+
+
+class OffloadEngine:
+    """Experts offloaded to pinned host memory; one of the policies ondemand, lru, static, moepic.
+
+    Args:
+      model: a host `Model` (its expert stacks are moved to pinned_host memory, in place, once).
+      policy: see `SPECS` and DESIGN.md's policy table.
+      vram_budget: everything the engine may hold on the device (see `budget.parse_budget`).
+      plan: a `CachePlan` (static/moepic); None = built from a profile (`plan_for`).
+      n_predicted: experts predicted per token for the next layer (k'); default top_k.
+      max_batch, max_seq_len: the largest KV cache the engine reserves in its budget.
+      granule: split granularity in neurons for the built-in plan.
+    Raises:
+      ValueError: budget below the fixed part (names the minimum in GiB), a plan that does not match
+        the model, a plan bigger than the cache budget.
+    """
+
+    def __init__(self, model: Model, policy: str = "moepic", vram_budget=None, plan: CachePlan | None = None,
+                 n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
+                 profile=None, hardware=None):
+        if policy not in SPECS:
+            raise ValueError(f"unknown offloading policy {policy!r}; choose one of {', '.join(SPECS)}")
+        self.policy, self.spec = policy, SPECS[policy]
+        self.model, self.cfg = model, model.cfg
+        cfg = self.cfg
+        self.dtype = jnp.dtype(model.dtype)
+        self.row_bytes = 3 * cfg.d_model * self.dtype.itemsize  # one neuron of one expert
+        self.n_predicted = cfg.top_k if n_predicted is None else int(n_predicted)
+        if not 0 <= self.n_predicted <= cfg.n_experts:
+            raise ValueError(f"n_predicted={n_predicted} must be in [0, n_experts={cfg.n_experts}]")
+        self.max_batch, self.max_seq_len = int(max_batch), int(max_seq_len)
+        self.vram_budget_bytes = parse_budget(vram_budget, model.weight_bytes())
+        self.compiles = CompileCache()
+        self.device = jax.devices()[0]
+
+        self.stacks = pin_experts(model, self.device)
+        resident_host, _ = split_resident(model.params)
+        self.resident = jax.device_put(resident_host, jax.sharding.SingleDeviceSharding(self.device))
+        self.fixed_bytes = self._fixed_bytes(self.max_batch, self.max_seq_len)
+        if self.vram_budget_bytes is not None and self.vram_budget_bytes < self.fixed_bytes:
+            raise ValueError(
+                f"VRAM budget {self.vram_budget_bytes / 2**30:.3f} GiB is below the minimum of "
+                f"{self.fixed_bytes / 2**30:.3f} GiB for policy {policy!r} (non-expert weights, KV cache for "
+                f"{self.max_batch} x {self.max_seq_len} tokens, copy buffers, workspace); raise vram_budget")
+        self.cache_budget = None if self.vram_budget_bytes is None else self.vram_budget_bytes - self.fixed_bytes
+        self.cache_plan = self._resolve_plan(plan, granule, profile, hardware)
+        self.splits = tuple(lp.split for lp in self.cache_plan.layers)
+        self.caches = self._build_caches()
+        self.step_count = 0
+
+    # ---- budget -------------------------------------------------------------------------------------
+    def _fixed_bytes(self, batch: int, max_len: int) -> int:
+        cfg = self.cfg
+        expert = cfg.d_ff * self.row_bytes
+        U = min(batch * cfg.top_k, cfg.n_experts)
+        P = min(batch * self.n_predicted, cfg.n_experts) if self.spec.prefetch else 0
+        layer_stack = cfg.n_experts * expert
+        kv = M.kv_cache_bytes(cfg, batch, max_len, self.dtype.itemsize)
+        # decode: routed + prefetched buffers of two layers in flight; prefill: two layer stacks.
+        buffers = max(2 * (U + P) * expert, 2 * layer_stack)
+        return tree_bytes(self.resident) + kv + buffers + WORKSPACE_MARGIN_BYTES
+
+    def min_budget_bytes(self) -> int:
+        """The smallest VRAM budget (bytes) this policy accepts for the reserved batch and length."""
+        return self.fixed_bytes
+
+    # ---- plan ---------------------------------------------------------------------------------------
+    def _resolve_plan(self, plan, granule, profile, hardware) -> CachePlan:
+        cfg = self.cfg
+        F, E = cfg.d_ff, cfg.n_experts
+        moe = cfg.moe_layers
+        if self.policy == "ondemand":
+            if plan is not None:
+                raise ValueError("policy 'ondemand' caches nothing; do not pass a plan")
+            return CachePlan(layers=tuple(LayerPlan(0, ()) for _ in moe), budget_bytes=0, model_id=cfg.identity())
+        if plan is None:
+            from moepic_jax.profile import plan_for
+
+            plan = plan_for(self, granule=granule, profile=profile, hardware=hardware)
+        plan.validate(cfg.n_layers, E, F, moe)
+        if self.policy in ("lru", "static") and any(lp.split not in (0, F) for lp in plan.layers):
+            raise ValueError(f"policy {self.policy!r} caches whole experts: every split must be 0 or d_ff={F}")
+        need = sum(len(lp.cached) * lp.split * self.row_bytes for lp in plan.layers)
+        if self.cache_budget is not None and need > self.cache_budget:
+            raise ValueError(f"the plan's top caches need {need / 2**30:.3f} GiB but only "
+                             f"{self.cache_budget / 2**30:.3f} GiB of the VRAM budget is left for caches")
+        if plan.model_id and plan.model_id != cfg.identity():
+            raise ValueError(f"plan was made for model {plan.model_id}, not this model ({cfg.identity()}); re-plan")
+        return plan
+
+    def _build_caches(self):
+        """Fill each layer's top slots from the host stack (one copy per cached expert, once)."""
+        cfg = self.cfg
+        out = []
+        copy = jax.jit(fetch_rows, static_argnums=(2, 3))
+        for l, lp in enumerate(self.cache_plan.layers):
+            if not cfg.moe_layers[l]:
+                out.append(None)
+                continue
+            n, s = len(lp.cached), lp.split
+            if n and s:
+                tops = jnp.stack([copy(self.stacks[l], jnp.int32(e), 0, s) for e in lp.cached])
+            else:
+                tops = jnp.zeros((0, max(s, 0), 3, cfg.d_model), self.dtype)
+            out.append(C.init_layer_cache(tops, list(lp.cached), cfg.n_experts))
+        return tuple(out)
+
+    def cache_bytes(self) -> int:
+        return sum(tree_bytes(c.tops) for c in self.caches if c is not None)
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def new_state(self, batch: int, max_len: int):
+        if batch > self.max_batch or max_len > self.max_seq_len:
+            raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
+                             f"batch {batch} x {max_len} needs a new engine (Engine(..., max_batch=, max_seq_len=))")
+        return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
+
+    # ---- decode -------------------------------------------------------------------------------------
+    def _fetch(self, l: int, stack: jax.Array, cache: C.LayerCache, e: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Assemble expert e of layer l on the device. Returns ([F, 3, D], H2D bytes copied, float32)."""
+        cfg = self.cfg
+        F, s = cfg.d_ff, self.splits[l]
+        rb = self.row_bytes
+        zeros = jnp.zeros((F, 3, cfg.d_model), self.dtype)
+        if cache.tops.shape[0] == 0 or s == 0:
+            buf = jax.lax.cond(e >= 0, lambda: fetch_rows(stack, e, 0, F), lambda: zeros)
+            return buf, jnp.where(e >= 0, jnp.float32(F * rb), jnp.float32(0))
+        slot = cache.slot_of[jnp.maximum(e, 0)]
+        case = jnp.where(e < 0, 0, jnp.where(slot < 0, 1, 2))
+        if s == F:
+            hit = lambda: cache.tops[jnp.maximum(slot, 0)]  # noqa: E731 - branch thunk
+        else:
+            hit = lambda: jnp.concatenate([cache.tops[jnp.maximum(slot, 0)], fetch_rows(stack, e, s, F - s)])  # noqa: E731
+        buf = jax.lax.switch(case, [lambda: zeros, lambda: fetch_rows(stack, e, 0, F), hit])
+        nbytes = jnp.select([case == 1, case == 2], [jnp.float32(F * rb), jnp.float32((F - s) * rb)], jnp.float32(0))
+        return buf, nbytes
+
+    def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
+                 P: int):
+        """Predict layer l_next's experts from the current residual stream and start their copies.
+
+        DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]),
+        take the top k' per token. Returns (distinct predicted ids [P] (-1 padded), buffers, bytes).
+        """
+        x = M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps)
+        probs = jax.nn.softmax((x @ lp.moe.w_router).astype(jnp.float32), axis=-1)
+        _, pids = jax.lax.top_k(probs, self.n_predicted)
+        pred = jnp.unique(pids.astype(jnp.int32).ravel(), size=P, fill_value=-1)
+        bufs, nbytes = [], jnp.zeros((), jnp.float32)
+        for p in range(P):
+            b, nb = self._fetch(l_next, stack, cache, pred[p])
+            bufs.append(b)
+            nbytes = nbytes + nb
+        return pred, bufs, nbytes
+
+    def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step):
+        """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l)."""
+        cfg = self.cfg
+        B = x.shape[0]
+        ids, w = M.route(x, lp.moe.w_router, cfg)  # [B, K]
+        U = min(B * cfg.top_k, cfg.n_experts)
+        uniq = jnp.unique(ids.ravel(), size=U, fill_value=-1)
+        full, top, miss = C.classify(cache, ids, self.splits[l], cfg.d_ff)
+        y = jnp.zeros((B, cfg.d_model), jnp.float32)
+        bufs, nbytes = [], jnp.zeros((), jnp.float32)
+        predicted = jnp.zeros(ids.shape, bool)
+        if pred is not None:
+            pred_ids, pred_bufs, pred_bytes = pred
+            nbytes = nbytes + pred_bytes
+            predicted = jnp.any(ids[..., None] == pred_ids, axis=-1)
+            pb = jnp.stack(pred_bufs)  # [P, F, 3, D]
+        for u in range(U):
+            e = uniq[u]
+            if pred is not None:
+                match = (pred_ids == e) & (e >= 0)
+                j = jnp.argmax(match)
+                buf, nb = jax.lax.cond(jnp.any(match), lambda: (pb[j], jnp.zeros((), jnp.float32)),
+                                       lambda: self._fetch(l, stack, cache, e))
+            else:
+                buf, nb = self._fetch(l, stack, cache, e)
+            nbytes = nbytes + nb
+            bufs.append(buf)
+            weight = jnp.sum(jnp.where(ids == e, w, 0.0), axis=-1)  # [B]
+            y = y + weight[:, None] * M.segment_ffn(x, buf).astype(jnp.float32)
+        y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
+        cache = C.update(self.spec.rule, cache, uniq, jnp.stack(bufs), step)
+        f32 = jnp.float32
+        counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
+                        misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
+                        routed=f32(ids.size), h2d_bytes=nbytes.astype(f32))
+        return y, cache, counters
+
+    def _decode_step(self, resident, stacks, caches, kv: M.KVCache, tokens, step):
+        """One token for every row. tokens: [B] int32. Returns (logits [B, V], caches, kv, counters [L])."""
+        cfg = self.cfg
+        if True:  # one indentation level kept for readability of the layer loop
+            B = tokens.shape[0]
+            mask = jnp.ones((B, 1), bool)
+            positions, valid, new_kv = M.cache_positions(kv, mask)
+            h = M.embed(resident, tokens[:, None])
+            k, v = kv.k, kv.v
+            caches = list(caches)
+            names = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
+            cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in names}
+            pred = None
+            P = min(B * self.n_predicted, cfg.n_experts)
+            for l, lp in enumerate(resident.layers):
+                a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
+                                      kv.length, cfg)
+                h = h + a
+                h_mid = h[:, 0]
+                nxt = l + 1
+                next_pred = None
+                if self.spec.prefetch and P > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
+                    next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], P)
+                x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
+                if cfg.moe_layers[l]:
+                    y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step)
+                    for n in names:
+                        cnt[n][l] = c[n]
+                else:
+                    y = M.mlp(x, lp.mlp)
+                h = h + y[:, None]
+                pred = next_pred
+            logits = M.lm_head(resident, h, cfg)[:, 0]
+            new_kv = new_kv.replace(k=k, v=v)
+            counters = {n: jnp.stack(cnt[n]) for n in names}
+            return logits, tuple(caches), new_kv, counters
+
+    def decode(self, state, tokens):
+        args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
+        exe = self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3))
+        logits, self.caches, state, counters = exe(*args)
+        self.step_count += 1
+        return logits, state, counters
+
+    # ---- prefill --------------------------------------------------------------------------------------
+    def _prefill_layer(self, lp, experts, h, k, v, positions, valid, start, layer, is_moe: bool):
+        cfg = self.cfg
+        B, T, D = h.shape
+        a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, layer, valid,
+                              start, cfg)
+        h = h + a
+        x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, D)
+        if is_moe:
+            ids, w = M.route(x, lp.moe.w_router, cfg)
+            y = M.experts_dense(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+        else:
+            y = M.mlp(x, lp.mlp)
+        return h + y.reshape(B, T, D), k, v
+
+    def prefill(self, state: M.KVCache, tokens, mask):
+        """Prefill T tokens: a Python loop over layers of compiled layer steps, each MoE layer's whole
+        expert stack copied one layer ahead (eager `device_put` enqueued before the compute it overlaps)."""
+        cfg = self.cfg
+        res = self.resident
+        args = (res, state, tokens, mask)
+        h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args)(*args)
+        k, v = state.k, state.v
+        dev = jax.sharding.SingleDeviceSharding(self.device)
+        moe_ids = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
+        pending = {moe_ids[0]: jax.device_put(self.stacks[moe_ids[0]], dev)} if moe_ids else {}
+        h2d = np.zeros(cfg.n_layers)
+        for l, lp in enumerate(res.layers):
+            is_moe = cfg.moe_layers[l]
+            nxt = next((m for m in moe_ids if m > l), None)
+            if nxt is not None and nxt not in pending:
+                pending[nxt] = jax.device_put(self.stacks[nxt], dev)  # enqueue before layer l's compute
+            experts = pending.pop(l) if is_moe else None
+            args = (lp, experts, h, k, v, positions, valid, state.length, jnp.int32(l))
+            h, k, v = self._prefill_fn(is_moe, args)(*args)
+            if is_moe:
+                h2d[l] = cfg.n_experts * cfg.d_ff * self.row_bytes
+                del experts
+        logits = self._head(res, h)
+        return logits, new_kv.replace(k=k, v=v), {"h2d_bytes": h2d}
+
+    def _prefill_pre(self, res, state, tokens, mask):
+        positions, valid, new_kv = M.cache_positions(state, mask)
+        return M.embed(res, tokens), positions, valid, new_kv
+
+    def _prefill_fn(self, is_moe: bool, args):
+        def layer(lp, experts, h, k, v, positions, valid, start, l):
+            return self._prefill_layer(lp, experts, h, k, v, positions, valid, start, l, is_moe)
+
+        return self.compiles.get("prefill_moe" if is_moe else "prefill_dense", layer, args, donate_argnums=(3, 4))
+
+    def _head_fn(self, res, h_last):
+        return M.lm_head(res, h_last, self.cfg)[:, 0]
+
+    def _head(self, res, h):
+        args = (res, h[:, -1:])
+        return self.compiles.get("head", self._head_fn, args)(*args)
+
+    def warmup(self, state, tokens, mask, dec_tokens):
+        """Compile the prefill layer steps and the decode step for these shapes (kept out of TTFT/TPOT)."""
+        cfg, dev = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
+        args = (self.resident, self.stacks, self.caches, state, dec_tokens, jnp.int32(0))
+        self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3))
+        pre = (self.resident, state, tokens, mask)
+        h, positions, valid, _ = jax.eval_shape(self._prefill_pre, *pre)
+        self.compiles.get("prefill_pre", self._prefill_pre, pre)
+
+        def sds(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)
+
+        h, positions, valid = sds(h), sds(positions), sds(valid)
+        for l in sorted({next((m for m in range(cfg.n_layers) if cfg.moe_layers[m] == flag), None)
+                         for flag in (True, False)} - {None}):
+            ex = sds(jax.ShapeDtypeStruct(self.stacks[l].shape, self.dtype)) if cfg.moe_layers[l] else None
+            self._prefill_fn(cfg.moe_layers[l], (self.resident.layers[l], ex, h, state.k, state.v, positions, valid,
+                                                 state.length, jnp.int32(l)))
+        last = sds(jax.ShapeDtypeStruct((h.shape[0], 1, h.shape[2]), h.dtype))
+        self.compiles.get("head", self._head_fn, (self.resident, last))

@@ -1,0 +1,244 @@
+"""Calibration: expert activation frequencies and predictor recall (ModelProfile), copy-time curve and
+per-layer compute time (HardwareProfile), and the built-in plan of an engine (`plan_for`).
+
+The model profile runs calibration tokens through the offloading engine's prefill, which routes every
+token at every layer and applies the predictor (layer l+1's post-attention RMSNorm and router on layer
+l's residual stream, top k'), so `freq` and `recall` are what the decode step will see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moepic_jax import model as M
+from moepic_jax.planner import CachePlan, HardwareProfile, ModelProfile, solve
+
+log = logging.getLogger(__name__)
+
+# Used when no hardware profile is measured or given: the H200 figures of JAX_NOTES.md §2/§2b
+# (about 48 GB/s for large pinned_host -> device copies, ~0.2 ms fixed cost of a lone small copy,
+# largely hidden when 8-16 copies are in flight, hence a smaller effective latency).
+DEFAULT_H2D_LATENCY_S = 5e-5
+DEFAULT_H2D_BANDWIDTH_BPS = 48e9
+DEFAULT_LAYER_COMPUTE_S = 1e-4
+
+_DEFAULT_TEXT = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        if not self.items:
+            raise IndexError("pop from empty stack")
+        return self.items.pop()
+
+
+import json, os, sys
+def load_config(path):
+    with open(path) as f:
+        return json.load(f)
+'''
+
+
+def default_calibration_tokens(model, n_tokens: int = 256, seed: int = 0) -> np.ndarray:
+    """Calibration prompt: code text through the model's tokenizer, else seeded random ids. Returns [n] int32."""
+    if model.tokenizer is not None:
+        ids = model.tokenizer.encode(_DEFAULT_TEXT)
+        reps = -(-n_tokens // max(len(ids), 1))
+        return np.asarray((ids * reps)[:n_tokens], np.int32)
+    return np.random.RandomState(seed).randint(0, model.cfg.vocab_size, n_tokens).astype(np.int32)
+
+
+def _route_all(engine, tokens: np.ndarray):
+    """Per MoE layer: routed ids [N, K] and predicted ids for that layer [N, k'] (None for the first)."""
+    cfg = engine.cfg
+    res = engine.resident
+    t = jnp.asarray(tokens[None])
+    mask = jnp.ones(t.shape, bool)
+    cache = M.init_kv_cache(cfg, 1, t.shape[1], engine.dtype)
+    positions, valid, _ = M.cache_positions(cache, mask)
+
+    @jax.jit
+    def layer(lp, nlp, experts, h, k, v, l):
+        a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
+                              jnp.int32(0), cfg)
+        h = h + a
+        x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps)[0]
+        pred = None
+        if nlp is not None:
+            xn = M.rms_norm(h, nlp.mlp_norm, cfg.rms_eps)[0]
+            pred = jax.lax.top_k(jax.nn.softmax((xn @ nlp.moe.w_router).astype(jnp.float32)), engine.n_predicted)[1]
+        if lp.moe is not None:
+            ids, w = M.route(x, lp.moe.w_router, cfg)
+            y = M.experts_dense(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+        else:
+            ids, y = None, M.mlp(x, lp.mlp)
+        return h + y[None], k, v, ids, pred
+
+    h = M.embed(res, t)
+    k, v = cache.k, cache.v
+    routed, predicted = {}, {}
+    dev = jax.sharding.SingleDeviceSharding(engine.device)
+    for l, lp in enumerate(res.layers):
+        nlp = res.layers[l + 1] if l + 1 < cfg.n_layers and cfg.moe_layers[l + 1] else None
+        experts = jax.device_put(engine.stacks[l], dev) if cfg.moe_layers[l] else None
+        h, k, v, ids, pred = layer(lp, nlp, experts, h, k, v, jnp.int32(l))
+        del experts
+        if ids is not None:
+            routed[l] = np.asarray(ids)
+        if pred is not None and engine.n_predicted > 0:
+            predicted[l + 1] = np.asarray(pred)
+    return routed, predicted
+
+
+def profile_model(engine, tokens: np.ndarray | None = None) -> ModelProfile:
+    """Measure expert activation frequencies and predictor recall/precision on calibration tokens.
+
+    Args:
+      engine: an `OffloadEngine` (its host stacks and resident weights are used; nothing is cached).
+      tokens: [n] int32 calibration tokens; None = `default_calibration_tokens`.
+    Returns:
+      `ModelProfile` with freq [n_layers, n_experts] (rows of MoE layers sum to top_k), recall/precision
+      [n_layers] (NaN where the layer is not predicted).
+    """
+    cfg = engine.cfg
+    tokens = default_calibration_tokens(engine.model) if tokens is None else np.asarray(tokens, np.int32).ravel()
+    routed, predicted = _route_all(engine, tokens)
+    L, E = cfg.n_layers, cfg.n_experts
+    freq = np.zeros((L, E))
+    recall = np.full(L, np.nan)
+    precision = np.full(L, np.nan)
+    n = len(tokens)
+    for l, ids in routed.items():
+        freq[l] = np.bincount(ids.ravel(), minlength=E) / n
+        if l in predicted:
+            inter = np.array([len(set(a) & set(b)) for a, b in zip(ids.tolist(), predicted[l].tolist())])
+            recall[l] = inter.sum() / ids.size
+            precision[l] = inter.sum() / predicted[l].size
+    return ModelProfile(freq=freq, recall=recall, precision=precision, d_model=cfg.d_model, d_ff=cfg.d_ff,
+                        top_k=cfg.top_k, n_experts=E, dtype_bytes=engine.dtype.itemsize, model_id=cfg.identity(),
+                        n_predicted=engine.n_predicted)
+
+
+def default_hardware(n_layers: int) -> HardwareProfile:
+    """The unmeasured default (H200 figures from JAX_NOTES.md); `measure_hardware` measures the real one."""
+    return HardwareProfile(h2d_latency_s=DEFAULT_H2D_LATENCY_S, h2d_bandwidth_Bps=DEFAULT_H2D_BANDWIDTH_BPS,
+                           layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device="default (not measured)")
+
+
+def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5) -> tuple[list[int], list[float]]:
+    """Time in-graph copies of `rows` neuron rows of one expert from a pinned_host stack (seconds, median)."""
+    from moepic_jax.offload import fetch_rows
+
+    row_bytes = int(np.prod(stack.shape[2:])) * stack.dtype.itemsize
+    out_b, out_t = [], []
+    for rows in sizes_rows:
+        fn = jax.jit(lambda st, e, _r=rows: fetch_rows(st, e, 0, _r))
+        fn(stack, jnp.int32(0)).block_until_ready()
+        ts = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(stack, jnp.int32(i % stack.shape[0])).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        out_b.append(rows * row_bytes)
+        out_t.append(float(np.median(ts)))
+    return out_b, out_t
+
+
+def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
+    """Fit the copy-time curve from in-graph copies of several segment sizes, and measure the decode compute
+    time per layer (attention + router + the routed experts' math, experts already on the device)."""
+    cfg = engine.cfg
+    l0 = cfg.moe_layer_ids[0]
+    F = cfg.d_ff
+    rows = sorted({max(1, F // 8), max(1, F // 4), max(1, F // 2), F})
+    sizes, times = measure_h2d(engine.stacks[l0], rows, repeats)
+    # compute: one decode token through one layer with k experts resident, timed in a loop
+    res = engine.resident
+    lp = res.layers[l0]
+    ex = jax.device_put(engine.stacks[l0], jax.sharding.SingleDeviceSharding(engine.device))
+    kv = M.init_kv_cache(cfg, 1, 256, engine.dtype)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    valid = jnp.ones((1, 256), bool)
+
+    @jax.jit
+    def layer(h, k, v):
+        a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), pos, k, v, 0, valid,
+                              jnp.int32(0), cfg)
+        h = h + a
+        x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps)[0]
+        return h + M.moe_resident(x, lp.moe.replace(experts=ex), cfg)[None], k, v
+
+    h = jnp.ones((1, 1, cfg.d_model), engine.dtype) * 0.01
+    jax.block_until_ready(layer(h, kv.k, kv.v))
+    t0 = time.perf_counter()
+    for _ in range(repeats * 4):
+        out = layer(h, kv.k, kv.v)
+    jax.block_until_ready(out)
+    c = (time.perf_counter() - t0) / (repeats * 4)
+    del ex
+    return HardwareProfile.fit(sizes, times, np.full(cfg.n_layers, c), device=str(engine.device.device_kind))
+
+
+def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
+             hardware: HardwareProfile | None = None, cache_dir: str | pathlib.Path | None = None) -> CachePlan:
+    """The engine's plan when none is given: profile the model, then `planner.solve` under the cache budget.
+
+    `static` solves with allow_split=False, `moepic` with allow_split=True, `lru` gets the same number of
+    whole-expert slots in every MoE layer (its rule then replaces occupants at run time).
+    """
+    cfg = engine.cfg
+    E, F = cfg.n_experts, cfg.d_ff
+    budget = engine.cache_budget
+    n_moe = sum(cfg.moe_layers)
+    expert = F * engine.row_bytes
+    full = n_moe * E * expert
+    budget = full if budget is None else max(0, min(budget, full))
+    if engine.policy == "lru":
+        n = min(E, budget // (n_moe * expert))
+        mp = profile or profile_model(engine)
+        layers = []
+        from moepic_jax.planner import LayerPlan
+
+        for l in range(cfg.n_layers):
+            if cfg.moe_layers[l] and n > 0:
+                hot = np.argsort(-mp.freq[l], kind="stable")[:n]  # warm start with the hottest experts
+                layers.append(LayerPlan(F, tuple(sorted(int(e) for e in hot))))
+            else:
+                layers.append(LayerPlan(0, ()))
+        return CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
+    mp = profile or profile_model(engine)
+    hw = hardware or default_hardware(cfg.n_layers)
+    g = granule if F % granule == 0 and granule <= F else _largest_divisor_granule(F, granule)
+    plan = solve(mp, hw, int(budget), granule=g, allow_split=engine.spec.allow_split)
+    log.info("plan for %s at %.3f GiB of cache: %s", engine.policy, budget / 2**30,
+             [(lp.split, len(lp.cached)) for lp in plan.layers])
+    return plan
+
+
+def _largest_divisor_granule(F: int, granule: int) -> int:
+    for g in range(min(granule, F), 0, -1):
+        if F % g == 0:
+            return g
+    return 1
+
+
+def save_json(obj, path) -> None:
+    pathlib.Path(path).write_text(obj.to_json() if hasattr(obj, "to_json") else json.dumps(obj))

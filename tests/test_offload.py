@@ -1,0 +1,169 @@
+"""Invariant 1 (exact) and 4 (static shapes) for the offloading engine, on every family and policy.
+
+The reference is the resident model: teacher-forced logits (same input tokens at every step) must agree to
+float32 rounding, and free-running greedy tokens must be identical.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moepic_jax
+from moepic_jax.engine import ResidentEngine
+from moepic_jax.offload import OffloadEngine
+from moepic_jax.planner import CachePlan, LayerPlan
+from conftest import FAMILIES
+
+PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32], [38, 46, 26, 43]]
+NEW = 6
+KW = dict(granule=16, max_batch=2, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def offload_models(hf_dirs):
+    """Separate float32 copies: building an offload engine pins the model's experts in place."""
+    return {fam: moepic_jax.load(hf_dirs[fam], dtype="float32") for fam in FAMILIES}
+
+
+def _batch(prompts):
+    T = 16
+    toks = np.zeros((len(prompts), T), np.int32)
+    mask = np.zeros((len(prompts), T), bool)
+    for i, p in enumerate(prompts):
+        toks[i, T - len(p):], mask[i, T - len(p):] = p, True
+    return jnp.asarray(toks), jnp.asarray(mask)
+
+
+def teacher_forced(engine, forced):
+    """Logits of the prefill and of decode steps fed `forced` [steps, B] tokens. Returns ([steps+1, B, V], counters)."""
+    toks, mask = _batch(PROMPTS)
+    state = engine.new_state(len(PROMPTS), 32)
+    logits, state, _ = engine.prefill(state, toks, mask)
+    out, counters = [np.asarray(logits)], []
+    for t in forced:
+        logits, state, c = engine.decode(state, jnp.asarray(t, jnp.int32))
+        out.append(np.asarray(logits))
+        counters.append({k: np.asarray(v) for k, v in c.items()})
+    return np.stack(out), counters
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """family -> (forced tokens [NEW, B], resident logits, resident greedy tokens)."""
+    out = {}
+    for fam in FAMILIES:
+        res = moepic_jax.generate(PROMPTS, model=models[fam], max_new_tokens=NEW, policy="resident")
+        forced = np.array(res.token_ids).T[:-1]  # feed the greedy tokens back
+        logits, _ = teacher_forced(ResidentEngine(models[fam]), forced)
+        out[fam] = (forced, logits, res.token_ids)
+    return out
+
+
+def _budget(model, frac, policy="ondemand"):
+    base = OffloadEngine(model, policy="ondemand", **KW)
+    return base.fixed_bytes + int(frac * model.expert_bytes())
+
+
+def _check(engine, fam, reference, model):
+    forced, ref_logits, ref_tokens = reference[fam]
+    logits, counters = teacher_forced(engine, forced)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    res = moepic_jax.generate(PROMPTS, model=model, max_new_tokens=NEW, engine=engine)
+    assert res.token_ids == ref_tokens
+    return counters, res
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["ondemand", "lru", "static", "moepic"])
+@pytest.mark.parametrize("frac", [0.1, 0.3, 0.6])
+def test_policies_exact(family, policy, frac, offload_models, reference):
+    if policy == "ondemand" and frac != 0.1:
+        pytest.skip("ondemand caches nothing: one budget is enough")
+    m = offload_models[family]
+    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, frac), **KW)
+    counters, res = _check(engine, family, reference, m)
+    assert engine.cache_bytes() <= engine.cache_budget
+    h2d = sum(c["h2d_bytes"].sum() for c in counters)
+    cached_all = all(len(lp.cached) == m.cfg.n_experts and lp.split == m.cfg.d_ff
+                     for lp, moe in zip(engine.cache_plan.layers, m.cfg.moe_layers) if moe)
+    assert not cached_all, "these budgets must leave experts offloaded"
+    assert h2d > 0  # something crossed the link: the test exercised offloading
+    routed = sum(c["routed"].sum() for c in counters)
+    parts = sum(c["full_hits"].sum() + c["top_hits"].sum() + c["misses"].sum() for c in counters)
+    assert parts == routed == NEW * 0 + len(counters) * len(PROMPTS) * m.cfg.top_k * sum(m.cfg.moe_layers)
+    assert res.stats.h2d_bytes_per_token > 0 and res.stats.compile_count == 0  # all shapes compiled already
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("split", [16, 32, 48])
+def test_explicit_split_plans_exact(family, split, offload_models, reference):
+    """Top-only hits: a plan that caches the tops of some experts in every MoE layer."""
+    m = offload_models[family]
+    cfg = m.cfg
+    layers = tuple(LayerPlan(split, tuple(range(0, cfg.n_experts, 2))) if moe else LayerPlan(0, ())
+                   for moe in cfg.moe_layers)
+    plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
+    engine = OffloadEngine(m, policy="moepic", plan=plan, **KW)
+    counters, _ = _check(engine, family, reference, m)
+    assert sum(c["top_hits"].sum() for c in counters) > 0
+    assert sum(c["misses"].sum() for c in counters) > 0
+    assert sum(c["full_hits"].sum() for c in counters) == 0
+    # bytes: a top-only hit copies F - s rows, a miss F rows (prefetches included, so at least that much)
+    rb = 3 * cfg.d_model * 4
+    for c in counters:
+        need = (c["top_hits"] * (cfg.d_ff - split) + c["misses"] * cfg.d_ff) * rb
+        assert np.all(c["h2d_bytes"] >= need - 1e-3 * rb)
+
+
+def test_compile_count_is_stable(offload_models, reference):
+    m = offload_models["qwen3_moe"]
+    engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.3), **KW)
+    first = moepic_jax.generate(PROMPTS, model=m, max_new_tokens=NEW, engine=engine)
+    assert 1 <= first.stats.compile_count <= 6  # decode + prefill pre/moe/dense/head: bounded by distinct shapes
+    again = moepic_jax.generate(PROMPTS, model=m, max_new_tokens=NEW + 3, engine=engine)
+    assert again.stats.compile_count == 0
+
+
+def test_budget_below_minimum_raises(offload_models):
+    m = offload_models["mixtral"]
+    base = OffloadEngine(m, policy="ondemand", **KW)
+    with pytest.raises(ValueError, match=r"below the minimum of \d+\.\d+ GiB"):
+        OffloadEngine(m, policy="moepic", vram_budget=base.fixed_bytes - 1, **KW)
+    with pytest.raises(ValueError, match="use an offloading policy"):
+        ResidentEngine(m, vram_budget=m.weight_bytes() // 2)
+
+
+def test_plan_mismatch_raises(offload_models):
+    m = offload_models["mixtral"]
+    cfg = m.cfg
+    short = CachePlan(layers=(LayerPlan(0, ()),) * (cfg.n_layers - 1), budget_bytes=0)
+    with pytest.raises(ValueError, match="layer"):
+        OffloadEngine(m, policy="moepic", plan=short, **KW)
+    bad = CachePlan(layers=(LayerPlan(16, (cfg.n_experts,)),) + (LayerPlan(0, ()),) * (cfg.n_layers - 1),
+                    budget_bytes=0)
+    with pytest.raises(ValueError):
+        OffloadEngine(m, policy="moepic", plan=bad, **KW)
+    split = CachePlan(layers=(LayerPlan(16, (0,)),) * cfg.n_layers, budget_bytes=0)
+    with pytest.raises(ValueError, match="whole experts"):
+        OffloadEngine(m, policy="static", plan=split, **KW)
+    other = CachePlan(layers=(LayerPlan(0, ()),) * cfg.n_layers, budget_bytes=0, model_id="0123456789abcdef")
+    with pytest.raises(ValueError, match="re-plan"):
+        OffloadEngine(m, policy="moepic", plan=other, **KW)
+    big = CachePlan(layers=(LayerPlan(cfg.d_ff, tuple(range(8))),) * cfg.n_layers, budget_bytes=0)
+    with pytest.raises(ValueError, match="left for caches"):
+        OffloadEngine(m, policy="moepic", plan=big, vram_budget=_budget(m, 0.1), **KW)
+
+
+def test_generate_api_with_policy_and_budget_string(offload_models, reference):
+    m = offload_models["olmoe"]
+    base = OffloadEngine(m, policy="ondemand", **KW)
+    budget = f"{(base.fixed_bytes + m.expert_bytes() // 3) / 2**20:.3f}MiB"
+    res = moepic_jax.generate(PROMPTS, model=m, max_new_tokens=NEW, policy="moepic", vram_budget=budget, **KW)
+    assert res.token_ids == reference["olmoe"][2]
+    s = res.stats
+    assert s.policy == "moepic" and s.vram_budget_bytes == int(float(budget[:-3]) * 2**20)
+    assert len(s.per_layer) == m.cfg.n_layers
+    assert np.isnan(s.per_layer[0].predictor_recall)
+    assert 0 <= s.predictor_recall <= 1 and 0 <= s.miss_rate <= 1
+    assert abs(s.full_hit_rate + s.top_only_hit_rate + s.miss_rate - 1) < 1e-9
+    assert s.to_dict()["policy"] == "moepic"
