@@ -47,6 +47,7 @@ class CompileCache:
         self._fns: dict[Any, Any] = {}
         self.count = 0
         self.seconds = 0.0
+        self.temp_bytes = 0  # largest XLA temporary allocation of any compiled step (memory_analysis)
 
     def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), static_key=()) -> Any:
         key = (name, static_key, jax.tree_util.tree_structure(args),
@@ -58,6 +59,10 @@ class CompileCache:
             exe = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
             self.seconds += time.perf_counter() - t0
             self.count += 1
+            try:
+                self.temp_bytes = max(self.temp_bytes, int(exe.memory_analysis().temp_size_in_bytes))
+            except Exception:  # noqa: BLE001 - memory_analysis is not available on every backend
+                pass
             self._fns[key] = exe
         return exe
 
@@ -92,7 +97,7 @@ class ResidentEngine:
         return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
 
     def _step(self, params, cache, tokens, mask):
-        logits, cache = M.forward_tokens(params, self.cfg, tokens, mask, cache)
+        logits, cache = M.forward_tokens(params, self.cfg, tokens, mask, cache, last_only=True)
         return logits[:, -1], cache, {}
 
     def prefill(self, state, tokens, mask):

@@ -116,14 +116,25 @@ def _normalize_prompts(prompts, tokenizer) -> tuple[list[list[int]], bool]:
     return out, single
 
 
-def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw):
-    """The engine kept on the model for (policy, budget, plan): built once, reused by later calls."""
+def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: int, max_len: int):
+    """The engine kept on the model for (policy, budget, plan): built once, reused by later calls.
+
+    Offloading engines reserve a KV cache of max_batch x max_seq_len in their budget; unless the caller
+    fixes them, they are sized for this call and the engine is rebuilt when a later call needs more.
+    """
     key = (policy, str(vram_budget), None if plan is None else plan.to_json(), tuple(sorted(engine_kw.items())))
     engines = model.__dict__.setdefault("_engines", {})
-    if key not in engines:
+    eng = engines.get(key)
+    if eng is not None and policy != "resident" and (eng.max_batch < batch or eng.max_seq_len < max_len):
+        eng = None
+    if eng is None:
         engines.clear()  # one engine at a time: each holds device memory
-        engines[key] = make_engine(model, policy=policy, vram_budget=vram_budget, plan=plan, **engine_kw)
-    return engines[key]
+        kw = dict(engine_kw)
+        if policy != "resident":
+            kw.setdefault("max_batch", batch)
+            kw.setdefault("max_seq_len", max_len)
+        eng = engines[key] = make_engine(model, policy=policy, vram_budget=vram_budget, plan=plan, **kw)
+    return eng
 
 
 def forward(model: Model, token_ids, attention_mask=None) -> np.ndarray:
@@ -203,11 +214,11 @@ def generate(
     bad = [t for p in ids for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-    if engine is None:
-        engine = _engine_for(model, policy, vram_budget, plan, engine_kw)
     B = len(ids)
     T = _bucket(longest)
     max_len = _bucket(T + max_new_tokens)
+    if engine is None:
+        engine = _engine_for(model, policy, vram_budget, plan, engine_kw, B, max_len)
     tokens = np.zeros((B, T), np.int32)
     mask = np.zeros((B, T), bool)
     for i, p in enumerate(ids):

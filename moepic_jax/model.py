@@ -223,6 +223,20 @@ def experts_dense(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array
     return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine)
 
 
+def experts_scan(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """Same result as `experts_dense`, one expert at a time (`lax.scan` over E), so the temporaries are
+    [N, F] instead of [N, E, F]: the prefill path for large models. Returns [N, D] float32."""
+    E = experts.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * w[..., None], axis=1)  # [N, E]
+
+    def body(acc, inp):
+        ex, c = inp  # [F, 3, D], [N]
+        return acc + c[:, None] * segment_ffn(x, ex).astype(jnp.float32), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((x.shape[0], x.shape[1]), jnp.float32), (experts, combine.T))
+    return acc
+
+
 def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
     """Routed-expert output reading only the N*K routed experts (decode; few tokens). Returns [N, D] f32."""
     sel = experts[ids]  # [N, K, F, 3, D]
@@ -244,7 +258,7 @@ def moe_resident(x: jax.Array, p: MoEParams, cfg: MoEConfig) -> jax.Array:
     ids, w = route(x, p.w_router, cfg)
     n = x.shape[0]
     # Reading only the routed experts is cheaper while N*K is small; the dense form avoids a huge gather.
-    routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_dense(
+    routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_scan(
         x, p.experts, ids, w)
     return routed.astype(x.dtype) + shared_expert(x, p)
 
@@ -276,14 +290,15 @@ def cache_positions(cache: KVCache, mask: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def forward_tokens(
-    params: Params, cfg: MoEConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache
+    params: Params, cfg: MoEConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False
 ) -> tuple[jax.Array, KVCache]:
     """All-resident forward over T new tokens, writing the KV cache.
 
     Args:
       tokens: [B, T] int32; mask: [B, T] bool (False = left padding); cache: `KVCache`.
+      last_only: static; compute logits for the last position only (generation does not need the others).
     Returns:
-      (logits [B, T, V] float32, updated cache).
+      (logits [B, T, V] float32 ([B, 1, V] with last_only), updated cache).
     """
     B, T = tokens.shape
     positions, valid, new_cache = cache_positions(cache, mask)
@@ -297,4 +312,4 @@ def forward_tokens(
         y = moe_resident(x, lp.moe, cfg) if cfg.moe_layers[l] else mlp(x, lp.mlp)
         h = h + y.reshape(B, T, -1)
     new_cache = new_cache.replace(k=k, v=v)
-    return lm_head(params, h, cfg), new_cache
+    return lm_head(params, h[:, -1:] if last_only else h, cfg), new_cache

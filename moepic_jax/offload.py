@@ -44,7 +44,18 @@ from moepic_jax.weights import Model
 
 log = logging.getLogger(__name__)
 
-WORKSPACE_MARGIN_BYTES = 32 * 2**20  # activations, logits, counters, XLA scratch beyond the buffers we size
+WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below
+
+
+def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
+    """Largest activations of a prefill over `max_len` tokens (bytes): attention scores and probabilities
+    ([B, H, T, S] float32), one expert's SwiGLU intermediates ([N, F] float32 x 3, experts scanned one at a
+    time), the residual stream and its float32 accumulators ([N, D] x 6), the last-token logits."""
+    n = batch * max_len
+    attn = 2 * batch * cfg.n_heads * max_len * max_len * 4
+    ffn = 3 * n * max(cfg.d_ff, cfg.dense_d_ff, cfg.shared_d_ff) * 4
+    stream = 6 * n * cfg.d_model * 4 + n * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * dtype_bytes
+    return attn + ffn + stream + batch * cfg.vocab_size * 4
 
 
 def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Array:
@@ -133,7 +144,8 @@ class OffloadEngine:
         kv = M.kv_cache_bytes(cfg, batch, max_len, self.dtype.itemsize)
         # decode: routed + prefetched buffers of two layers in flight; prefill: two layer stacks.
         buffers = max(2 * (U + P) * expert, 2 * layer_stack)
-        return tree_bytes(self.resident) + kv + buffers + WORKSPACE_MARGIN_BYTES
+        acts = activation_bytes(cfg, batch, max_len, self.dtype.itemsize)
+        return tree_bytes(self.resident) + kv + buffers + acts + WORKSPACE_MARGIN_BYTES
 
     def min_budget_bytes(self) -> int:
         """The smallest VRAM budget (bytes) this policy accepts for the reserved batch and length."""
@@ -319,7 +331,7 @@ class OffloadEngine:
         x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, D)
         if is_moe:
             ids, w = M.route(x, lp.moe.w_router, cfg)
-            y = M.experts_dense(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+            y = M.experts_scan(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
         else:
             y = M.mlp(x, lp.mlp)
         return h + y.reshape(B, T, D), k, v
@@ -387,3 +399,21 @@ class OffloadEngine:
                                                  state.length, jnp.int32(l)))
         last = sds(jax.ShapeDtypeStruct((h.shape[0], 1, h.shape[2]), h.dtype))
         self.compiles.get("head", self._head_fn, (self.resident, last))
+        self._check_compiled_budget(state)
+
+    def device_bytes_needed(self, state) -> int:
+        """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of the two prefill
+        layer stacks and the largest XLA temporaries of the compiled steps (`compiled.memory_analysis()`; the
+        decode step's temporaries hold its copy buffers), plus the margin. Prefill and decode never overlap."""
+        cfg = self.cfg
+        stacks = 2 * cfg.n_experts * cfg.d_ff * self.row_bytes
+        return (tree_bytes(self.resident) + tree_bytes(state) + self.cache_bytes()
+                + max(stacks, self.compiles.temp_bytes) + WORKSPACE_MARGIN_BYTES)
+
+    def _check_compiled_budget(self, state) -> None:
+        need = self.device_bytes_needed(state)
+        if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
+            raise ValueError(
+                f"the compiled steps need {need / 2**30:.3f} GiB on the device (XLA temporaries "
+                f"{self.compiles.temp_bytes / 2**30:.3f} GiB), over the VRAM budget of "
+                f"{self.vram_budget_bytes / 2**30:.3f} GiB; raise vram_budget or lower max_seq_len/max_batch")

@@ -87,7 +87,7 @@ def _route_all(engine, tokens: np.ndarray):
             pred = jax.lax.top_k(jax.nn.softmax((xn @ nlp.moe.w_router).astype(jnp.float32)), engine.n_predicted)[1]
         if lp.moe is not None:
             ids, w = M.route(x, lp.moe.w_router, cfg)
-            y = M.experts_dense(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+            y = M.experts_scan(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
         else:
             ids, y = None, M.mlp(x, lp.mlp)
         return h + y[None], k, v, ids, pred
@@ -197,13 +197,33 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
     return HardwareProfile.fit(sizes, times, np.full(cfg.n_layers, c), device=str(engine.device.device_kind))
 
 
+def cached_profile(engine) -> ModelProfile:
+    """The model profile of `engine.model` with the default calibration tokens, computed once per model and
+    number of predicted experts and kept on the model object (profiles depend on the weights, not the budget)."""
+    store = engine.model.__dict__.setdefault("_profiles", {})
+    key = (engine.n_predicted, engine.cfg.identity())
+    if key not in store:
+        store[key] = profile_model(engine)
+    return store[key]
+
+
 def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
-             hardware: HardwareProfile | None = None, cache_dir: str | pathlib.Path | None = None) -> CachePlan:
+             hardware: HardwareProfile | None = None) -> CachePlan:
     """The engine's plan when none is given: profile the model, then `planner.solve` under the cache budget.
 
     `static` solves with allow_split=False, `moepic` with allow_split=True, `lru` gets the same number of
-    whole-expert slots in every MoE layer (its rule then replaces occupants at run time).
+    whole-expert slots in every MoE layer (its rule then replaces occupants at run time). Plans are kept
+    on the model, keyed by policy, cache budget, granule, device and hardware profile.
     """
+    key = (engine.policy, engine.cache_budget, granule, str(engine.device), None if hardware is None
+           else hardware.to_json(), None if profile is None else profile.to_json())
+    plans = engine.model.__dict__.setdefault("_plans", {})
+    if key not in plans:
+        plans[key] = _plan_for(engine, granule, profile, hardware)
+    return plans[key]
+
+
+def _plan_for(engine, granule, profile, hardware) -> CachePlan:
     cfg = engine.cfg
     E, F = cfg.n_experts, cfg.d_ff
     budget = engine.cache_budget
@@ -213,7 +233,7 @@ def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
     budget = full if budget is None else max(0, min(budget, full))
     if engine.policy == "lru":
         n = min(E, budget // (n_moe * expert))
-        mp = profile or profile_model(engine)
+        mp = profile or cached_profile(engine)
         layers = []
         from moepic_jax.planner import LayerPlan
 
@@ -224,7 +244,7 @@ def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
             else:
                 layers.append(LayerPlan(0, ()))
         return CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
-    mp = profile or profile_model(engine)
+    mp = profile or cached_profile(engine)
     hw = hardware or default_hardware(cfg.n_layers)
     g = granule if F % granule == 0 and granule <= F else _largest_divisor_granule(F, granule)
     plan = solve(mp, hw, int(budget), granule=g, allow_split=engine.spec.allow_split)

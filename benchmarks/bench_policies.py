@@ -1,0 +1,261 @@
+"""Every policy at several VRAM budgets on one random-weight model with a real configuration (issue 3 item 8).
+
+For the model (default: Qwen1.5-MoE-A2.7B, bf16, weights drawn on the GPU, experts in pinned host memory):
+  * the peak pinned_host -> device bandwidth of this run (`common.measure_peak_h2d`);
+  * the fixed part of an offloading engine (`OffloadEngine(model, "ondemand", max_batch=1, max_seq_len=...)`),
+    one model profile (expert frequencies, predictor recall) and one hardware profile, shared by all engines;
+  * for each budget = fixed part + frac * expert bytes (default frac 0.25, 0.5), in ascending order, and each
+    offloading policy (ondemand, lru, static, moepic): one engine, a warm-up generate on another prompt (compiles;
+    compile time reported apart), then one timed generate: 128-token prompt of random ids, 32 new tokens, batch 1;
+  * `resident` (all weights on the device) last, so the process-wide device peak of the offloading rows is not
+    polluted by it (the peak cannot be reset: each row's "peak" is the running maximum up to that row).
+Reports TTFT, TPOT median / p90, H2D bytes per token, hit rates, predictor recall, compile seconds, peak device
+bytes, floor = H2D bytes per token / peak H2D bandwidth, efficiency = floor / TPOT. Results are written after every
+row (JSON + markdown + PNG) into benchmarks/results/ and $OUT; a markdown table is printed last.
+
+Usage (from the repo root):
+  PYTHONPATH=. python benchmarks/bench_policies.py                       # Qwen1.5-MoE-A2.7B, all policies
+  PYTHONPATH=. python benchmarks/bench_policies.py --zipf 1.0            # with the Zipf router bias
+  PYTHONPATH=. python benchmarks/bench_policies.py --tiny                # CPU smoke test (tiny config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import weakref
+from pathlib import Path
+
+ALL_POLICIES = ("ondemand", "lru", "static", "moepic", "resident")
+DEFAULT_POLICIES = {"qwen15": ALL_POLICIES, "olmoe": ("lru", "static", "moepic"), "qwen3": ("lru", "static", "moepic"),
+                    "mixtral": ("static", "moepic")}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen15", choices=("qwen15", "olmoe", "qwen3", "mixtral"))
+    ap.add_argument("--policies", default=None,
+                    help=f"comma list from {','.join(ALL_POLICIES)} (default: all for qwen15; issue 6's set otherwise)")
+    ap.add_argument("--budgets", default="0.25,0.5", help="fractions of the expert bytes added to the fixed part")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warm-up call (compiles)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--zipf", type=float, default=None, help="alpha of the Zipf router bias (default: own routing)")
+    ap.add_argument("--tiny", action="store_true", help="tiny config of the same family (CPU smoke test)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
+    ap.add_argument("--hw", default="measured", choices=("measured", "default"),
+                    help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
+    ap.add_argument("--time-limit", type=float, default=510.0,
+                    help="seconds; a (policy, budget) run that would likely end past it is skipped")
+    ap.add_argument("--name", default=None, help="result file name (default bench_policies_<model>[_zipf..])")
+    ap.add_argument("--out-dir", default=None, help="default benchmarks/results/")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    # Before JAX starts: no preallocation (so peak_bytes_in_use means something); Mixtral needs > 64 GiB pinned.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.model == "mixtral" and not args.tiny:
+        os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "112")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+    import jax
+    import numpy as np
+
+    import common as C
+    from moepic_jax.engine import device_memory_stats, make_engine
+    from moepic_jax.generate import _bucket, generate
+    from moepic_jax.offload import OffloadEngine
+    from moepic_jax.planner import predicted_tpot
+    from moepic_jax.profile import default_hardware, measure_hardware, profile_model
+
+    policies = tuple(p.strip() for p in (args.policies.split(",") if args.policies else DEFAULT_POLICIES[args.model])
+                     if p.strip())
+    bad = [p for p in policies if p not in ALL_POLICIES]
+    if bad:
+        raise SystemExit(f"unknown policies {bad}; choose from {', '.join(ALL_POLICIES)}")
+    fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
+    granule = args.granule or (16 if args.tiny else 128)
+    name = args.name or ("bench_policies_" + args.model + ("_tiny" if args.tiny else "")
+                         + (f"_zipf{args.zipf:g}" if args.zipf else ""))
+    env = C.env_info()
+    print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
+
+    cfg = C.get_config(args.model, tiny=args.tiny)
+    model = C.random_model(cfg, dtype=args.dtype, seed=args.seed, zipf_bias=args.zipf, progress=not args.tiny)
+    info = model.random_info
+    print(f"model {C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}: experts "
+          f"{info['expert_bytes'] / 2**30:.2f} GiB pinned_host, resident {info['resident_bytes'] / 2**30:.2f} GiB, "
+          f"built in {info['build_s']:.1f} s (pinning {info['pin_s']:.1f} s)", flush=True)
+
+    F = cfg.d_ff
+    l0 = cfg.moe_layer_ids[0]
+    stack0 = model.params.layers[l0].moe.experts
+    h2d = C.measure_peak_h2d(stack0, split=(F // 2 // granule) * granule or F // 2, k=cfg.top_k)
+    peak_bw = h2d["peak_Bps"]
+    print(f"H2D: stack {h2d['stack_bytes'] / 1e6:.0f} MB at {h2d['stack_GBps_best']:.1f} GB/s (best), expert "
+          f"{h2d['expert_bytes'] / 1e6:.1f} MB at {h2d['expert_GBps']:.1f} GB/s, {h2d['k_experts']} experts in one jit at "
+          f"{h2d['k_experts_GBps']:.1f} GB/s; peak {peak_bw / 1e9:.1f} GB/s ({h2d['peak_source']})", flush=True)
+
+    T = _bucket(args.prompt_len)
+    max_len = _bucket(T + args.new_tokens)
+    warm_tokens = args.warmup_tokens if _bucket(T + args.warmup_tokens) == max_len else args.new_tokens
+    ekw = dict(max_batch=1, max_seq_len=max_len)
+
+    t0 = time.perf_counter()
+    base = OffloadEngine(model, policy="ondemand", **ekw)
+    fixed = base.fixed_bytes
+    mp = profile_model(base)
+    hw = measure_hardware(base) if args.hw == "measured" else default_hardware(cfg.n_layers)
+    routing = C.routing_entropy(mp.freq, cfg.top_k, cfg.moe_layers)
+    recall_prof = float(np.nanmean(mp.recall)) if np.isfinite(mp.recall).any() else float("nan")
+    ref = weakref.ref(base)
+    del base
+    freed = C.release_engine(model, ref)
+    setup_s = time.perf_counter() - t0
+    expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
+    print(f"fixed part {fixed / 2**30:.2f} GiB; routing: normalised entropy {routing['norm_entropy_mean']:.3f} "
+          f"(1 = uniform), top-25% experts take {routing.get('top25pct_share_mean', float('nan')):.1%} of routed pairs; "
+          f"profiled recall {recall_prof:.1%}; hardware fit: latency {hw.h2d_latency_s * 1e6:.0f} us, "
+          f"{hw.h2d_bandwidth_Bps / 1e9:.1f} GB/s, layer compute {float(np.mean(hw.layer_compute_s)) * 1e3:.3f} ms "
+          f"({setup_s:.1f} s)", flush=True)
+
+    rng = np.random.default_rng(args.seed + 1)
+    prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    warm_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # different: no free LRU hits
+
+    runs = [(p, f) for f in fracs for p in policies if p != "resident"]
+    if "resident" in policies:
+        runs.append(("resident", None))
+    rows: list[dict] = []
+    meta = {
+        "benchmark": "policies x VRAM budgets (issue 3 item 8)", "model": C.MODEL_NAMES[args.model],
+        "tiny": args.tiny, "config": cfg.to_hf_dict(), "random_model": info, "env": env, "h2d": h2d,
+        "fixed_bytes": fixed, "expert_bytes": expert_bytes, "routing_profile": routing,
+        "profiled_recall_mean": recall_prof,
+        "hardware_profile": {"source": args.hw, "h2d_latency_s": hw.h2d_latency_s,
+                             "h2d_bandwidth_Bps": hw.h2d_bandwidth_Bps,
+                             "layer_compute_s_mean": float(np.mean(hw.layer_compute_s))},
+        "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "warmup_tokens": warm_tokens,
+                     "batch": 1, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
+                     "budgets_frac_of_experts": fracs, "policies": list(policies)},
+        "notes": [
+            f"{C.MODEL_NAMES[args.model]}{' (tiny stand-in)' if args.tiny else ''} config, random weights "
+            f"({info['routing']}); routing normalised entropy {routing['norm_entropy_mean']:.3f}, "
+            f"top-25% experts' share {routing.get('top25pct_share_mean', float('nan')):.1%}",
+            f"budget = fixed part ({fixed / 2**30:.2f} GiB) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
+            f"floor = H2D bytes per token / peak H2D bandwidth of this run ({peak_bw / 1e9:.1f} GB/s, "
+            f"{h2d['peak_source']}); efficiency = floor / TPOT",
+            "TTFT/TPOT exclude compilation (compile_s is apart); batch 1; warm-up on another prompt first",
+            "peak = process-wide peak_bytes_in_use so far (cannot be reset; rows run in ascending budget order, "
+            "resident last)",
+        ],
+        "setup_s": round(setup_s, 2), "free_check_after_setup": freed,
+    }
+    columns = [("policy", "policy", ""), ("budget_frac", "experts in budget", ".0%"),
+               ("budget_gib", "budget GiB", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
+               ("tpot_p90_ms", "p90 ms", ".2f"), ("floor_ms", "floor ms", ".2f"), ("efficiency", "floor/TPOT", ".2f"),
+               ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
+               ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
+               ("predictor_recall", "recall", ".1%"), ("planner_tpot_ms", "planner ms", ".2f"),
+               ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
+    title = (f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}, random weights, "
+             f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing'}: policies x VRAM budgets")
+
+    def save():
+        return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, title=title)
+
+    longest = 0.0
+    for policy, frac in runs:
+        elapsed = time.perf_counter() - t_start
+        if rows and elapsed + 1.2 * longest > args.time_limit:
+            print(f"skip {policy} @ {frac}: {elapsed:.0f} s elapsed, a run takes up to {longest:.0f} s "
+                  f"(--time-limit {args.time_limit:.0f})", flush=True)
+            rows.append({"policy": policy, "budget_frac": frac, "skipped": "time limit"})
+            continue
+        t_run = time.perf_counter()
+        budget = None if frac is None else int(fixed + frac * expert_bytes)
+        row = {"policy": policy, "budget_frac": frac, "budget_gib": None if budget is None else budget / 2**30}
+        eng = None
+        try:
+            tb = time.perf_counter()
+            if policy == "resident":
+                eng = make_engine(model, "resident")
+            else:
+                eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw, **ekw)
+            row["engine_build_s"] = time.perf_counter() - tb
+            warm = generate([warm_prompt], model=model, max_new_tokens=warm_tokens, engine=eng)
+            res = generate([prompt], model=model, max_new_tokens=args.new_tokens, engine=eng)
+            s = res.stats
+            mem = device_memory_stats() or {}
+            floor = s.h2d_bytes_per_token / peak_bw if policy != "resident" else 0.0
+            row.update(
+                ttft_ms=s.ttft_s * 1e3, tpot_ms=s.tpot_s * 1e3, tpot_p90_ms=s.tpot_p90_s * 1e3,
+                tokens_per_s=s.tokens_per_s, h2d_mb_per_token=s.h2d_bytes_per_token / 1e6,
+                h2d_bytes_per_token=s.h2d_bytes_per_token, prefill_h2d_gb=s.prefill_h2d_bytes / 1e9,
+                floor_ms=floor * 1e3 if policy != "resident" else None,
+                efficiency=(floor / s.tpot_s) if policy != "resident" and s.tpot_s > 0 else None,
+                full_hit_rate=s.full_hit_rate, top_only_hit_rate=s.top_only_hit_rate, miss_rate=s.miss_rate,
+                predictor_recall=s.predictor_recall,
+                compile_count=warm.stats.compile_count + s.compile_count,
+                compile_s=warm.stats.compile_s + s.compile_s,
+                peak_device_bytes=s.peak_device_bytes,
+                peak_gib=None if s.peak_device_bytes is None else s.peak_device_bytes / 2**30,
+                peak_le_budget=None if (s.peak_device_bytes is None or budget is None)
+                else bool(s.peak_device_bytes <= budget),
+                bytes_in_use_gib=mem.get("bytes_in_use", 0) / 2**30 if mem else None,
+                live_device_gib=C.live_device_bytes() / 2**30,
+                new_tokens=s.new_tokens, prompt_tokens=s.prompt_tokens,
+                per_layer=[dict(layer=p.layer, full=p.full_hit_rate, top=p.top_only_hit_rate, miss=p.miss_rate,
+                                h2d_mb=p.h2d_bytes_per_token / 1e6, recall=p.predictor_recall) for p in s.per_layer],
+            )
+            if policy != "resident":
+                row["fixed_gib"] = eng.fixed_bytes / 2**30
+                row["cache_gib"] = eng.cache_bytes() / 2**30
+                plan = eng.cache_plan
+                row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
+                row["plan_slots"] = int(sum(plan.n_slots()))
+                if policy in ("static", "moepic"):
+                    try:
+                        row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
+                    except Exception as e:  # noqa: BLE001 - informational only
+                        row["planner_error"] = repr(e)
+        except Exception as e:  # noqa: BLE001 - record the failure, keep the other rows
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"
+        ref = None if eng is None else weakref.ref(eng)
+        eng = None
+        row.update(C.release_engine(model, ref))
+        row["run_s"] = time.perf_counter() - t_run
+        longest = max(longest, row["run_s"])
+        rows.append(row)
+        if "error" in row:
+            print(f"{policy} @ {frac}: ERROR {row['error']}", flush=True)
+        else:
+            print(f"{policy:>8} @ {'-' if frac is None else format(frac, '.0%')}: TTFT {row['ttft_ms']:.1f} ms, "
+                  f"TPOT {row['tpot_ms']:.2f} ms (p90 {row['tpot_p90_ms']:.2f}), H2D {row['h2d_mb_per_token']:.1f} MB/tok, "
+                  f"floor {row['floor_ms'] if row['floor_ms'] is not None else float('nan'):.2f} ms, "
+                  f"compile {row['compile_s']:.1f} s, run {row['run_s']:.1f} s, engine freed {row['engine_freed']}",
+                  flush=True)
+        meta["total_s"] = round(time.perf_counter() - t_start, 1)
+        save()
+
+    meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    paths = save()
+    print(f"\nwrote {', '.join(paths)}; total {meta['total_s']:.0f} s\n")
+    print(f"## {title}\n")
+    print(C.markdown_table(rows, columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

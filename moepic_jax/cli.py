@@ -1,0 +1,260 @@
+"""`moepic-jax` command: generate | profile | plan | convert | export-hf | bench.
+
+Only this entry point (and benchmarks/tests) touches environment variables that must be set before JAX
+starts (XLA_PYTHON_CLIENT_PREALLOCATE, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _env_before_jax(args) -> None:
+    # The VRAM budget is enforced by the engine; JAX's default preallocation of 75 % of the GPU would
+    # make the process look like it uses far more than the budget.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if getattr(args, "host_memory_gb", None):
+        os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(args.host_memory_gb)
+
+
+def _budget(s: str | None):
+    if s is None or s.lower() == "none":
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default=None, help="HF directory or moepic checkpoint (default: the embedded model)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--host-memory-gb", type=int, default=None,
+                   help="pinned host memory limit for JAX (needed above 64 GiB of experts)")
+
+
+def _add_engine_args(p, default_policy="moepic", default_budget="40%"):
+    p.add_argument("--policy", default=default_policy, choices=["resident", "ondemand", "lru", "static", "moepic"])
+    p.add_argument("--vram-budget", default=default_budget,
+                   help="bytes, fraction of the weights (0.4), '6GiB', '500MB', '40%%', or 'none' (default %(default)s)")
+    p.add_argument("--plan", default=None, help="a CachePlan JSON file (static/moepic)")
+    p.add_argument("--granule", type=int, default=32, help="split granularity in neurons")
+
+
+def _load(args):
+    import moepic_jax
+
+    return moepic_jax.load(args.model, dtype=args.dtype, progress=True)
+
+
+def _engine_kw(args, model):
+    from moepic_jax.planner import CachePlan
+
+    kw = {}
+    if args.policy != "resident":
+        kw["granule"] = args.granule
+    plan = CachePlan.load(args.plan) if args.plan else None
+    return plan, kw
+
+
+def cmd_generate(args) -> int:
+    import moepic_jax
+
+    model = _load(args)
+    plan, kw = _engine_kw(args, model)
+    prompt = args.prompt
+    if model.tokenizer is None:
+        prompt = [int(t) for t in prompt.split()]
+    print(args.prompt, end="", flush=True)
+    print("[compiling and placing the model ...]", file=sys.stderr, flush=True)
+    res = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                              policy=args.policy, vram_budget=_budget(args.vram_budget), plan=plan,
+                              stream=lambda i, s: print(s, end="", flush=True), **kw)
+    if model.tokenizer is None:
+        print(" ".join(map(str, res.token_ids[0])), end="")
+    print()
+    print(res.stats.summary(), file=sys.stderr)
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(res.stats.to_dict(), f, indent=2, default=float)
+    return 0
+
+
+def _offload_engine(args, model):
+    from moepic_jax.offload import OffloadEngine
+
+    policy = args.policy if args.policy in ("static", "moepic", "lru") else "moepic"
+    return OffloadEngine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule)
+
+
+def cmd_profile(args) -> int:
+    from moepic_jax import profile
+
+    model = _load(args)
+    engine = _offload_engine(args, model)
+    mp = profile.cached_profile(engine)
+    hw = profile.measure_hardware(engine)
+    if args.out:
+        mp.save(args.out + ".model.json")
+        hw.save(args.out + ".hardware.json")
+        print(f"wrote {args.out}.model.json and {args.out}.hardware.json", file=sys.stderr)
+    print(f"H2D: latency {hw.h2d_latency_s * 1e6:.1f} us, bandwidth {hw.h2d_bandwidth_Bps / 1e9:.2f} GB/s on "
+          f"{hw.device}; decode compute per layer {hw.layer_compute_s.mean() * 1e3:.3f} ms")
+    print(f"{'layer':>5} {'recall':>7} {'precision':>9}  hottest experts (freq)")
+    for l in range(mp.n_layers):
+        hot = sorted(range(mp.n_experts), key=lambda e: -mp.freq[l, e])[:4]
+        print(f"{l:>5} {mp.recall[l]:>7.2f} {mp.precision[l]:>9.2f}  " +
+              " ".join(f"{e}({mp.freq[l, e]:.2f})" for e in hot))
+    return 0
+
+
+def print_plan(plan, mp=None, hw=None, out=sys.stdout) -> None:
+    """A readable per-layer table of a CachePlan (and its predicted costs when profiles are given)."""
+    from moepic_jax.planner import plan_bytes, plan_stats, predicted_tpot
+
+    stats = plan_stats(plan, mp, hw) if mp is not None else None
+    print(f"cache budget {plan.budget_bytes / 2**30:.3f} GiB" +
+          (f", plan uses {plan_bytes(plan, mp) / 2**30:.3f} GiB" if mp is not None else ""), file=out)
+    print(f"{'layer':>5} {'split':>6} {'slots':>5}  cached experts", file=out)
+    for l, lp in enumerate(plan.layers):
+        ids = ",".join(map(str, lp.cached[:12])) + (" ..." if len(lp.cached) > 12 else "")
+        print(f"{l:>5} {lp.split:>6} {len(lp.cached):>5}  {ids}", file=out)
+    if stats is not None and hw is not None:
+        print(f"predicted TPOT {predicted_tpot(plan, mp, hw) * 1e3:.2f} ms", file=out)
+
+
+def cmd_plan(args) -> int:
+    from moepic_jax import profile
+    from moepic_jax.planner import HardwareProfile, ModelProfile
+
+    model = _load(args)
+    engine = _offload_engine(args, model)
+    mp = ModelProfile.load(args.profile) if args.profile else profile.cached_profile(engine)
+    hw = HardwareProfile.load(args.hardware) if args.hardware else profile.default_hardware(model.cfg.n_layers)
+    plan = engine.cache_plan if not (args.profile or args.hardware) else profile.plan_for(
+        engine, granule=args.granule, profile=mp, hardware=hw)
+    print_plan(plan, mp, hw)
+    if args.out:
+        plan.save(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from moepic_jax import checkpoint
+    from moepic_jax.weights import load
+
+    model = load(args.hf_dir, dtype=args.dtype, progress=True)
+    checkpoint.save(args.out_dir, model.cfg, model.params, args.dtype, model.tokenizer)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from moepic_jax import checkpoint
+
+    model = _load(args)
+    checkpoint.export_hf(model, args.out_dir)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import moepic_jax
+    from moepic_jax.offload import OffloadEngine
+
+    model = _load(args)
+    prompt = args.prompt if model.tokenizer is not None else [1, 2, 3, 4]
+    base = OffloadEngine(model, policy="ondemand").fixed_bytes
+    rows = []
+    for frac in [float(x) for x in args.budgets.split(",")]:
+        budget = base + int(frac * model.expert_bytes())
+        for pol in args.policies.split(","):
+            kw = {} if pol == "resident" else {"granule": args.granule}
+            b = None if pol == "resident" else budget
+            moepic_jax.generate(prompt, model=model, max_new_tokens=4, policy=pol, vram_budget=b, **kw)  # warm-up
+            r = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, policy=pol,
+                                    vram_budget=b, **kw)
+            rows.append((frac, r.stats))
+    print(f"| experts cached | policy | TTFT ms | TPOT ms | H2D MB/tok | full hit | top hit | miss | recall |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for frac, s in rows:
+        print(f"| {frac:.0%} | {s.policy} | {s.ttft_s * 1e3:.1f} | {s.tpot_s * 1e3:.2f} | "
+              f"{s.h2d_bytes_per_token / 1e6:.2f} | {s.full_hit_rate:.2f} | {s.top_only_hit_rate:.2f} | "
+              f"{s.miss_rate:.2f} | {s.predictor_recall:.2f} |")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="moepic-jax", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("generate", help="generate text (streams it)")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stats-json", default=None, help="write the stats to this JSON file")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("profile", help="measure expert frequencies, predictor recall and the H2D copy curve")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("--out", default=None, help="prefix of the JSON files to write")
+    p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("plan", help="solve and print the cache plan (per layer split and cached experts)")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("--profile", default=None, help="ModelProfile JSON (default: profile now)")
+    p.add_argument("--hardware", default=None, help="HardwareProfile JSON (default: unmeasured H200 defaults)")
+    p.add_argument("--out", default=None, help="write the plan JSON here")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face directory to a moepic_jax (orbax) checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export-hf", help="write a model as a Hugging Face directory (config + safetensors)")
+    p.add_argument("out_dir")
+    _add_model_args(p)
+    p.set_defaults(fn=cmd_export_hf)
+
+    p = sub.add_parser("bench", help="TTFT/TPOT/hit rates of several policies and budgets on this machine")
+    _add_model_args(p)
+    p.add_argument("--prompt", default="def fibonacci(n):")
+    p.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
+    p.add_argument("--budgets", default="0.25,0.5", help="shares of the expert bytes cached, above the fixed part")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--granule", type=int, default=32)
+    p.set_defaults(fn=cmd_bench)
+
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _env_before_jax(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

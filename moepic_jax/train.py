@@ -1,0 +1,676 @@
+"""Train the embedded default model: a small Qwen3-MoE on the Python standard library's source.
+
+Nothing can be downloaded here, so the model is trained on text that every machine has: the `*.py` files
+of the standard library (`sysconfig.get_paths()["stdlib"]`), a fixed sorted list without test folders and
+site-packages. Files are split by a hash of their relative path (so the split is the same on every Python
+version): `sha256(path) % 20 == 0` -> **test** (5 %, the held-out perplexity and the shipped sample),
+`== 1` -> **val** (5 %, model selection during training), the rest -> **train**. The byte-level BPE tokenizer
+(`tokenizers`, ~8k vocabulary) is trained on the train split only.
+
+Training (optax): AdamW, linear warm-up + cosine decay, global-norm clipping, and the Switch/Mixtral
+load-balancing loss `E * sum_e f_e * P_e` per MoE layer (f_e: share of the top-k slots routed to e, P_e: mean
+router probability; 1 when uniform), averaged over layers, times a small coefficient. The forward pass is
+`model.py`'s own functions (attention with a cache of length T, `route`, `experts_dense` over all experts),
+so training and inference share one definition of the model. Params are float32 masters, compute in
+bfloat16 by default. The val split is evaluated every `--eval-every` steps and the best params are kept.
+
+Two phases, so the GPU run brings back few files:
+
+  python -m moepic_jax.train --run-dir RUN [--steps N --minutes M ...]      # train (GPU)
+  python -m moepic_jax.train --from-run RUN --out checkpoints/stdlib_moe     # assemble (CPU)
+
+`RUN` holds the bf16 weights as a few `params-*.npz` shards, `tokenizer.json`, `log.json` (config, loss
+curve, val curve, test perplexity, expert popularity, versions) and `heldout_sample.txt`. The assemble
+phase writes the orbax checkpoint (`checkpoint.save`), measures the float32 perplexity on the shipped sample
+(`eval.json`, read by tests/test_embedded.py), plots the loss curve and writes TRAINING.md. With `--out`
+and no `--from-run` both phases run in one process (the CPU smoke test does that on a tiny config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import sysconfig
+import time
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+DEFAULT_NAME = "stdlib_moe"
+SPLIT_MOD = 20
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+LICENSE_FALLBACK = ("Python standard library source, Copyright (c) 2001 Python Software Foundation; All Rights "
+                    "Reserved.\nDistributed under the PSF License Agreement: https://docs.python.org/3/license.html\n")
+SAMPLE_CHARS = 300_000
+SHARD_BYTES = 14 * 2**20  # the device run brings back files of at most 16 MB
+EVAL_TOKENS, EVAL_CHUNK = 2048, 512  # the shipped-sample perplexity (eval.json and tests/test_embedded.py)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def split_of(rel: str) -> str:
+    """'train' | 'val' | 'test' from a hash of the relative path (the same on every Python version)."""
+    h = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) % SPLIT_MOD
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def stdlib_files(root: str | pathlib.Path | None = None) -> list[tuple[str, pathlib.Path]]:
+    """Sorted (relative posix path, path) of the stdlib's `*.py`, without test folders and site-packages."""
+    root = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root).as_posix()
+        if any(part in EXCLUDED_DIRS for part in rel.split("/")[:-1]) or not p.is_file():
+            continue
+        out.append((rel, p))
+    if not out:
+        raise FileNotFoundError(f"no *.py files under {root}; pass --stdlib pointing at a Python Lib directory")
+    return sorted(out)
+
+
+def read_split(files, split: str, limit_bytes: int | None = None) -> list[tuple[str, str]]:
+    """(relative path, text) of the files of `split`, in order, up to `limit_bytes` characters in all."""
+    out, n = [], 0
+    for rel, p in files:
+        if split_of(rel) != split:
+            continue
+        text = p.read_bytes().decode("utf-8", errors="replace")
+        out.append((rel, text))
+        n += len(text)
+        if limit_bytes is not None and n >= limit_bytes:
+            break
+    return out
+
+
+def license_text(root: str | pathlib.Path | None = None) -> str:
+    root = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+    for cand in (root / "LICENSE.txt", root / "LICENSE"):
+        if cand.exists():
+            return cand.read_text(encoding="utf-8", errors="replace")
+    return LICENSE_FALLBACK
+
+
+def heldout_sample(files, root=None, chars: int = SAMPLE_CHARS) -> tuple[str, int]:
+    """The shipped held-out sample: the Python license notice, then test-split files (whole files, in order)
+    until `chars` characters. Returns (text, offset of the first source character)."""
+    head = ("This file holds source files of the Python standard library (the held-out test split of "
+            "moepic_jax.train), under the license below.\n\n" + license_text(root).rstrip() + "\n\n" + "=" * 79
+            + "\n\n")
+    parts, n = [], 0
+    for rel, text in read_split(files, "test"):
+        parts.append(f"# ---- Lib/{rel} ----\n{text}\n")
+        n += len(parts[-1])
+        if n >= chars:
+            break
+    return head + "".join(parts), len(head)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (`tokenizers`) trained on `texts`, with `<|endoftext|>` as special token 0 and a
+    post-processor that starts every encoded text with it (documents are separated by it in training)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B",
+                                                       special_tokens=[(EOT, tok.token_to_id(EOT))])
+    return tok
+
+
+def wrap_tokenizer(tok):
+    """A transformers `PreTrainedTokenizerFast` around a `tokenizers.Tokenizer` (bos = eos = `<|endoftext|>`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=None,
+                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False)
+
+
+def encode_docs(tok, texts: list[str]) -> np.ndarray:
+    """One token stream: `<|endoftext|>` before every document. uint16 when the vocabulary fits."""
+    enc = tok.encode_batch(texts)  # the post-processor puts EOT first
+    ids = np.concatenate([np.asarray(e.ids, np.int32) for e in enc]) if enc else np.zeros(0, np.int32)
+    return ids.astype(np.uint16 if tok.get_vocab_size() < 2**16 else np.int32)
+
+
+# --------------------------------------------------------------------------------------------- model
+def make_config(vocab_size: int, tiny: bool = False, max_pos: int = 1024):
+    """The embedded model: Qwen3-MoE layout, E=16, top-2, 6 layers, D=256, 4/2 heads of 64, d_ff 256."""
+    from moepic_jax.config import MoEConfig
+
+    if tiny:
+        L, D, H, G, hd, F, E = 2, 32, 2, 1, 16, 32, 4
+    else:
+        L, D, H, G, hd, F, E = 6, 256, 4, 2, 64, 256, 16
+    return MoEConfig(family="qwen3_moe", vocab_size=vocab_size, d_model=D, n_layers=L, n_heads=H, n_kv_heads=G,
+                     head_dim=hd, d_ff=F, n_experts=E, top_k=2, moe_layers=(True,) * L, dense_d_ff=F,
+                     norm_topk_prob=True, rms_eps=1e-6, rope_theta=10000.0, max_position_embeddings=max_pos,
+                     tie_word_embeddings=False, qk_norm="head", bos_token_id=0, eos_token_id=(0,))
+
+
+def init_params(cfg, seed: int):
+    """Host float32 `Params`: norms 1, linear weights N(0, 0.02), output projections (attention out, expert
+    down rows) scaled by 1/sqrt(2 L) (GPT-2 style)."""
+    from moepic_jax.weights import _leaf_paths, empty_params
+
+    params = empty_params(cfg, "float32")
+    rng = np.random.default_rng(seed)
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layers)
+    for path, a in _leaf_paths(params):
+        name = path[-1]
+        if name in ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm"):
+            a[...] = 1.0
+        elif name in ("bq", "bk", "bv", "bo"):
+            a[...] = 0.0
+        elif name == "experts":  # [E, F, 3, D]: gate, up, down rows
+            a[...] = rng.normal(0.0, std, a.shape)
+            a[:, :, 2] *= out_std / std
+        else:
+            a[...] = rng.normal(0.0, out_std if name in ("wo", "w_down") else std, a.shape)
+    return params
+
+
+def train_forward(params, cfg, tokens, compute_dtype):
+    """Training forward over [B, T] tokens with `model.py`'s blocks; every expert computed densely.
+
+    Returns (logits [B, T, V] float32, aux [n_moe] load-balancing losses, counts [n_moe, E] routed slots).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from moepic_jax import model as M
+
+    p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    B, T = tokens.shape
+    E, K = cfg.n_experts, cfg.top_k
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = jnp.ones((B, T), bool)
+    start = jnp.zeros((), jnp.int32)
+    kv = jnp.zeros((1, B, T, cfg.n_kv_heads, cfg.head_dim), compute_dtype)  # a one-layer cache of length T
+    h = M.embed(p, tokens)
+    aux, counts = [], []
+    for l, lp in enumerate(p.layers):
+        a, _, _ = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, kv, kv, 0, valid, start,
+                              cfg)
+        h = h + a
+        x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, -1)
+        if cfg.moe_layers[l]:
+            ids, w = M.route(x, lp.moe.w_router, cfg)
+            probs = jax.nn.softmax((x @ lp.moe.w_router).astype(jnp.float32), axis=-1)  # [N, E]
+            y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+            slots = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32), axis=1)  # [N, E], K ones per row
+            f = jnp.mean(slots, axis=0) / K
+            aux.append(E * jnp.sum(f * jnp.mean(probs, axis=0)))
+            counts.append(jnp.sum(slots, axis=0))
+        else:
+            y = M.mlp(x, lp.mlp)
+        h = h + y.reshape(B, T, -1)
+    return M.lm_head(p, h, cfg), jnp.stack(aux), jnp.stack(counts)
+
+
+def _ce(logits, targets):
+    import jax.numpy as jnp
+    import optax
+
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+
+def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip: float, params):
+    import jax
+    import optax
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1), end_value=0.1 * lr)
+    mask = jax.tree.map(lambda a: a.ndim >= 2, params)  # no decay on norms
+    opt = optax.chain(optax.clip_by_global_norm(clip),
+                      optax.adamw(sched, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=mask))
+    return opt, sched
+
+
+def _windows(tokens: np.ndarray, T: int, limit: int | None = None) -> np.ndarray:
+    """Non-overlapping [n, T+1] windows (targets included) of a token stream."""
+    n = (len(tokens) - 1) // T
+    if limit is not None:
+        n = min(n, max(1, limit // T))
+    return np.stack([tokens[i * T: i * T + T + 1] for i in range(n)]).astype(np.int32) if n else np.zeros(
+        (0, T + 1), np.int32)
+
+
+# ------------------------------------------------------------------------------------------ training
+def train(args) -> pathlib.Path:
+    """Phase 1: data, tokenizer, training; writes the run directory (see module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    t_start = time.time()
+    run = pathlib.Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    files = stdlib_files(args.stdlib)
+    limit = args.data_limit_bytes
+    train_docs = read_split(files, "train", limit)
+    val_docs = read_split(files, "val", None if limit is None else max(limit // 10, 1))
+    test_docs = read_split(files, "test", None if limit is None else max(limit // 10, 1))
+    counts = {s: sum(split_of(r) == s for r, _ in files) for s in ("train", "val", "test")}
+    print(f"[data] {len(files)} files under {args.stdlib or sysconfig.get_paths()['stdlib']}: {counts}; using "
+          f"train {len(train_docs)} ({sum(len(t) for _, t in train_docs) / 1e6:.2f} MB chars)", flush=True)
+    tok = train_tokenizer([t for _, t in train_docs], args.vocab)
+    tok.save(str(run / "tokenizer.json"))
+    V = tok.get_vocab_size()
+    train_ids = encode_docs(tok, [t for _, t in train_docs])
+    val_ids = encode_docs(tok, [t for _, t in val_docs])
+    test_ids = encode_docs(tok, [t for _, t in test_docs])
+    print(f"[tokens] vocab {V}; train {len(train_ids):,} val {len(val_ids):,} test {len(test_ids):,} tokens "
+          f"({time.time() - t_start:.1f} s)", flush=True)
+    sample, offset = heldout_sample(files, args.stdlib, args.sample_chars)
+    (run / "heldout_sample.txt").write_text(sample, encoding="utf-8")
+
+    cfg = make_config(V, tiny=args.tiny, max_pos=args.max_pos)
+    T, B = args.seq, args.batch
+    if T > cfg.max_position_embeddings:
+        raise ValueError(f"--seq {T} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    if len(train_ids) < T + 2:
+        raise ValueError(f"only {len(train_ids)} training tokens for --seq {T}; use more data or a shorter --seq")
+    compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.compute_dtype]
+    params = jax.device_put(init_params(cfg, args.seed))
+    opt, sched = make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay, args.clip, params)
+    opt_state = opt.init(params)
+    data = jnp.asarray(train_ids.astype(np.int32))
+    n_data = data.shape[0]
+    base_key = jax.random.PRNGKey(args.seed)
+
+    def loss_fn(p, batch):
+        logits, aux, _ = train_forward(p, cfg, batch[:, :-1], compute)
+        ce = _ce(logits, batch[:, 1:])
+        a = jnp.mean(aux)
+        return ce + args.aux_coef * a, (ce, a)
+
+    def step_fn(p, s, step):
+        key = jax.random.fold_in(base_key, step)
+        starts = jax.random.randint(key, (B,), 0, n_data - T - 1)
+        batch = jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(data, st, T + 1))(starts)
+        (loss, (ce, a)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+        gnorm = optax.global_norm(g)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, jnp.stack([loss, ce, a, gnorm])
+
+    step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def eval_fn(p, batch, dtype):
+        logits, _, counts_ = train_forward(p, cfg, batch[:, :-1], dtype)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+        return jnp.sum(nll), counts_
+
+    def evaluate(p, windows, dtype=compute, bs=None):
+        bs = bs or max(B, 16)
+        tot, n, cnt = 0.0, 0, None
+        for i in range(0, len(windows), bs):
+            w = windows[i:i + bs]
+            s, c = eval_fn(p, jnp.asarray(w), dtype)
+            tot += float(s)
+            n += w.shape[0] * (w.shape[1] - 1)
+            cnt = np.asarray(c) if cnt is None else cnt + np.asarray(c)
+        return tot / max(n, 1), cnt
+
+    val_w = _windows(val_ids, T, args.val_tokens)
+    log = {"config": cfg.to_hf_dict(), "args": vars(args), "command": " ".join(["python -m moepic_jax.train"]
+                                                                                 + sys.argv[1:]),
+           "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "n_devices": jax.device_count(),
+           "versions": _versions(), "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "data": {"stdlib": str(args.stdlib or sysconfig.get_paths()["stdlib"]), "python": platform.python_version(),
+                    "files": counts, "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
+                    "test_tokens": int(len(test_ids)), "sample_offset_chars": offset},
+           "train": [], "val": []}
+    print(f"[model] {sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)):,} params; batch {B} x {T}; "
+          f"{args.steps} steps; device {log['device']}", flush=True)
+    best = (float("inf"), -1, None)
+    t0 = time.time()
+    deadline = t0 + 60 * args.minutes if args.minutes else None
+    hist = []
+    step = 0
+    stopped_early = False
+    for step in range(args.steps):
+        params, opt_state, m = step_jit(params, opt_state, jnp.int32(step))
+        hist.append(m)
+        last = step == args.steps - 1
+        if (step + 1) % args.log_every == 0 or last:
+            ms = np.asarray(jnp.stack(hist))
+            hist = []
+            el = time.time() - t0
+            rec = {"step": step + 1, "loss": float(ms[:, 0].mean()), "ce": float(ms[:, 1].mean()),
+                   "aux": float(ms[:, 2].mean()), "grad_norm": float(ms[:, 3].mean()), "lr": float(sched(step)),
+                   "elapsed_s": round(el, 2)}
+            log["train"].append(rec)
+            print(f"[train] step {step + 1}/{args.steps} ce {rec['ce']:.4f} aux {rec['aux']:.4f} "
+                  f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {el:.0f} s", flush=True)
+            if deadline and time.time() > deadline and not last:
+                stopped_early = True
+        if ((step + 1) % args.eval_every == 0 or last or stopped_early) and len(val_w):
+            vl, _ = evaluate(params, val_w)
+            log["val"].append({"step": step + 1, "loss": vl, "ppl": math.exp(vl), "elapsed_s": round(time.time() - t0,
+                                                                                                     2)})
+            print(f"[val] step {step + 1} loss {vl:.4f} ppl {math.exp(vl):.2f}", flush=True)
+            if vl < best[0]:
+                best = (vl, step + 1, jax.tree.map(lambda a: a.copy(), params))
+        if stopped_early:
+            print(f"[train] --minutes {args.minutes} reached at step {step + 1}; stopping", flush=True)
+            break
+    train_s = time.time() - t0
+    final = best[2] if best[2] is not None else params
+    # What ships: bfloat16 weights. Evaluate those (float32 compute, full-precision matmuls).
+    import ml_dtypes
+
+    host = jax.tree.map(lambda a: np.asarray(a, np.float32).astype(ml_dtypes.bfloat16), final)
+    log.update(steps_run=step + 1, stopped_early=stopped_early, train_seconds=round(train_s, 1),
+               tokens_seen=(step + 1) * B * T, best_val_step=best[1], best_val_loss=best[0],
+               epochs=round((step + 1) * B * T / max(len(train_ids), 1), 2))
+    with jax.default_matmul_precision("highest"):
+        p32 = jax.device_put(jax.tree.map(lambda a: a.astype(np.float32), host))
+        test_w = _windows(test_ids, T)
+        tl, cnt = evaluate(p32, test_w, jnp.float32)
+    log["test"] = {"loss": tl, "ppl": math.exp(tl), "tokens": int(test_w.shape[0] * T), "seq": T,
+                   "weights": "bfloat16", "compute": "float32"}
+    log["popularity"] = popularity_stats(cnt)
+    print(f"[test] {log['test']['tokens']:,} tokens: loss {tl:.4f} ppl {math.exp(tl):.2f}; best val step {best[1]}",
+          flush=True)
+    for row in log["popularity"]:
+        print(f"[popularity] layer {row['layer']}: entropy/uniform {row['norm_entropy']:.3f} max share "
+              f"{row['max_share']:.3f} min share {row['min_share']:.4f}", flush=True)
+    save_shards(run, host)
+    log["total_seconds"] = round(time.time() - t_start, 1)
+    (run / "log.json").write_text(json.dumps(log, indent=1))
+    print(f"[done] run files in {run} ({log['total_seconds']} s)", flush=True)
+    return run
+
+
+def popularity_stats(counts: np.ndarray) -> list[dict]:
+    """Per MoE layer: routed-slot shares per expert and their entropy normalised by log(E) (1 = uniform)."""
+    out = []
+    for l, c in enumerate(np.asarray(counts, np.float64)):
+        p = c / max(c.sum(), 1)
+        nz = p[p > 0]
+        ent = float(-(nz * np.log(nz)).sum() / math.log(len(p)))
+        out.append({"layer": l, "norm_entropy": ent, "max_share": float(p.max()), "min_share": float(p.min()),
+                    "top3": [int(e) for e in np.argsort(-p, kind="stable")[:3]], "shares": [float(x) for x in p]})
+    return out
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "tokenizers", "transformers", "numpy"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------ shards / assemble
+def _flat(params) -> dict[str, np.ndarray]:
+    from moepic_jax.weights import _leaf_paths
+
+    return {"/".join(map(str, path)): a for path, a in _leaf_paths(params)}
+
+
+def save_shards(run: pathlib.Path, params) -> None:
+    """bf16 params as `params-XX.npz` shards of at most SHARD_BYTES (stored as uint16 bit patterns)."""
+    shards, cur, size = [], {}, 0
+    for name, a in _flat(params).items():
+        if cur and size + a.nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = np.ascontiguousarray(a).view(np.uint16)
+        size += a.nbytes
+    if cur:
+        shards.append(cur)
+    for i, s in enumerate(shards):
+        np.savez(run / f"params-{i:02d}.npz", **s)
+
+
+def load_shards(run: pathlib.Path, cfg):
+    """Inverse of `save_shards`: a host bf16 `Params` tree; every leaf must be present with its shape."""
+    import ml_dtypes
+
+    from moepic_jax.weights import _leaf_paths, empty_params
+
+    params = empty_params(cfg, "bfloat16")
+    want = {"/".join(map(str, p)): a for p, a in _leaf_paths(params)}
+    seen = set()
+    for f in sorted(run.glob("params-*.npz")):
+        with np.load(f) as z:
+            for name in z.files:
+                if name not in want:
+                    raise ValueError(f"{f}: unexpected tensor {name}")
+                a = z[name].view(ml_dtypes.bfloat16)
+                if a.shape != want[name].shape:
+                    raise ValueError(f"{f}: {name} has shape {a.shape}, expected {want[name].shape}")
+                want[name][...] = a
+                seen.add(name)
+    missing = set(want) - seen
+    if missing:
+        raise ValueError(f"{run}: missing tensors {sorted(missing)[:5]} (incomplete run directory)")
+    return params
+
+
+def sample_tokens(tokenizer, text: str, n_tokens: int = EVAL_TOKENS) -> np.ndarray:
+    """The first `n_tokens` tokens of `text` (no special tokens)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < n_tokens:
+        raise ValueError(f"the sample has only {len(ids)} tokens, fewer than {n_tokens}")
+    return np.asarray(ids[:n_tokens], np.int32)
+
+
+def sample_perplexity(model, text: str, n_tokens: int = EVAL_TOKENS, chunk: int = EVAL_CHUNK) -> float:
+    """Perplexity of `model` (resident `moepic_jax.forward`) on the first `n_tokens` tokens of `text`, in
+    independent chunks of `chunk` tokens (each chunk predicts its own tokens 1..chunk-1), full-precision
+    matmuls. The measure of eval.json and of tests/test_embedded.py."""
+    import jax
+
+    from moepic_jax.generate import forward
+
+    ids = sample_tokens(model.tokenizer, text, n_tokens).reshape(-1, chunk)
+    with jax.default_matmul_precision("highest"):
+        logits = forward(model, ids).astype(np.float64)  # [n, chunk, V]
+    logits = logits[:, :-1]
+    m = logits.max(-1, keepdims=True)
+    lse = (m[..., 0] + np.log(np.exp(logits - m).sum(-1)))
+    tgt = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return float(np.exp(np.mean(lse - tgt)))
+
+
+def assemble(run: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
+    """Phase 2: the run directory -> a checkpoint directory (orbax + config + tokenizer + TRAINING.md + eval.json
+    + heldout_sample.txt + loss_curve.png)."""
+    from tokenizers import Tokenizer
+
+    import moepic_jax
+    from moepic_jax import checkpoint
+    from moepic_jax.config import from_hf_config
+
+    run, out = pathlib.Path(run), pathlib.Path(out)
+    log = json.loads((run / "log.json").read_text())
+    cfg = from_hf_config(log["config"])
+    params = load_shards(run, cfg)
+    tok = wrap_tokenizer(Tokenizer.from_file(str(run / "tokenizer.json")))
+    if out.exists():
+        shutil.rmtree(out)
+    checkpoint.save(out, cfg, params, "bfloat16", tokenizer=tok)
+    shutil.copyfile(run / "heldout_sample.txt", out / "heldout_sample.txt")
+    model = moepic_jax.load(out, dtype="float32")
+    text = (out / "heldout_sample.txt").read_text(encoding="utf-8")
+    offset = log["data"]["sample_offset_chars"]
+    ppl = sample_perplexity(model, text[offset:])
+    ev = {"sample": "heldout_sample.txt", "sample_sha256": hashlib.sha256(text.encode()).hexdigest(),
+          "offset_chars": offset, "n_tokens": EVAL_TOKENS, "chunk": EVAL_CHUNK, "weights": "bfloat16",
+          "compute": "float32 (moepic_jax.load(dtype='float32'), forward, matmul precision highest)", "ppl": ppl,
+          "measured_on": f"{platform.machine()} CPU, jax {_versions().get('jax')}"}
+    (out / "eval.json").write_text(json.dumps(ev, indent=1))
+    _plot(log, out / "loss_curve.png")
+    _training_md(log, ev, out, run)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"[assemble] {out}: {size / 2**20:.1f} MiB; sample ppl {ppl:.3f}", flush=True)
+    return out
+
+
+def _plot(log: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    tr = log["train"]
+    ax.plot([r["step"] for r in tr], [r["ce"] for r in tr], label="train CE", lw=1)
+    if log["val"]:
+        ax.plot([r["step"] for r in log["val"]], [r["loss"] for r in log["val"]], "o-", ms=3, label="val CE")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("stdlib MoE: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _training_md(log: dict, ev: dict, out: pathlib.Path, run: pathlib.Path) -> None:
+    c, a, d = log["config"], log["args"], log["data"]
+    last = log["train"][-1]
+    pop = "\n".join(f"| {r['layer']} | {r['norm_entropy']:.3f} | {r['max_share']:.3f} | {r['min_share']:.4f} | "
+                    f"{', '.join(map(str, r['top3']))} |" for r in log["popularity"])
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    md = f"""# {out.name}: the embedded default model
+
+A Qwen3-MoE-layout model (`model_type: qwen3_moe`) trained from scratch by `moepic_jax/train.py` on the Python
+standard library's source. Data split, tokenizer, objective and the two phases are described in that module's
+docstring.
+
+## Model
+
+| | |
+|---|---|
+| layers | {c['num_hidden_layers']} (all MoE) |
+| d_model | {c['hidden_size']} |
+| heads / kv heads / head_dim | {c['num_attention_heads']} / {c['num_key_value_heads']} / {c['head_dim']} |
+| experts / top-k / d_ff per expert | {c['num_experts']} / {c['num_experts_per_tok']} / {c['moe_intermediate_size']} |
+| vocab (byte-level BPE) | {c['vocab_size']} |
+| context | {c['max_position_embeddings']} |
+| tied embeddings | {c['tie_word_embeddings']} |
+| on disk (this directory) | {size / 2**20:.1f} MiB (bfloat16 weights, orbax) |
+
+## How it was made
+
+Training (on `{log['device']}`, {log['date_utc'][:19]} UTC):
+
+```
+{log['command']}
+```
+
+then, on a CPU machine, the run directory it wrote was turned into this checkpoint:
+
+```
+python -m moepic_jax.train --from-run RUN_DIR --out checkpoints/{out.name}
+```
+
+Versions of the training run: {', '.join(f'{k} {v}' for k, v in log['versions'].items())}.
+Data: `{d['stdlib']}` (Python {d['python']}), files per split {d['files']} (test folders and site-packages
+excluded; split by sha256 of the relative path mod 20: 0 = test, 1 = val). Tokens: train {d['train_tokens']:,},
+val {d['val_tokens']:,}, test {d['test_tokens']:,}.
+
+Optimiser: AdamW (b1 0.9, b2 0.95, weight decay {a['weight_decay']} on matrices), peak lr {a['lr']},
+{a['warmup']} warm-up steps then cosine decay to 10 %, global-norm clipping {a['clip']}; load-balancing loss
+coefficient {a['aux_coef']}; batch {a['batch']} x {a['seq']} tokens; compute {a['compute_dtype']}, float32
+master weights; seed {a['seed']}. Steps run: {log['steps_run']} of {a['steps']} in {log['train_seconds']} s
+({log['tokens_seen']:,} tokens, {log['epochs']} epochs){' - stopped by --minutes' if log['stopped_early'] else ''}.
+The parameters kept are those of the best validation loss (step {log['best_val_step']}).
+Reproduce with the same command; GPU reductions are not bitwise deterministic, so numbers may differ slightly.
+
+## Results
+
+- final training cross-entropy: {last['ce']:.4f} (mean of the last {a['log_every']} steps), load-balancing
+  loss {last['aux']:.4f} (1.0 = uniform)
+- best validation loss: {log['best_val_loss']:.4f} (ppl {math.exp(log['best_val_loss']):.2f})
+- **held-out (test split) perplexity: {log['test']['ppl']:.3f}** over {log['test']['tokens']:,} tokens in
+  windows of {log['test']['seq']}, bfloat16 weights, float32 compute
+- **shipped sample perplexity: {ev['ppl']:.4f}** — `heldout_sample.txt` (Python license notice, then test-split
+  files), source text from character {ev['offset_chars']}, first {ev['n_tokens']} tokens in {ev['n_tokens'] //
+  ev['chunk']} independent chunks of {ev['chunk']}, float32, measured by `train.sample_perplexity` on
+  {ev['measured_on']}; the same number is in `eval.json`, and tests/test_embedded.py requires at most 1.05 x it.
+
+![loss curve](loss_curve.png)
+
+## Expert popularity (test split, routed top-{c['num_experts_per_tok']} slots)
+
+Normalised entropy = H(shares) / log(E): 1 is uniform, lower is more skewed.
+
+| layer | entropy / uniform | max share | min share | top-3 experts |
+|---|---|---|---|---|
+{pop}
+
+Uniform share would be {1 / c['num_experts']:.4f}.
+"""
+    (out / "TRAINING.md").write_text(md)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m moepic_jax.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="checkpoint directory to write (e.g. checkpoints/stdlib_moe)")
+    ap.add_argument("--run-dir", help="where the training run writes its files (default OUT/../OUT.run)")
+    ap.add_argument("--from-run", help="skip training: assemble OUT from this run directory")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--minutes", type=float, default=0.0, help="stop training after this many minutes (0 = off)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--max-pos", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--val-tokens", type=int, default=200_000, help="val tokens evaluated (in windows of --seq)")
+    ap.add_argument("--sample-chars", type=int, default=SAMPLE_CHARS)
+    ap.add_argument("--stdlib", help="Python Lib directory to read (default: this interpreter's)")
+    ap.add_argument("--data-limit-bytes", type=int, help="use only this many characters of training text (smoke)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
+    args = ap.parse_args(argv)
+    if not args.out and not args.run_dir:
+        ap.error("give --out (train + assemble), --run-dir (train only) or --from-run with --out")
+    if args.from_run and not args.out:
+        ap.error("--from-run needs --out")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.from_run:
+        assemble(args.from_run, args.out)
+        return
+    if not args.run_dir:
+        o = pathlib.Path(args.out)
+        args.run_dir = str(o.parent / (o.name + ".run"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    run = train(args)
+    if args.out:
+        assemble(run, args.out)
+
+
+if __name__ == "__main__":
+    main()
