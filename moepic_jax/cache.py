@@ -61,19 +61,21 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
     Args:
       experts: [U] int32 distinct experts used this step (-1 = padding); buffers: [U, >=s, 3, D] their
         assembled weights on the device (the first s rows are what a slot keeps).
-    A hit refreshes its slot's last use; a miss takes the least recently used slot (ties: lowest slot)
-    and evicts its owner. Written without `lax.cond` so the donated `tops` is updated in place: on a hit
+    A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first,
+    lowest slot among them) and evicts its owner. Uses within a step are ordered by their position in
+    `experts` (time stamp step * U + u), so the rule is exact LRU over the sequence of uses. Written without `lax.cond` so the donated `tops` is updated in place: on a hit
     the write stores the bytes the slot already holds.
     """
     n, s = cache.tops.shape[0], cache.tops.shape[1]
     if n == 0 or s == 0:
         return cache
-    for u in range(experts.shape[0]):
+    U = experts.shape[0]
+    for u in range(U):
         e = experts[u]
+        stamp = step * U + u + 1
         valid = e >= 0
         slot = cache.slot_of[jnp.maximum(e, 0)]
         hit = valid & (slot >= 0)
-        # Slots used at this step are protected by their fresh last_use (= step).
         victim = jnp.argmin(cache.last_use).astype(jnp.int32)
         target = jnp.where(hit, slot, victim)
         admit = valid & ~hit
@@ -84,7 +86,7 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
         slot_of = jnp.where(admit & (old >= 0), slot_of.at[jnp.maximum(old, 0)].set(-1), slot_of)
         slot_of = jnp.where(admit, slot_of.at[jnp.maximum(e, 0)].set(target), slot_of)
         owner = jnp.where(admit, cache.owner.at[target].set(e), cache.owner)
-        last_use = jnp.where(valid, cache.last_use.at[target].set(step), cache.last_use)
+        last_use = jnp.where(valid, cache.last_use.at[target].set(stamp), cache.last_use)
         cache = LayerCache(tops=tops, slot_of=slot_of, owner=owner, last_use=last_use)
     return cache
 

@@ -131,3 +131,36 @@ def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
         return a.astype(target)
 
     return cfg, _from_tree(cast(tree, abstract), like)
+
+
+def export_hf(model, out_dir, dtype: str = "float32") -> pathlib.Path:
+    """Write `model` (a `moepic_jax.Model`) as a Hugging Face directory that transformers loads as is.
+
+    Files: `config.json` (`cfg.to_hf_dict()`), `model.safetensors` (per-expert tensor names of
+    `weights.to_hf_state_dict`, in `dtype`: "float32" or "bfloat16") and the tokenizer files when the model has
+    a tokenizer. `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` then loads it with no missing or
+    unexpected keys, and `moepic_jax.load(out_dir)` reads it back.
+
+    Raises:
+      ValueError: an unsupported export dtype.
+    """
+    from safetensors.numpy import save_file
+
+    from moepic_jax.weights import np_dtype, to_hf_state_dict
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"export dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    target = np_dtype(dtype)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import jax
+
+    host = jax.tree.map(lambda a: np.asarray(a), model.params)  # experts may be pinned jax arrays by an engine
+    state = {k: np.ascontiguousarray(np.asarray(v).astype(target)) for k, v in to_hf_state_dict(host, model.cfg).items()}
+    cfg = model.cfg.to_hf_dict()
+    cfg["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,111 @@
+"""Replacement rules replayed on scripted expert traces, against a plain-Python reference (no model)."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moepic_jax import cache as C
+
+E, D = 8, 4
+
+
+def _cache(n, split, cached=()):
+    tops = jnp.zeros((n, split, 3, D), jnp.float32)
+    tops = tops.at[: len(cached)].set(jnp.asarray([np.full((split, 3, D), e, np.float32) for e in cached]).reshape(
+        len(cached), split, 3, D)) if cached else tops
+    return C.init_layer_cache(tops, list(cached), E)
+
+
+def _buffers(experts, F):
+    """An expert's assembled buffer is filled with its id, so slot contents can be checked."""
+    return jnp.stack([jnp.full((F, 3, D), max(e, -1), jnp.float32) for e in experts])
+
+
+def _ref_lru(trace, n):
+    """Reference LRU over steps of distinct experts: (full hits, misses) and the final resident set.
+
+    As in the engine, a step's experts are looked up against the cache as it was when the step began (their
+    buffers are assembled before any admission), then admitted in order."""
+    od = collections.OrderedDict()
+    hits = misses = 0
+    for step in trace:
+        resident = set(od)
+        hits += sum(e in resident for e in step)
+        misses += sum(e not in resident for e in step)
+        for e in step:
+            if e in od:
+                od.move_to_end(e)
+            else:
+                if len(od) >= n:
+                    od.popitem(last=False)
+                od[e] = True
+    return hits, misses, set(od)
+
+
+@pytest.mark.parametrize("n_slots", [1, 2, 3, 5])
+def test_lru_matches_reference_on_a_trace(n_slots):
+    rng = np.random.RandomState(n_slots)
+    # skewed trace of 40 steps with 2 distinct experts per step (top-2), some padding (-1)
+    trace = []
+    for _ in range(40):
+        a, b = rng.choice(E, 2, replace=False, p=np.array([8, 6, 5, 3, 2, 1, 1, 1]) / 27)
+        trace.append([int(a), int(b)])
+    F = 6
+    cache = _cache(n_slots, F)
+    update = jax.jit(lambda c, ex, bufs, step: C.update("lru", c, ex, bufs, step))
+    hits = misses = 0
+    for t, step in enumerate(trace, start=1):
+        ex = jnp.asarray(step, jnp.int32)
+        full, top, miss = C.classify(cache, ex, F, F)
+        assert not bool(top.any())  # whole experts: never top-only
+        hits += int(full.sum())
+        misses += int(miss.sum())
+        cache = update(cache, ex, _buffers(step, F), jnp.int32(t))
+    rh, rm, resident = _ref_lru(trace, n_slots)
+    assert (hits, misses) == (rh, rm)
+    owner = set(int(o) for o in np.asarray(cache.owner) if o >= 0)
+    assert owner == resident
+    # slot map and slot contents agree with the owners
+    for slot, e in enumerate(np.asarray(cache.owner)):
+        if e >= 0:
+            assert int(cache.slot_of[e]) == slot
+            assert np.all(np.asarray(cache.tops[slot]) == e)
+    assert int((np.asarray(cache.slot_of) >= 0).sum()) == len(resident)
+
+
+def test_lru_ignores_padding_and_protects_same_step():
+    cache = _cache(2, 4)
+    cache = C.update("lru", cache, jnp.asarray([3, -1], jnp.int32), _buffers([3, -1], 4), jnp.int32(1))
+    assert sorted(np.asarray(cache.owner).tolist()) == [-1, 3]
+    cache = C.update("lru", cache, jnp.asarray([5, 6], jnp.int32), _buffers([5, 6], 4), jnp.int32(2))
+    # 3 was least recently used: both new experts now resident, 3 evicted
+    assert sorted(np.asarray(cache.owner).tolist()) == [5, 6]
+    assert int(cache.slot_of[3]) == -1
+
+
+@pytest.mark.parametrize("split, F", [(2, 6), (6, 6)])
+def test_static_rule_counts(split, F):
+    """The static rule never changes the hot set; counts split into full / top-only / miss exactly."""
+    cache = _cache(3, split, cached=(0, 2, 5))
+    trace = [[0, 1], [2, 5], [7, 0], [5, 3], [-1, 2]]
+    want_cached = sum(e in (0, 2, 5) for s in trace for e in s)
+    want_miss = sum(e not in (0, 2, 5) and e >= 0 for s in trace for e in s)
+    got = np.zeros(3, int)
+    for t, step in enumerate(trace, start=1):
+        ex = jnp.asarray(step, jnp.int32)
+        full, top, miss = C.classify(cache, ex, split, F)
+        got += [int(full.sum()), int(top.sum()), int(miss.sum())]
+        cache = C.update("static", cache, ex, _buffers(step, F), jnp.int32(t))
+    if split == F:
+        assert got.tolist() == [want_cached, 0, want_miss]
+    else:
+        assert got.tolist() == [0, want_cached, want_miss]
+    assert np.asarray(cache.owner).tolist() == [0, 2, 5]
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError, match="unknown replacement rule"):
+        C.update("fifo", _cache(1, 2), jnp.asarray([0]), _buffers([0], 2), jnp.int32(1))
