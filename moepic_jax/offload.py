@@ -179,14 +179,22 @@ class OffloadEngine:
         """Fill each layer's top slots from the host stack (one copy per cached expert, once)."""
         cfg = self.cfg
         out = []
-        copy = jax.jit(fetch_rows, static_argnums=(2, 3))
+
+        def put(tops, stack, e, slot, s):  # copy one top into its slot of the donated cache, in place
+            return jax.lax.dynamic_update_index_in_dim(tops, fetch_rows(stack, e, 0, s), slot, axis=0)
+
+        put = jax.jit(put, static_argnums=(4,), donate_argnums=(0,))
+        dev = jax.sharding.SingleDeviceSharding(self.device)
         for l, lp in enumerate(self.cache_plan.layers):
             if not cfg.moe_layers[l]:
                 out.append(None)
                 continue
             n, s = len(lp.cached), lp.split
             if n and s:
-                tops = jnp.stack([copy(self.stacks[l], jnp.int32(e), 0, s) for e in lp.cached])
+                # Preallocated and filled slot by slot: the device never holds the caches twice.
+                tops = jax.device_put(jnp.zeros((n, s, 3, cfg.d_model), self.dtype), dev)
+                for slot, e in enumerate(lp.cached):
+                    tops = put(tops, self.stacks[l], jnp.int32(e), jnp.int32(slot), s)
             else:
                 tops = jnp.zeros((0, max(s, 0), 3, cfg.d_model), self.dtype)
             out.append(C.init_layer_cache(tops, list(lp.cached), cfg.n_experts))
