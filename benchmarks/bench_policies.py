@@ -44,6 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--zipf", type=float, default=None, help="alpha of the Zipf router bias (default: own routing)")
     ap.add_argument("--tiny", action="store_true", help="tiny config of the same family (CPU smoke test)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="sampling temperature of the decode (0 = greedy; a random model's greedy output tends to "
+                         "repeat one token, which gives LRU free hits)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
@@ -66,7 +69,6 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-    import jax
     import numpy as np
 
     import common as C
@@ -113,7 +115,13 @@ def main(argv=None) -> int:
     base = OffloadEngine(model, policy="ondemand", **ekw)
     fixed = base.fixed_bytes
     mp = profile_model(base)
-    hw = measure_hardware(base) if args.hw == "measured" else default_hardware(cfg.n_layers)
+    hw_error = None
+    try:
+        hw = measure_hardware(base) if args.hw == "measured" else default_hardware(cfg.n_layers)
+    except Exception as e:  # noqa: BLE001 - the planner can still run on the default profile
+        hw_error = f"{type(e).__name__}: {e}"
+        print(f"measure_hardware failed ({hw_error}); the planner uses profile.default_hardware", flush=True)
+        hw = default_hardware(cfg.n_layers)
     routing = C.routing_entropy(mp.freq, cfg.top_k, cfg.moe_layers)
     recall_prof = float(np.nanmean(mp.recall)) if np.isfinite(mp.recall).any() else float("nan")
     ref = weakref.ref(base)
@@ -140,10 +148,12 @@ def main(argv=None) -> int:
         "tiny": args.tiny, "config": cfg.to_hf_dict(), "random_model": info, "env": env, "h2d": h2d,
         "fixed_bytes": fixed, "expert_bytes": expert_bytes, "routing_profile": routing,
         "profiled_recall_mean": recall_prof,
-        "hardware_profile": {"source": args.hw, "h2d_latency_s": hw.h2d_latency_s,
+        "hardware_profile": {"source": args.hw if hw_error is None else "default (measure failed)",
+                             "error": hw_error, "h2d_latency_s": hw.h2d_latency_s,
                              "h2d_bandwidth_Bps": hw.h2d_bandwidth_Bps,
                              "layer_compute_s_mean": float(np.mean(hw.layer_compute_s))},
-        "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "warmup_tokens": warm_tokens,
+        "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "warmup_tokens": warm_tokens,
                      "batch": 1, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
                      "budgets_frac_of_experts": fracs, "policies": list(policies)},
         "notes": [
@@ -153,11 +163,13 @@ def main(argv=None) -> int:
             f"budget = fixed part ({fixed / 2**30:.2f} GiB) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
             f"floor = H2D bytes per token / peak H2D bandwidth of this run ({peak_bw / 1e9:.1f} GB/s, "
             f"{h2d['peak_source']}); efficiency = floor / TPOT",
-            "TTFT/TPOT exclude compilation (compile_s is apart); batch 1; warm-up on another prompt first",
+            "TTFT/TPOT exclude compilation (compile_s is apart); batch 1; warm-up on another prompt first; "
+            f"decode sampling temperature {args.temperature:g} (a random model's greedy output repeats itself)",
             "peak = process-wide peak_bytes_in_use so far (cannot be reset; rows run in ascending budget order, "
             "resident last)",
         ],
         "setup_s": round(setup_s, 2), "free_check_after_setup": freed,
+        "device_memory_after_setup": device_memory_stats(),
     }
     columns = [("policy", "policy", ""), ("budget_frac", "experts in budget", ".0%"),
                ("budget_gib", "budget GiB", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
@@ -165,23 +177,15 @@ def main(argv=None) -> int:
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
                ("predictor_recall", "recall", ".1%"), ("planner_tpot_ms", "planner ms", ".2f"),
-               ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
+               ("distinct_new_tokens", "distinct tok", ""), ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
     title = (f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}, random weights, "
              f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing'}: policies x VRAM budgets")
 
     def save():
         return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, title=title)
 
-    longest = 0.0
-    for policy, frac in runs:
-        elapsed = time.perf_counter() - t_start
-        if rows and elapsed + 1.2 * longest > args.time_limit:
-            print(f"skip {policy} @ {frac}: {elapsed:.0f} s elapsed, a run takes up to {longest:.0f} s "
-                  f"(--time-limit {args.time_limit:.0f})", flush=True)
-            rows.append({"policy": policy, "budget_frac": frac, "skipped": "time limit"})
-            continue
-        t_run = time.perf_counter()
-        budget = None if frac is None else int(fixed + frac * expert_bytes)
+    def measure(policy, frac, budget, refs) -> dict:
+        """Build one engine, warm up, run the timed generate, and return the row (the engine dies on return)."""
         row = {"policy": policy, "budget_frac": frac, "budget_gib": None if budget is None else budget / 2**30}
         eng = None
         try:
@@ -191,8 +195,10 @@ def main(argv=None) -> int:
             else:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw, **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
-            warm = generate([warm_prompt], model=model, max_new_tokens=warm_tokens, engine=eng)
-            res = generate([prompt], model=model, max_new_tokens=args.new_tokens, engine=eng)
+            refs.append(weakref.ref(eng))
+            gkw = dict(model=model, engine=eng, temperature=args.temperature, seed=args.seed)
+            warm = generate([warm_prompt], max_new_tokens=warm_tokens, **gkw)
+            res = generate([prompt], max_new_tokens=args.new_tokens, **gkw)
             s = res.stats
             mem = device_memory_stats() or {}
             floor = s.h2d_bytes_per_token / peak_bw if policy != "resident" else 0.0
@@ -203,7 +209,7 @@ def main(argv=None) -> int:
                 floor_ms=floor * 1e3 if policy != "resident" else None,
                 efficiency=(floor / s.tpot_s) if policy != "resident" and s.tpot_s > 0 else None,
                 full_hit_rate=s.full_hit_rate, top_only_hit_rate=s.top_only_hit_rate, miss_rate=s.miss_rate,
-                predictor_recall=s.predictor_recall,
+                predictor_recall=s.predictor_recall if policy not in ("ondemand", "resident") else None,
                 compile_count=warm.stats.compile_count + s.compile_count,
                 compile_s=warm.stats.compile_s + s.compile_s,
                 peak_device_bytes=s.peak_device_bytes,
@@ -213,6 +219,7 @@ def main(argv=None) -> int:
                 bytes_in_use_gib=mem.get("bytes_in_use", 0) / 2**30 if mem else None,
                 live_device_gib=C.live_device_bytes() / 2**30,
                 new_tokens=s.new_tokens, prompt_tokens=s.prompt_tokens,
+                distinct_new_tokens=len(set(res.token_ids[0])),
                 per_layer=[dict(layer=p.layer, full=p.full_hit_rate, top=p.top_only_hit_rate, miss=p.miss_rate,
                                 h2d_mb=p.h2d_bytes_per_token / 1e6, recall=p.predictor_recall) for p in s.per_layer],
             )
@@ -232,9 +239,21 @@ def main(argv=None) -> int:
 
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
-        ref = None if eng is None else weakref.ref(eng)
-        eng = None
-        row.update(C.release_engine(model, ref))
+        return row
+
+    longest = 0.0
+    for policy, frac in runs:
+        elapsed = time.perf_counter() - t_start
+        if rows and elapsed + 1.2 * longest > args.time_limit:
+            print(f"skip {policy} @ {frac}: {elapsed:.0f} s elapsed, a run takes up to {longest:.0f} s "
+                  f"(--time-limit {args.time_limit:.0f})", flush=True)
+            rows.append({"policy": policy, "budget_frac": frac, "skipped": "time limit"})
+            continue
+        t_run = time.perf_counter()
+        budget = None if frac is None else int(fixed + frac * expert_bytes)
+        refs: list = []
+        row = measure(policy, frac, budget, refs)  # the engine lives only inside measure()
+        row.update(C.release_engine(model, refs[0] if refs else None))
         row["run_s"] = time.perf_counter() - t_run
         longest = max(longest, row["run_s"])
         rows.append(row)

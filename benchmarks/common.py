@@ -19,13 +19,14 @@ Routing realism (`zipf_bias=alpha`): "Zipf router bias (dedicated residual coord
 Random routers route almost uniformly. Real models don't. The router is `logits = rmsnorm(h) @ W_r` and has no
 bias parameter, and model.py must not change, so the bias is built from weights alone:
 
-  * coordinate 0 of the residual stream is made a constant A = 1: `embed[:, 0] = A`, and every weight that
+  * coordinate 0 of the residual stream is made a constant A = std (as large as any embedding entry, so token
+    embeddings stay as distinct as before): `embed[:, 0] = A`, and every weight that
     WRITES the residual stream has its column 0 zeroed (attention `wo[:, 0]` and `bo[0]`, the experts' down rows
     `experts[:, :, 2, 0]`, the shared expert's and dense MLPs' `w_down[:, 0]`). So h[0] == A exactly, at every
     layer, for every token, in every engine (the split top/bottom sums add exact zeros there too);
   * the MoE input is then x[0] = g0_l * A / rms(h_mid) (RMSNorm), with g0_l = `mlp_norm[0]` of layer l. Layer by
     layer, as the model is built, calibration tokens are run through the layer and g0_l is set to
-    mean_tokens(rms(h_mid)) / A, so x[0] ~= 1;
+    mean_tokens(rms(h_mid)) / A, so x[0] ~= 1 (like any other coordinate of x);
   * row 0 of the router is the bias: `w_router[0, e] = b_{l,e} = -alpha * ln(rank_{l,e})` (centred), with a fixed
     random rank permutation per layer. softmax(content + b) multiplies expert e's odds by rank^-alpha: a Zipf law.
 
@@ -269,13 +270,16 @@ def routing_entropy(freq: np.ndarray, top_k: int, moe_layers: Sequence[bool] | N
 
 
 def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: float = 0.02,
-                 zipf_bias: float | None = None, calib_tokens: int = 128, progress: bool = True) -> Model:
+                 zipf_bias: float | None = None, calib_tokens: int = 128, measure_routing: bool = False,
+                 progress: bool = True) -> Model:
     """A `Model` with random weights drawn on the device: resident weights as host NumPy, experts as pinned_host
-    jax Arrays (one `[E, F, 3, D]` stack per MoE layer, built one layer at a time). See the module docstring.
+    jax Arrays (one `[E, F, 3, D]` stack per MoE layer, drawn on the device and pinned one layer at a time).
+    See the module docstring.
 
     Args:
-      zipf_bias: alpha of the Zipf router bias (None = the random router's own routing).
-      calib_tokens: tokens used to calibrate the bias (only with zipf_bias).
+      zipf_bias: alpha of the Zipf router bias (None or 0 = the random router's own routing).
+      calib_tokens: tokens run through each layer as it is built, to calibrate the bias (with zipf_bias) and to
+        measure the routing (`random_info["calib_routing"]`; with zipf_bias or measure_routing).
     Returns:
       `Model` with `model.random_info` (dict: construction settings, seconds, bias calibration spread, routing
       entropy of the calibration tokens).
@@ -283,86 +287,75 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
     t0 = time.perf_counter()
     dev = jax.devices()[0]
     host_sh = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    dev_sh = jax.sharding.SingleDeviceSharding(dev)
     jdt = jnp.dtype(np_dtype(dtype))
     base = jax.random.PRNGKey(seed)
     counter = itertools.count()
-    A = 1.0
+    A = float(np.asarray(std, np_dtype(dtype)))  # the constant residual coordinate 0 (zipf only): as large as an embedding entry, so that token
+    # embeddings stay as distinct as without it (a larger A would dominate rms(h) and make all tokens alike)
     zipf = zipf_bias is not None and zipf_bias != 0
+    calibrate = zipf or measure_routing
     rng = np.random.default_rng(seed + 12345)
-
-    def draw(shape, scale=std):
-        return _normal_jit(_split_key(base, next(counter)), tuple(shape), jdt, jnp.float32(scale))
-
-    def leaf(kind, shape, l):  # device arrays; pulled to host / pinned in layer_hook
-        if kind == "norm":
-            return jnp.ones(shape, jdt)
-        return draw(shape)
-
-    calib = {"rms_cv": [], "bias_factor_cv": [], "routed_counts": []}
-    h_state = {}
+    calib = {"bias_factor_cv": [], "routed_counts": []}
+    state: dict[str, Any] = {}
     pin_s = [0.0]
 
-    def to_host(x):
-        if x is None:
-            return None
-        out = np.asarray(jax.device_get(x))
-        x.delete()
-        return out
+    def to_host(x):  # a host copy; the device array is freed when its last reference goes
+        return None if x is None else np.array(jax.device_get(x))
+
+    def leaf(kind, shape, l):
+        key = _split_key(base, next(counter))
+        if kind == "norm":
+            return to_host(jnp.ones(shape, jdt))
+        if kind == "experts":  # drawn on the device, pinned at once: one layer on the device at a time
+            ts = time.perf_counter()
+            pinned = jax.device_put(_draw_experts_jit(key, tuple(shape), jdt, jnp.float32(std), zipf), host_sh)
+            pinned.block_until_ready()
+            pin_s[0] += time.perf_counter() - ts
+            return pinned
+        x = _normal_jit(key, tuple(shape), jdt, jnp.float32(std))
+        if kind == "embed" and calibrate:
+            if zipf:
+                x = x.at[:, 0].set(A)
+            ids = jnp.asarray(np.random.default_rng(seed + 7).integers(0, cfg.vocab_size, calib_tokens), jnp.int32)
+            state["h"] = x[ids][None]  # calibration tokens [1, N, D]
+        return to_host(x)
 
     def layer_hook(l, lp: M.LayerParams):
-        if zipf:
-            lp = _zero_writes_to_coord0(lp)
-            h = h_state["h"]
-            h_mid, rms = _calib_attention_jit(lp, h, cfg)
+        if calibrate:
+            if zipf:
+                lp = _zero_writes_to_coord0(lp)
+            dlp = jax.device_put(lp.replace(moe=None if lp.moe is None else lp.moe.replace(experts=None)), dev_sh)
+            h_mid, rms = _calib_attention_jit(dlp, state["h"], cfg)
             rms = np.asarray(rms, np.float64)
             mean_rms = float(rms.mean())
-            calib["rms_cv"].append(float(rms.std() / mean_rms))
-            fac = mean_rms / rms
+            fac = mean_rms / rms  # realised bias / intended bias, per token
             calib["bias_factor_cv"].append(float(fac.std() / fac.mean()))
-            if lp.moe is not None:
+            counts = np.zeros(cfg.n_experts, np.int64)
+            if lp.moe is not None and zipf:
                 b = zipf_bias_vector(cfg.n_experts, float(zipf_bias), rng)
-                lp = lp.replace(mlp_norm=lp.mlp_norm.at[0].set(mean_rms / A),
-                                moe=lp.moe.replace(w_router=lp.moe.w_router.at[0].set(jnp.asarray(b, jdt))))
-            h_new, ids = _calib_ffn_jit(lp, h_mid, cfg)
+                mlp_norm = lp.mlp_norm.copy()
+                mlp_norm[0] = mean_rms / A
+                w_router = lp.moe.w_router.copy()
+                w_router[0] = b.astype(w_router.dtype)
+                lp = lp.replace(mlp_norm=mlp_norm, moe=lp.moe.replace(w_router=w_router))
+                dlp = dlp.replace(mlp_norm=jax.device_put(mlp_norm, dev_sh),
+                                  moe=dlp.moe.replace(w_router=jax.device_put(w_router, dev_sh)))
             if lp.moe is not None:
-                calib["routed_counts"].append(np.bincount(np.asarray(ids).ravel(), minlength=cfg.n_experts))
-            else:
-                calib["routed_counts"].append(np.zeros(cfg.n_experts, np.int64))
-            h.delete()
-            h_state["h"] = h_new
-        experts = None
-        if lp.moe is not None:
-            ts = time.perf_counter()
-            ex_dev = lp.moe.experts
-            experts = jax.device_put(ex_dev, host_sh)
-            experts.block_until_ready()
-            ex_dev.delete()
-            pin_s[0] += time.perf_counter() - ts
-        tree = lp.replace(moe=None if lp.moe is None else lp.moe.replace(experts=None))
-        tree = jax.tree_util.tree_map(to_host, tree)
-        if experts is not None:
-            tree = tree.replace(moe=tree.moe.replace(experts=experts))
+                dlp = dlp.replace(moe=dlp.moe.replace(experts=jax.device_put(lp.moe.experts, dev_sh)))
+            h_new, ids = _calib_ffn_jit(dlp, h_mid, cfg)
+            if lp.moe is not None:
+                counts = np.bincount(np.asarray(ids).ravel(), minlength=cfg.n_experts)
+            calib["routed_counts"].append(counts)
+            state["h"] = h_new
+            del dlp, h_mid, h_new
         if progress:
             print(f"  layer {l + 1}/{cfg.n_layers} built ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
                   flush=True)
-        return tree
+        return lp
 
-    def leaf_top(kind, shape, l):
-        x = leaf(kind, shape, l)
-        if kind == "embed":
-            if zipf:
-                x = x.at[:, 0].set(A)
-                ids = jnp.asarray(np.random.default_rng(seed + 7).integers(0, cfg.vocab_size, calib_tokens), jnp.int32)
-                h_state["h"] = x[ids][None]
-            return to_host(x)
-        if l < 0:
-            return to_host(x)
-        return x
-
-    params = _param_tree(cfg, leaf_top, layer_hook)
-    if "h" in h_state:
-        h_state["h"].delete()
-    jax.effects_barrier()
+    params = _param_tree(cfg, leaf, layer_hook)
+    state.clear()
     model = Model(cfg=cfg, params=params, tokenizer=None, dtype=dtype)
     if cfg.total_expert_bytes(jdt.itemsize) < 2**28:
         check_tree_like_empty_params(cfg, params, dtype)
@@ -374,31 +367,45 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
         "build_s": round(time.perf_counter() - t0, 2), "pin_s": round(pin_s[0], 2),
         "expert_bytes": cfg.total_expert_bytes(jdt.itemsize), "resident_bytes": model.weight_bytes(),
     }
+    if calibrate:
+        freq = np.stack(calib["routed_counts"]).astype(np.float64) / calib_tokens
+        info.update(calib_tokens=calib_tokens, calib_routing=routing_entropy(freq, cfg.top_k, cfg.moe_layers))
     if zipf:
-        counts = np.stack(calib["routed_counts"]).astype(np.float64)
-        freq = counts / calib_tokens
-        info.update(calib_tokens=calib_tokens,
-                    bias_factor_cv_mean=float(np.mean(calib["bias_factor_cv"])),
+        info.update(bias_factor_cv_mean=float(np.mean(calib["bias_factor_cv"])),
                     bias_factor_cv_max=float(np.max(calib["bias_factor_cv"])),
-                    calib_routing=routing_entropy(freq, cfg.top_k, cfg.moe_layers))
+                    bias_factor_cv_per_layer=[round(x, 4) for x in calib["bias_factor_cv"]])
     model.__dict__["random_info"] = info
     gc.collect()
     return model
 
 
+def _draw_experts(key, shape, dtype, scale, zero_coord0: bool):
+    x = _normal(key, shape, dtype, scale)
+    if zero_coord0:  # the down rows must not write residual coordinate 0 (Zipf bias construction)
+        x = x.at[:, :, 2, 0].set(0)
+    return x
+
+
+_draw_experts_jit = jax.jit(_draw_experts, static_argnums=(1, 2, 4))
+
+
 def _zero_writes_to_coord0(lp: M.LayerParams) -> M.LayerParams:
-    """Zero column 0 of every weight that writes the residual stream (so h[0] stays constant)."""
-    attn = lp.attn.replace(wo=lp.attn.wo.at[:, 0].set(0))
+    """Zero column 0 of every resident weight that writes the residual stream (host NumPy leaves; the experts'
+    down rows are zeroed when they are drawn), so h[0] stays constant."""
+
+    def zero_col0(a):
+        a = a.copy()
+        a[..., 0] = 0
+        return a
+
+    attn = lp.attn.replace(wo=zero_col0(lp.attn.wo))
     if attn.bo is not None:
-        attn = attn.replace(bo=attn.bo.at[0].set(0))
+        attn = attn.replace(bo=zero_col0(attn.bo))
     lp = lp.replace(attn=attn)
     if lp.mlp is not None:
-        lp = lp.replace(mlp=lp.mlp.replace(w_down=lp.mlp.w_down.at[:, 0].set(0)))
-    if lp.moe is not None:
-        moe = lp.moe.replace(experts=lp.moe.experts.at[:, :, 2, 0].set(0))
-        if moe.shared is not None:
-            moe = moe.replace(shared=moe.shared.replace(w_down=moe.shared.w_down.at[:, 0].set(0)))
-        lp = lp.replace(moe=moe)
+        lp = lp.replace(mlp=lp.mlp.replace(w_down=zero_col0(lp.mlp.w_down)))
+    if lp.moe is not None and lp.moe.shared is not None:
+        lp = lp.replace(moe=lp.moe.replace(shared=lp.moe.shared.replace(w_down=zero_col0(lp.moe.shared.w_down))))
     return lp
 
 
@@ -508,9 +515,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def env_info() -> dict:
-    """GPU, package versions, python, date (UTC), host, command line and the XLA settings of this run."""
-    devs = jax.devices()
+def env_info(device: str | None = None) -> dict:
+    """GPU, package versions, python, date (UTC), host, command line and the XLA settings of this run.
+
+    device: the accelerator's name when known (e.g. from torch); None asks jax (this starts JAX's backend)."""
+    devs = jax.devices() if device is None else None
     versions = {}
     for d in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "numpy", "ml_dtypes",
               "transformers", "torch", "accelerate", "moepic_jax"):
@@ -518,7 +527,8 @@ def env_info() -> dict:
         if v is not None:
             versions[d] = v
     return {
-        "device": devs[0].device_kind, "platform": devs[0].platform, "device_count": len(devs),
+        "device": device if devs is None else devs[0].device_kind,
+        "platform": None if devs is None else devs[0].platform, "device_count": None if devs is None else len(devs),
         "versions": versions, "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(), "cpu_count": os.cpu_count(),

@@ -80,8 +80,33 @@ def save(path, cfg: MoEConfig, params: M.Params, dtype: str, tokenizer=None) -> 
         tokenizer.save_pretrained(str(path)) if hasattr(tokenizer, "save_pretrained") else tokenizer.save(
             str(path / "tokenizer.json"))
     leaves = sum(1 for _ in _iter_leaves(tree))
-    manifest = {"format_version": FORMAT_VERSION, "dtype": dtype, "config_identity": cfg.identity(), "leaves": leaves}
+    manifest = {"format_version": FORMAT_VERSION, "dtype": dtype, "config_identity": cfg.identity(), "leaves": leaves,
+                "files": _hashes(path / "params")}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _hashes(root: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path: detects truncated or altered checkpoint files,
+    which orbax itself may load silently."""
+    import hashlib
+
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def _verify_files(path: pathlib.Path, manifest: dict) -> None:
+    want = manifest.get("files")
+    if not want:
+        return  # written before hashes were recorded
+    have = _hashes(path / "params")
+    missing = sorted(set(want) - set(have))
+    changed = sorted(k for k in want if k in have and have[k] != want[k])
+    if missing or changed:
+        what = f"missing {missing[:3]}" if missing else f"altered {changed[:3]}"
+        raise ValueError(f"checkpoint {path} is truncated or corrupted ({what} under params/); re-create it "
+                         "(or `git checkout` the embedded one)")
 
 
 def _iter_leaves(tree):
@@ -109,6 +134,7 @@ def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
         cfg = from_hf_config(json.loads((path / "config.json").read_text()))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint {path} is unreadable ({e}); re-create or re-download it") from e
+    _verify_files(path, manifest)
     if manifest.get("config_identity") != cfg.identity():
         raise ValueError(f"checkpoint {path}: config.json does not match the manifest; the directory was modified")
     stored = manifest["dtype"]
@@ -156,7 +182,8 @@ def export_hf(model, out_dir, dtype: str = "float32") -> pathlib.Path:
     import jax
 
     host = jax.tree.map(lambda a: np.asarray(a), model.params)  # experts may be pinned jax arrays by an engine
-    state = {k: np.ascontiguousarray(np.asarray(v).astype(target)) for k, v in to_hf_state_dict(host, model.cfg).items()}
+    state = {k: np.ascontiguousarray(np.asarray(v).astype(target))
+             for k, v in to_hf_state_dict(host, model.cfg).items()}
     cfg = model.cfg.to_hf_dict()
     cfg["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -324,13 +324,13 @@ def train(args) -> pathlib.Path:
         return tot / max(n, 1), cnt
 
     val_w = _windows(val_ids, T, args.val_tokens)
-    log = {"config": cfg.to_hf_dict(), "args": vars(args), "command": " ".join(["python -m moepic_jax.train"]
-                                                                                 + sys.argv[1:]),
+    argv = [("RUN_DIR" if a == args.run_dir else a) for a in (args.argv or [])]
+    log = {"config": cfg.to_hf_dict(), "args": vars(args), "command": " ".join(["python -m moepic_jax.train"] + argv),
            "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "n_devices": jax.device_count(),
-           "versions": _versions(), "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "versions": _versions(), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(),
            "data": {"stdlib": str(args.stdlib or sysconfig.get_paths()["stdlib"]), "python": platform.python_version(),
-                    "files": counts, "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
-                    "test_tokens": int(len(test_ids)), "sample_offset_chars": offset},
+                    "files": counts, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+                    "test_tokens": len(test_ids), "sample_offset_chars": offset},
            "train": [], "val": []}
     print(f"[model] {sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)):,} params; batch {B} x {T}; "
           f"{args.steps} steps; device {log['device']}", flush=True)
@@ -377,7 +377,7 @@ def train(args) -> pathlib.Path:
                epochs=round((step + 1) * B * T / max(len(train_ids), 1), 2))
     with jax.default_matmul_precision("highest"):
         p32 = jax.device_put(jax.tree.map(lambda a: a.astype(np.float32), host))
-        test_w = _windows(test_ids, T)
+        test_w = _windows(test_ids, T, args.test_tokens)
         tl, cnt = evaluate(p32, test_w, jnp.float32)
     log["test"] = {"loss": tl, "ppl": math.exp(tl), "tokens": int(test_w.shape[0] * T), "seq": T,
                    "weights": "bfloat16", "compute": "float32"}
@@ -490,9 +490,9 @@ def sample_perplexity(model, text: str, n_tokens: int = EVAL_TOKENS, chunk: int 
     return float(np.exp(np.mean(lse - tgt)))
 
 
-def assemble(run: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
+def assemble(run: str | pathlib.Path, out: str | pathlib.Path, notes: str | pathlib.Path | None = None) -> pathlib.Path:
     """Phase 2: the run directory -> a checkpoint directory (orbax + config + tokenizer + TRAINING.md + eval.json
-    + heldout_sample.txt + loss_curve.png)."""
+    + heldout_sample.txt + loss_curve.png + training_log.json). `notes`: a markdown file appended to TRAINING.md."""
     from tokenizers import Tokenizer
 
     import moepic_jax
@@ -508,6 +508,7 @@ def assemble(run: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
         shutil.rmtree(out)
     checkpoint.save(out, cfg, params, "bfloat16", tokenizer=tok)
     shutil.copyfile(run / "heldout_sample.txt", out / "heldout_sample.txt")
+    shutil.copyfile(run / "log.json", out / "training_log.json")
     model = moepic_jax.load(out, dtype="float32")
     text = (out / "heldout_sample.txt").read_text(encoding="utf-8")
     offset = log["data"]["sample_offset_chars"]
@@ -518,7 +519,7 @@ def assemble(run: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
           "measured_on": f"{platform.machine()} CPU, jax {_versions().get('jax')}"}
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     _plot(log, out / "loss_curve.png")
-    _training_md(log, ev, out, run)
+    _training_md(log, ev, out, None if notes is None else pathlib.Path(notes).read_text())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"[assemble] {out}: {size / 2**20:.1f} MiB; sample ppl {ppl:.3f}", flush=True)
     return out
@@ -545,7 +546,7 @@ def _plot(log: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _training_md(log: dict, ev: dict, out: pathlib.Path, run: pathlib.Path) -> None:
+def _training_md(log: dict, ev: dict, out: pathlib.Path, notes: str | None = None) -> None:
     c, a, d = log["config"], log["args"], log["data"]
     last = log["train"][-1]
     pop = "\n".join(f"| {r['layer']} | {r['norm_entropy']:.3f} | {r['max_share']:.3f} | {r['min_share']:.4f} | "
@@ -581,8 +582,9 @@ Training (on `{log['device']}`, {log['date_utc'][:19]} UTC):
 then, on a CPU machine, the run directory it wrote was turned into this checkpoint:
 
 ```
-python -m moepic_jax.train --from-run RUN_DIR --out checkpoints/{out.name}
+python -m moepic_jax.train --from-run RUN_DIR --out checkpoints/{out.name}{' --notes NOTES.md' if notes else ''}
 ```
+{'(NOTES.md: the Notes section at the end.)' if notes else ''}
 
 Versions of the training run: {', '.join(f'{k} {v}' for k, v in log['versions'].items())}.
 Data: `{d['stdlib']}` (Python {d['python']}), files per split {d['files']} (test folders and site-packages
@@ -593,7 +595,8 @@ Optimiser: AdamW (b1 0.9, b2 0.95, weight decay {a['weight_decay']} on matrices)
 {a['warmup']} warm-up steps then cosine decay to 10 %, global-norm clipping {a['clip']}; load-balancing loss
 coefficient {a['aux_coef']}; batch {a['batch']} x {a['seq']} tokens; compute {a['compute_dtype']}, float32
 master weights; seed {a['seed']}. Steps run: {log['steps_run']} of {a['steps']} in {log['train_seconds']} s
-({log['tokens_seen']:,} tokens, {log['epochs']} epochs){' - stopped by --minutes' if log['stopped_early'] else ''}.
+({log['tokens_seen']:,} tokens, {log['epochs']} epochs){' - stopped by --minutes' if log['stopped_early'] else ''};
+the whole command (data, tokenizer, compilation, training, evaluation) took {log['total_seconds']} s.
 The parameters kept are those of the best validation loss (step {log['best_val_step']}).
 Reproduce with the same command; GPU reductions are not bitwise deterministic, so numbers may differ slightly.
 
@@ -619,8 +622,11 @@ Normalised entropy = H(shares) / log(E): 1 is uniform, lower is more skewed.
 |---|---|---|---|---|
 {pop}
 
-Uniform share would be {1 / c['num_experts']:.4f}.
+Uniform share would be {1 / c['num_experts']:.4f}. `training_log.json` holds the whole run log (loss and val
+curves, per-expert shares).
 """
+    if notes:
+        md += "\n## Notes\n\n" + notes.strip() + "\n"
     (out / "TRAINING.md").write_text(md)
 
 
@@ -630,6 +636,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="checkpoint directory to write (e.g. checkpoints/stdlib_moe)")
     ap.add_argument("--run-dir", help="where the training run writes its files (default OUT/../OUT.run)")
     ap.add_argument("--from-run", help="skip training: assemble OUT from this run directory")
+    ap.add_argument("--notes", help="a markdown file appended to TRAINING.md (assemble)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--minutes", type=float, default=0.0, help="stop training after this many minutes (0 = off)")
     ap.add_argument("--batch", type=int, default=32)
@@ -646,11 +653,13 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-tokens", type=int, default=200_000, help="val tokens evaluated (in windows of --seq)")
+    ap.add_argument("--test-tokens", type=int, help="test tokens evaluated at the end (default: all)")
     ap.add_argument("--sample-chars", type=int, default=SAMPLE_CHARS)
     ap.add_argument("--stdlib", help="Python Lib directory to read (default: this interpreter's)")
     ap.add_argument("--data-limit-bytes", type=int, help="use only this many characters of training text (smoke)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not args.out and not args.run_dir:
         ap.error("give --out (train + assemble), --run-dir (train only) or --from-run with --out")
     if args.from_run and not args.out:
@@ -661,7 +670,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.from_run:
-        assemble(args.from_run, args.out)
+        assemble(args.from_run, args.out, args.notes)
         return
     if not args.run_dir:
         o = pathlib.Path(args.out)
@@ -669,7 +678,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     run = train(args)
     if args.out:
-        assemble(run, args.out)
+        assemble(run, args.out, args.notes)
 
 
 if __name__ == "__main__":

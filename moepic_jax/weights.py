@@ -341,8 +341,10 @@ class Model:
         return np_dtype(self.dtype).itemsize
 
     def weight_bytes(self) -> int:
-        """Bytes of every weight (resident part + experts)."""
-        return sum(int(a.nbytes) for _, a in _leaf_paths(self.params))
+        """Bytes of every weight (resident part + experts), wherever they live (NumPy or pinned_host arrays)."""
+        import jax
+
+        return sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(self.params))
 
     def expert_bytes(self) -> int:
         """Bytes of all routed experts."""
