@@ -380,10 +380,16 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
 
 
 def _draw_experts(key, shape, dtype, scale, zero_coord0: bool):
-    x = _normal(key, shape, dtype, scale)
-    if zero_coord0:  # the down rows must not write residual coordinate 0 (Zipf bias construction)
-        x = x.at[:, :, 2, 0].set(0)
-    return x
+    """One layer's [E, F, 3, D] stack, drawn one expert at a time (lax.map) so that the random-number temporaries
+    stay at one expert's size and the device peak of the build is about one stack."""
+
+    def one(k):
+        x = _normal(k, shape[1:], dtype, scale)
+        if zero_coord0:  # the down rows must not write residual coordinate 0 (Zipf bias construction)
+            x = x.at[:, 2, 0].set(0)
+        return x
+
+    return jax.lax.map(one, jax.random.split(key, shape[0]))
 
 
 _draw_experts_jit = jax.jit(_draw_experts, static_argnums=(1, 2, 4))

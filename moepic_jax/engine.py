@@ -47,7 +47,7 @@ class CompileCache:
         self._fns: dict[Any, Any] = {}
         self.count = 0
         self.seconds = 0.0
-        self.temp_bytes = 0  # largest XLA temporary allocation of any compiled step (memory_analysis)
+        self._temps: dict[Any, int] = {}  # XLA temporary bytes of each compiled step (memory_analysis)
 
     def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), static_key=()) -> Any:
         key = (name, static_key, jax.tree_util.tree_structure(args),
@@ -60,11 +60,23 @@ class CompileCache:
             self.seconds += time.perf_counter() - t0
             self.count += 1
             try:
-                self.temp_bytes = max(self.temp_bytes, int(exe.memory_analysis().temp_size_in_bytes))
+                self._temps[key] = int(exe.memory_analysis().temp_size_in_bytes)
             except Exception:  # noqa: BLE001 - memory_analysis is not available on every backend
                 pass
             self._fns[key] = exe
         return exe
+
+
+    @property
+    def temp_bytes(self) -> int:
+        """Largest XLA temporary allocation of the compiled steps kept."""
+        return max(self._temps.values(), default=0)
+
+    def forget(self, name: str) -> None:
+        """Drop the executables of `name` (e.g. a decode step whose plan changed)."""
+        for key in [k for k in self._fns if k[0] == name]:
+            del self._fns[key]
+            self._temps.pop(key, None)
 
 
 class ResidentEngine:

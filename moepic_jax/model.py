@@ -271,8 +271,9 @@ def embed(params: Params, tokens: jax.Array) -> jax.Array:
 def lm_head(params: Params, h: jax.Array, cfg: MoEConfig) -> jax.Array:
     """Final RMSNorm and LM head. h: [B, T, D] -> logits [B, T, V] float32."""
     h = rms_norm(h, params.final_norm, cfg.rms_eps)
-    w = params.embed.T if params.lm_head is None else params.lm_head
-    return (h @ w).astype(jnp.float32)
+    if params.lm_head is None:  # tied: contract with the embedding directly (no [D, V] transpose in memory)
+        return jnp.einsum("btd,vd->btv", h, params.embed).astype(jnp.float32)
+    return (h @ params.lm_head).astype(jnp.float32)
 
 
 def cache_positions(cache: KVCache, mask: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:

@@ -129,6 +129,7 @@ class OffloadEngine:
                 f"{self.fixed_bytes / 2**30:.3f} GiB for policy {policy!r} (non-expert weights, KV cache for "
                 f"{self.max_batch} x {self.max_seq_len} tokens, copy buffers, workspace); raise vram_budget")
         self.cache_budget = None if self.vram_budget_bytes is None else self.vram_budget_bytes - self.fixed_bytes
+        self._plan_args = (plan is None, granule, profile, hardware)
         self.cache_plan = self._resolve_plan(plan, granule, profile, hardware)
         self.splits = tuple(lp.split for lp in self.cache_plan.layers)
         self.caches = self._build_caches()
@@ -420,6 +421,25 @@ class OffloadEngine:
 
     def _check_compiled_budget(self, state) -> None:
         need = self.device_bytes_needed(state)
+        auto, granule, profile, hardware = self._plan_args
+        for _ in range(3):
+            if not (self.vram_budget_bytes is not None and need > self.vram_budget_bytes and auto and self.cache_bytes()):
+                break
+            # The estimate of the fixed part was short of what XLA allocates: give the caches less and re-plan
+            # once (only plans we made ourselves; a user's plan is never changed behind their back).
+            over = need - self.vram_budget_bytes + WORKSPACE_MARGIN_BYTES // 8
+            log.info("compiled steps need %.1f MiB more than estimated; re-planning", over / 2**20)
+            self.cache_budget = max(0, self.cache_budget - over)
+            self.model.__dict__.get("_plans", {}).clear()
+            self.caches = None
+            self.cache_plan = self._resolve_plan(None, granule, profile, hardware)
+            self.splits = tuple(lp.split for lp in self.cache_plan.layers)
+            self.caches = self._build_caches()
+            dec = jnp.zeros((state.pos.shape[0],), jnp.int32)
+            self.compiles.forget("decode")
+            self.compiles.get("decode", self._decode_step,
+                              (self.resident, self.stacks, self.caches, state, dec, jnp.int32(0)), donate_argnums=(2, 3))
+            need = self.device_bytes_needed(state)
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(
                 f"the compiled steps need {need / 2**30:.3f} GiB on the device (XLA temporaries "
