@@ -184,14 +184,17 @@ def main(argv=None) -> int:
     meta["attn_implementation"] = str(getattr(m.config, "_attn_implementation", None))
     res_b = resident_bytes_of(m)
     meta["resident_bytes"], meta["expert_bytes"] = res_b, expert_bytes
-    if not budgets:  # the formula of OffloadEngine._fixed_bytes (batch 1, max_seq_len as generate buckets it)
+    if not budgets:  # OffloadEngine._fixed_bytes of the 'ondemand' engine bench_policies.py sizes budgets with
+        from moepic_jax.offload import WORKSPACE_MARGIN_BYTES, activation_bytes
+
         T = 1 << max(3, math.ceil(math.log2(args.prompt_len)))
-        max_len = 1 << math.ceil(math.log2(T + 32))
+        max_len = 1 << math.ceil(math.log2(T + 32))  # bench_policies: 32 new tokens
         expert = cfg.d_ff * 3 * cfg.d_model * 2
-        U, P = min(cfg.top_k, cfg.n_experts), min(cfg.top_k, cfg.n_experts)
-        fixed = res_b + M.kv_cache_bytes(cfg, 1, max_len, 2) + max(2 * (U + P) * expert,
-                                                                    2 * cfg.n_experts * expert) + 32 * 2**20
+        U = min(cfg.top_k, cfg.n_experts)
+        fixed = (res_b + M.kv_cache_bytes(cfg, 1, max_len, 2) + max(2 * U * expert, 2 * cfg.n_experts * expert)
+                 + activation_bytes(cfg, 1, max_len, 2) + WORKSPACE_MARGIN_BYTES)
         budgets = [(f, int(fixed + f * expert_bytes)) for f in fracs]
+        meta["fixed_bytes"] = fixed
         meta["budgets_from"] = "formula of OffloadEngine._fixed_bytes"
     else:
         meta["budgets_from"] = "explicit --budget-gib" if args.budget_gib else str(compare_path)

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
                ("predictor_recall", "recall", ".1%"), ("planner_tpot_ms", "planner ms", ".2f"),
-               ("distinct_new_tokens", "distinct tok", ""), ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
+               ("distinct_new_tokens", "distinct tok", ""), ("cache_gib", "cache GiB", ".2f"), ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
     title = (f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}, random weights, "
              f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing'}: policies x VRAM budgets")
 
@@ -196,6 +196,8 @@ def main(argv=None) -> int:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw, **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
             refs.append(weakref.ref(eng))
+            if policy != "resident":  # the engine may re-plan in its warm-up if XLA needs more than estimated
+                row["cache_gib_planned"] = eng.cache_bytes() / 2**30
             gkw = dict(model=model, engine=eng, temperature=args.temperature, seed=args.seed)
             warm = generate([warm_prompt], max_new_tokens=warm_tokens, **gkw)
             res = generate([prompt], max_new_tokens=args.new_tokens, **gkw)
@@ -223,9 +225,11 @@ def main(argv=None) -> int:
                 per_layer=[dict(layer=p.layer, full=p.full_hit_rate, top=p.top_only_hit_rate, miss=p.miss_rate,
                                 h2d_mb=p.h2d_bytes_per_token / 1e6, recall=p.predictor_recall) for p in s.per_layer],
             )
+            row["xla_temp_gib"] = getattr(eng.compiles, "temp_bytes", 0) / 2**30
             if policy != "resident":
                 row["fixed_gib"] = eng.fixed_bytes / 2**30
                 row["cache_gib"] = eng.cache_bytes() / 2**30
+                row["replanned"] = abs(row["cache_gib"] - row["cache_gib_planned"]) > 1e-9
                 plan = eng.cache_plan
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))

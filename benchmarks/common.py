@@ -16,7 +16,10 @@ Norm weights are ones (a std-0.02 norm weight would erase the signal), everythin
 
 Routing realism (`zipf_bias=alpha`): "Zipf router bias (dedicated residual coordinate)"
 -------------------------------------------------------------------------------------
-Random routers route almost uniformly. Real models don't. The router is `logits = rmsnorm(h) @ W_r` and has no
+Random routers were expected to route almost uniformly; measured, they don't (Qwen1.5-MoE width, std 0.02, 3
+layers on the CPU: normalised routing entropy 0.78, the top 25 % of experts take 78 % of the routed pairs), because
+attention averaging makes the hidden states of different tokens alike. So measure the routing of every model
+(`routing_entropy`) and report it beside the results. The Zipf option adds a controlled skew. The router is `logits = rmsnorm(h) @ W_r` and has no
 bias parameter, and model.py must not change, so the bias is built from weights alone:
 
   * coordinate 0 of the residual stream is made a constant A = std (as large as any embedding entry, so token
@@ -32,7 +35,8 @@ bias parameter, and model.py must not change, so the bias is built from weights 
 
 The bias is exact up to the per-token spread of rms(h_mid) (the realised bias is b * mean_rms / rms_token); its
 coefficient of variation per layer is measured during construction and reported in `model.random_info`
-(typically a few percent). The rest of the model is unchanged (one of D residual coordinates is given up).
+(measured on the CPU: 10-13 % on tiny models; up to 31 % at Qwen1.5 width, largest in the first layers, where the
+first tokens of a sequence attend to few others). The bias keeps its Zipf shape per token; only its scale varies. The rest of the model is unchanged (one of D residual coordinates is given up).
 The predictor (layer l+1's norm and router on layer l's stream) sees the same bias, as it would in a real model.
 Always report the routing entropy (`routing_entropy`) of what was actually routed, with and without the bias.
 """
@@ -365,7 +369,8 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
         f"Zipf router bias alpha={zipf_bias} (dedicated residual coordinate; see benchmarks/common.py)",
         "zipf_alpha": zipf_bias if zipf else None,
         "build_s": round(time.perf_counter() - t0, 2), "pin_s": round(pin_s[0], 2),
-        "expert_bytes": cfg.total_expert_bytes(jdt.itemsize), "resident_bytes": model.weight_bytes(),
+        "expert_bytes": cfg.total_expert_bytes(jdt.itemsize),
+        "resident_bytes": sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(params) if isinstance(a, np.ndarray)),
     }
     if calibrate:
         freq = np.stack(calib["routed_counts"]).astype(np.float64) / calib_tokens
