@@ -49,10 +49,14 @@ class CompileCache:
         self.seconds = 0.0
         self._temps: dict[Any, int] = {}  # XLA temporary bytes of each compiled step (memory_analysis)
 
-    def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), static_key=()) -> Any:
-        key = (name, static_key, jax.tree_util.tree_structure(args),
-               tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", None) and x.sharding.memory_kind))
-                     for x in jax.tree_util.tree_leaves(args)))
+    def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), fixed: int = 0) -> Any:
+        """The executable of `fn` for these arguments, compiled on first use.
+
+        The first `fixed` arguments have the same shapes at every call of `name` on one engine (weights, host
+        stacks, caches), so only the others enter the key: computing a key over hundreds of weight leaves on
+        every decode step would cost milliseconds of host time per token.
+        """
+        key = (name, tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[fixed:])))
         exe = self._fns.get(key)
         if exe is None:
             t0 = time.perf_counter()
@@ -114,18 +118,19 @@ class ResidentEngine:
 
     def prefill(self, state, tokens, mask):
         args = (self.params, state, tokens, mask)
-        return self.compiles.get("prefill", self._step, args, donate_argnums=(1,))(*args)
+        return self.compiles.get("prefill", self._step, args, donate_argnums=(1,), fixed=1)(*args)
 
     def decode(self, state, tokens):
         tokens = tokens[:, None]
         args = (self.params, state, tokens, jnp.ones(tokens.shape, bool))
-        return self.compiles.get("decode", self._step, args, donate_argnums=(1,))(*args)
+        return self.compiles.get("decode", self._step, args, donate_argnums=(1,), fixed=1)(*args)
 
     def warmup(self, state, tokens, mask, dec_tokens):
         """Compile the prefill and decode steps for these shapes (kept out of TTFT/TPOT)."""
-        self.compiles.get("prefill", self._step, (self.params, state, tokens, mask), donate_argnums=(1,))
+        self.compiles.get("prefill", self._step, (self.params, state, tokens, mask), donate_argnums=(1,), fixed=1)
         t = dec_tokens[:, None]
-        self.compiles.get("decode", self._step, (self.params, state, t, jnp.ones(t.shape, bool)), donate_argnums=(1,))
+        self.compiles.get("decode", self._step, (self.params, state, t, jnp.ones(t.shape, bool)), donate_argnums=(1,),
+                          fixed=1)
 
 
 def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan=None, **kw):

@@ -254,7 +254,15 @@ def generate(
     nxt = pick(logits, sub)
     nxt_host = np.asarray(nxt)
     ttft = time.perf_counter() - t0
+    t_prev = time.perf_counter()
     for step in range(max_new_tokens):
+        # Dispatch step t+1 before handling token t on the host, so that the device never waits for Python
+        # (stop checks, streaming, dispatch); if every row stops at token t, that step's work is dropped.
+        ahead = step < max_new_tokens - 1
+        if ahead:
+            logits, state, c = engine.decode(state, nxt)
+            key, sub = jax.random.split(key)
+            nxt_next = pick(logits, sub)
         for i in range(B):
             if done[i]:
                 continue
@@ -270,15 +278,14 @@ def generate(
                 if stream is not None and len(full) > len(texts[i]) and full.startswith(texts[i]):
                     stream(i, full[len(texts[i]):])
                 texts[i] = full
-        if all(done) or step == max_new_tokens - 1:
+        if all(done) or not ahead:
             break
-        ts = time.perf_counter()
-        logits, state, c = engine.decode(state, nxt)
-        key, sub = jax.random.split(key)
-        nxt = pick(logits, sub)
-        nxt_host = np.asarray(nxt)
-        step_times.append(time.perf_counter() - ts)
         counters.append(c)
+        nxt = nxt_next
+        nxt_host = np.asarray(nxt)
+        now = time.perf_counter()
+        step_times.append(now - t_prev)
+        t_prev = now
     stats = _stats(engine, cfg, B, len(ids[0]) if B == 1 else sum(map(len, ids)), out, ttft, step_times, counters,
                    c_prefill, compiles0)
     text = None

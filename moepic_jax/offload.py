@@ -212,22 +212,33 @@ class OffloadEngine:
         return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
 
     # ---- decode -------------------------------------------------------------------------------------
-    def _fetch(self, l: int, stack: jax.Array, cache: C.LayerCache, e: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Assemble expert e of layer l on the device. Returns ([F, 3, D], H2D bytes copied, float32)."""
+    def _fetch(self, l: int, stack: jax.Array, cache: C.LayerCache, e: jax.Array, maybe_padding: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+        """Assemble expert e of layer l on the device. Returns ([F, 3, D], H2D bytes copied, float32).
+
+        maybe_padding: static; False when e cannot be -1 (batch 1: top-k ids are distinct), which saves a
+        conditional (each one costs a little on the GPU) and makes the miss path of `ondemand` cond-free.
+        """
         cfg = self.cfg
         F, s = cfg.d_ff, self.splits[l]
         rb = self.row_bytes
         zeros = jnp.zeros((F, 3, cfg.d_model), self.dtype)
+        full_bytes = jnp.where(e >= 0, jnp.float32(F * rb), jnp.float32(0))
         if cache.tops.shape[0] == 0 or s == 0:
-            buf = jax.lax.cond(e >= 0, lambda: fetch_rows(stack, e, 0, F), lambda: zeros)
-            return buf, jnp.where(e >= 0, jnp.float32(F * rb), jnp.float32(0))
+            if not maybe_padding:
+                return fetch_rows(stack, e, 0, F), full_bytes
+            return jax.lax.cond(e >= 0, lambda: fetch_rows(stack, e, 0, F), lambda: zeros), full_bytes
         slot = cache.slot_of[jnp.maximum(e, 0)]
-        case = jnp.where(e < 0, 0, jnp.where(slot < 0, 1, 2))
         if s == F:
             hit = lambda: cache.tops[jnp.maximum(slot, 0)]  # noqa: E731 - branch thunk
         else:
             hit = lambda: jnp.concatenate([cache.tops[jnp.maximum(slot, 0)], fetch_rows(stack, e, s, F - s)])  # noqa: E731
-        buf = jax.lax.switch(case, [lambda: zeros, lambda: fetch_rows(stack, e, 0, F), hit])
+        if maybe_padding:
+            case = jnp.where(e < 0, 0, jnp.where(slot < 0, 1, 2))
+            buf = jax.lax.switch(case, [lambda: zeros, lambda: fetch_rows(stack, e, 0, F), hit])
+        else:
+            case = jnp.where(slot < 0, 1, 2)
+            buf = jax.lax.cond(slot < 0, lambda: fetch_rows(stack, e, 0, F), hit)
         nbytes = jnp.select([case == 1, case == 2], [jnp.float32(F * rb), jnp.float32((F - s) * rb)], jnp.float32(0))
         return buf, nbytes
 
@@ -244,7 +255,7 @@ class OffloadEngine:
         pred = jnp.unique(pids.astype(jnp.int32).ravel(), size=P, fill_value=-1)
         bufs, nbytes = [], jnp.zeros((), jnp.float32)
         for p in range(P):
-            b, nb = self._fetch(l_next, stack, cache, pred[p])
+            b, nb = self._fetch(l_next, stack, cache, pred[p], maybe_padding=h_mid.shape[0] > 1)
             bufs.append(b)
             nbytes = nbytes + nb
         return pred, bufs, nbytes
@@ -271,9 +282,9 @@ class OffloadEngine:
                 match = (pred_ids == e) & (e >= 0)
                 j = jnp.argmax(match)
                 buf, nb = jax.lax.cond(jnp.any(match), lambda: (pb[j], jnp.zeros((), jnp.float32)),
-                                       lambda: self._fetch(l, stack, cache, e))
+                                       lambda: self._fetch(l, stack, cache, e, B > 1))
             else:
-                buf, nb = self._fetch(l, stack, cache, e)
+                buf, nb = self._fetch(l, stack, cache, e, B > 1)
             nbytes = nbytes + nb
             bufs.append(buf)
             weight = jnp.sum(jnp.where(ids == e, w, 0.0), axis=-1)  # [B]
@@ -325,7 +336,7 @@ class OffloadEngine:
 
     def decode(self, state, tokens):
         args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
-        exe = self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3))
+        exe = self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3), fixed=3)
         logits, self.caches, state, counters = exe(*args)
         self.step_count += 1
         return logits, state, counters
@@ -351,7 +362,7 @@ class OffloadEngine:
         cfg = self.cfg
         res = self.resident
         args = (res, state, tokens, mask)
-        h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args)(*args)
+        h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args, fixed=1)(*args)
         k, v = state.k, state.v
         dev = jax.sharding.SingleDeviceSharding(self.device)
         moe_ids = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
@@ -379,23 +390,23 @@ class OffloadEngine:
         def layer(lp, experts, h, k, v, positions, valid, start, l):
             return self._prefill_layer(lp, experts, h, k, v, positions, valid, start, l, is_moe)
 
-        return self.compiles.get("prefill_moe" if is_moe else "prefill_dense", layer, args, donate_argnums=(3, 4))
+        return self.compiles.get("prefill_moe" if is_moe else "prefill_dense", layer, args, donate_argnums=(3, 4), fixed=2)
 
     def _head_fn(self, res, h_last):
         return M.lm_head(res, h_last, self.cfg)[:, 0]
 
     def _head(self, res, h):
         args = (res, h[:, -1:])
-        return self.compiles.get("head", self._head_fn, args)(*args)
+        return self.compiles.get("head", self._head_fn, args, fixed=1)(*args)
 
     def warmup(self, state, tokens, mask, dec_tokens):
         """Compile the prefill layer steps and the decode step for these shapes (kept out of TTFT/TPOT)."""
         cfg, dev = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
         args = (self.resident, self.stacks, self.caches, state, dec_tokens, jnp.int32(0))
-        self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3))
+        self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3), fixed=3)
         pre = (self.resident, state, tokens, mask)
         h, positions, valid, _ = jax.eval_shape(self._prefill_pre, *pre)
-        self.compiles.get("prefill_pre", self._prefill_pre, pre)
+        self.compiles.get("prefill_pre", self._prefill_pre, pre, fixed=1)
 
         def sds(x):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)
@@ -407,7 +418,7 @@ class OffloadEngine:
             self._prefill_fn(cfg.moe_layers[l], (self.resident.layers[l], ex, h, state.k, state.v, positions, valid,
                                                  state.length, jnp.int32(l)))
         last = sds(jax.ShapeDtypeStruct((h.shape[0], 1, h.shape[2]), h.dtype))
-        self.compiles.get("head", self._head_fn, (self.resident, last))
+        self.compiles.get("head", self._head_fn, (self.resident, last), fixed=1)
         self._check_compiled_budget(state)
 
     def device_bytes_needed(self, state) -> int:
@@ -438,7 +449,8 @@ class OffloadEngine:
             dec = jnp.zeros((state.pos.shape[0],), jnp.int32)
             self.compiles.forget("decode")
             self.compiles.get("decode", self._decode_step,
-                              (self.resident, self.stacks, self.caches, state, dec, jnp.int32(0)), donate_argnums=(2, 3))
+                              (self.resident, self.stacks, self.caches, state, dec, jnp.int32(0)), donate_argnums=(2, 3),
+                              fixed=3)
             need = self.device_bytes_needed(state)
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(
