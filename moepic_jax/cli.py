@@ -17,6 +17,11 @@ def _env_before_jax(args) -> None:
     # The VRAM budget is enforced by the engine; JAX's default preallocation of 75 % of the GPU would
     # make the process look like it uses far more than the budget.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # Exactness in bfloat16: XLA may otherwise keep intermediates in float32 where fusion allows ("excess
+    # precision"), so two programs with the same math (resident vs offloaded) round differently and greedy
+    # tokens can diverge. With the flag every op rounds as written and all policies give identical tokens.
+    if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
     if getattr(args, "host_memory_gb", None):
         os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(args.host_memory_gb)
 

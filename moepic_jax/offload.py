@@ -287,8 +287,13 @@ class OffloadEngine:
                 buf, nb = self._fetch(l, stack, cache, e, B > 1)
             nbytes = nbytes + nb
             bufs.append(buf)
-            weight = jnp.sum(jnp.where(ids == e, w, 0.0), axis=-1)  # [B]
-            y = y + weight[:, None] * M.segment_ffn(x, buf).astype(jnp.float32)
+        # Outputs of every distinct expert for every row, then summed in routing order (k = 0..K-1) exactly as
+        # the resident model does, so that bfloat16 results round identically, not just within tolerance.
+        outs = jnp.stack([M.segment_ffn(x, buf).astype(jnp.float32) for buf in bufs])  # [U, B, D]
+        rows = jnp.arange(B)
+        for k in range(cfg.top_k):
+            u = jnp.argmax(uniq[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in uniq
+            y = y + w[:, k, None] * outs[u, rows]
         y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
         cache = C.update(self.spec.rule, cache, uniq, jnp.stack(bufs), step)
         f32 = jnp.float32
@@ -368,8 +373,14 @@ class OffloadEngine:
         moe_ids = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
         pending = {moe_ids[0]: jax.device_put(self.stacks[moe_ids[0]], dev)} if moe_ids else {}
         h2d = np.zeros(cfg.n_layers)
+        experts = None
         for l, lp in enumerate(res.layers):
             is_moe = cfg.moe_layers[l]
+            # Python would otherwise run ahead and enqueue every layer's stack copy at once (each allocates its
+            # device buffer at enqueue time): wait for layer l-1 and drop its stack, so that at most two stacks
+            # (layer l's, already copied or in flight, and layer l+1's) are alive, as the budget assumes.
+            experts = None
+            h.block_until_ready()
             nxt = next((m for m in moe_ids if m > l), None)
             if nxt is not None and nxt not in pending:
                 pending[nxt] = jax.device_put(self.stacks[nxt], dev)  # enqueue before layer l's compute
@@ -378,7 +389,6 @@ class OffloadEngine:
             h, k, v = self._prefill_fn(is_moe, args)(*args)
             if is_moe:
                 h2d[l] = cfg.n_experts * cfg.d_ff * self.row_bytes
-                del experts
         logits = self._head(res, h)
         return logits, new_kv.replace(k=k, v=v), {"h2d_bytes": h2d}
 
