@@ -36,7 +36,9 @@ def child(policy: str, layers: int, frac: float) -> dict:
     model = Model(cfg=cfg, params=params, dtype="bfloat16")
     fixed = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=256).fixed_bytes
     budget = fixed + int(frac * model.expert_bytes())
-    model.__dict__.pop("_engines", None)
+    import gc
+
+    gc.collect()  # the sizing engine above must be gone before the measured one is built (reference cycles)
     ids = rng.integers(0, cfg.vocab_size, 128).tolist()
     r = generate(ids, model=model, max_new_tokens=32, policy=policy, vram_budget=budget, granule=128)
     st = jax.devices()[0].memory_stats() or {}

@@ -129,6 +129,9 @@ def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: 
         eng = None
     if eng is None:
         engines.clear()  # one engine at a time: each holds device memory
+        import gc
+
+        gc.collect()  # engines hold reference cycles (compiled bound methods): free their device arrays now
         kw = dict(engine_kw)
         if policy != "resident":
             kw.setdefault("max_batch", batch)
