@@ -78,8 +78,9 @@ def cmd_generate(args) -> int:
     prompt = args.prompt
     if model.tokenizer is None:
         prompt = [int(t) for t in prompt.split()]
+    print(f"[{args.policy}, VRAM budget {args.vram_budget}: placing the model and compiling the steps ...]",
+          file=sys.stderr, flush=True)
     print(args.prompt, end="", flush=True)
-    print("[compiling and placing the model ...]", file=sys.stderr, flush=True)
     res = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                               policy=args.policy, vram_budget=_budget(args.vram_budget), plan=plan,
