@@ -34,7 +34,6 @@ def experts_indexed(x, experts, ids, w):
 
 
 def time_steps(engine, state, tok, steps, sync_each):
-    out = None
     t0 = time.perf_counter()
     for _ in range(steps):
         logits, state, c = engine.decode(state, tok)

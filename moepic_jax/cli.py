@@ -191,7 +191,7 @@ def cmd_bench(args) -> int:
             r = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, policy=pol,
                                     vram_budget=b, **kw)
             rows.append((frac, r.stats))
-    print(f"| experts cached | policy | TTFT ms | TPOT ms | H2D MB/tok | full hit | top hit | miss | recall |")
+    print("| experts cached | policy | TTFT ms | TPOT ms | H2D MB/tok | full hit | top hit | miss | recall |")
     print("|---|---|---|---|---|---|---|---|---|")
     for frac, s in rows:
         print(f"| {frac:.0%} | {s.policy} | {s.ttft_s * 1e3:.1f} | {s.tpot_s * 1e3:.2f} | "

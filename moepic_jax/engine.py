@@ -14,7 +14,8 @@ shapes, so compile time is measured apart from TTFT/TPOT and counted in `compile
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -281,8 +280,8 @@ class OffloadEngine:
             if pred is not None:
                 match = (pred_ids == e) & (e >= 0)
                 j = jnp.argmax(match)
-                buf, nb = jax.lax.cond(jnp.any(match), lambda: (pb[j], jnp.zeros((), jnp.float32)),
-                                       lambda: self._fetch(l, stack, cache, e, B > 1))
+                buf, nb = jax.lax.cond(jnp.any(match), lambda j=j: (pb[j], jnp.zeros((), jnp.float32)),
+                                       lambda e=e: self._fetch(l, stack, cache, e, B > 1))
             else:
                 buf, nb = self._fetch(l, stack, cache, e, B > 1)
             nbytes = nbytes + nb

@@ -179,18 +179,18 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
     valid = jnp.ones((1, 256), bool)
 
     @jax.jit
-    def layer(h, k, v):
+    def layer(lp, experts, h, k, v):  # weights as arguments, not closed-over constants
         a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), pos, k, v, 0, valid,
                               jnp.int32(0), cfg)
         h = h + a
         x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps)[0]
-        return h + M.moe_resident(x, lp.moe.replace(experts=ex), cfg)[None], k, v
+        return h + M.moe_resident(x, lp.moe.replace(experts=experts), cfg)[None], k, v
 
     h = jnp.ones((1, 1, cfg.d_model), engine.dtype) * 0.01
-    jax.block_until_ready(layer(h, kv.k, kv.v))
+    jax.block_until_ready(layer(lp, ex, h, kv.k, kv.v))
     t0 = time.perf_counter()
     for _ in range(repeats * 4):
-        out = layer(h, kv.k, kv.v)
+        out = layer(lp, ex, h, kv.k, kv.v)
     jax.block_until_ready(out)
     c = (time.perf_counter() - t0) / (repeats * 4)
     del ex

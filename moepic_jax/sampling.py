@@ -8,6 +8,7 @@ whose probability reaches `top_p` (the most likely token is always kept).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
     """Raise ValueError for arguments that cannot define a distribution."""
-    if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
+    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")

@@ -14,10 +14,9 @@ if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

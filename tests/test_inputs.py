@@ -5,12 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import build_hf_model
 from safetensors.numpy import load_file, save_file
 
 import moepic_jax
 from moepic_jax.budget import parse_budget
 from moepic_jax.config import from_hf_config
-from conftest import build_hf_model
 
 
 def _cfg(hf_dirs, fam="qwen2_moe"):

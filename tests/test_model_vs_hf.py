@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, random_ids
 
 import moepic_jax
-from conftest import FAMILIES, random_ids
 
 
 def _hf_logits(m, ids, mask):

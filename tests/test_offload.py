@@ -7,13 +7,13 @@ float32 rounding, and free-running greedy tokens must be identical.
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILIES
 
 import moepic_jax
 from moepic_jax.engine import ResidentEngine
 from moepic_jax.generate import _bucket
 from moepic_jax.offload import OffloadEngine
 from moepic_jax.planner import CachePlan, LayerPlan
-from conftest import FAMILIES
 
 BATCH = [[3, 14, 15, 92, 65, 35, 89, 79, 32], [38, 46, 26, 43]]  # two prompts of different lengths
 SINGLE = [[27, 18, 28, 18, 28, 45, 90, 45]]
