@@ -99,7 +99,8 @@ def _offload_engine(args, model):
     from moepic_jax.offload import OffloadEngine
 
     policy = args.policy if args.policy in ("static", "moepic", "lru") else "moepic"
-    return OffloadEngine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule)
+    return OffloadEngine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
+                         max_batch=args.max_batch, max_seq_len=args.max_seq_len)
 
 
 def cmd_profile(args) -> int:
@@ -123,8 +124,9 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def print_plan(plan, mp=None, hw=None, out=sys.stdout) -> None:
+def print_plan(plan, mp=None, hw=None, out=None) -> None:
     """A readable per-layer table of a CachePlan (and its predicted costs when profiles are given)."""
+    out = out or sys.stdout
     from moepic_jax.planner import plan_bytes, plan_stats, predicted_tpot
 
     stats = plan_stats(plan, mp, hw) if mp is not None else None
@@ -222,6 +224,8 @@ def main(argv=None) -> int:
     _add_model_args(p)
     _add_engine_args(p)
     p.add_argument("--out", default=None, help="prefix of the JSON files to write")
+    p.add_argument("--max-batch", type=int, default=1, help="batch the engine's KV cache is sized for")
+    p.add_argument("--max-seq-len", type=int, default=256, help="tokens the engine's KV cache is sized for")
     p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("plan", help="solve and print the cache plan (per layer split and cached experts)")
@@ -230,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, help="ModelProfile JSON (default: profile now)")
     p.add_argument("--hardware", default=None, help="HardwareProfile JSON (default: unmeasured H200 defaults)")
     p.add_argument("--out", default=None, help="write the plan JSON here")
+    p.add_argument("--max-batch", type=int, default=1, help="batch the engine's KV cache is sized for")
+    p.add_argument("--max-seq-len", type=int, default=256, help="tokens the engine's KV cache is sized for")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("convert", help="convert a Hugging Face directory to a moepic_jax (orbax) checkpoint")
