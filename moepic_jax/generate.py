@@ -242,7 +242,7 @@ def generate(
     def pick(logits, key):
         if temperature == 0:
             return sampling.greedy(logits)
-        return sampling.sample(logits, key, temp, top_k, topp)
+        return sampling.sample(logits, key, temp, top_k, topp, use_top_p=top_p < 1.0)
 
     # Warm the sampler and PRNG too, so TTFT holds no compile time.
     np.asarray(pick(jnp.zeros((B, cfg.vocab_size), jnp.float32), jax.random.split(key)[1]))
@@ -323,13 +323,15 @@ def _stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c
             top_only_hit_rate=float(agg["top_hits"][l] / r) if r else nan,
             miss_rate=float(agg["misses"][l] / r) if r else nan,
             h2d_bytes_per_token=float(agg["h2d_bytes"][l] / steps) if "h2d_bytes" in agg else 0.0,
-            predictor_recall=float(agg["predicted"][l] / r) if r and l > 0 and "predicted" in agg else nan,
+            predictor_recall=float(agg["predicted"][l] / r) if r and l > 0 and "predicted" in agg
+            and getattr(getattr(engine, "spec", None), "prefetch", False) else nan,
         ))
     tot = float(routed.sum()) if len(counters) else 0.0
     if tot and "full_hits" in agg:
         full, top, miss = (float(agg[k].sum() / tot) for k in ("full_hits", "top_hits", "misses"))
         pred_routed = float(routed[1:].sum())
-        recall = float(agg["predicted"][1:].sum() / pred_routed) if pred_routed and "predicted" in agg else nan
+        prefetches = getattr(getattr(engine, "spec", None), "prefetch", False) and getattr(engine, "n_predicted", 0)
+        recall = float(agg["predicted"][1:].sum() / pred_routed) if pred_routed and prefetches else nan
     elif engine.policy == "resident":
         full, top, miss, recall = 1.0, 0.0, 0.0, nan
     else:

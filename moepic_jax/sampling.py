@@ -24,12 +24,14 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",))
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("top_k", "use_top_p"))
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array,
+           use_top_p: bool = True) -> jax.Array:
     """Draw one token per row.
 
     Args:
       logits: [B, V] float32; key: a PRNG key; temperature: [] > 0; top_k: static, 0 = off; top_p: [] in (0, 1].
+      use_top_p: static; False skips the nucleus filter (and its sort over the vocabulary) when top_p == 1.
     Returns:
       [B] int32 token ids.
     """
@@ -37,6 +39,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if not use_top_p:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)

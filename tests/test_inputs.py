@@ -182,3 +182,21 @@ def test_sampling_is_seeded_and_respects_top_k(models):
     g = moepic_jax.generate([5, 6, 7], model=m, max_new_tokens=8, policy="resident")
     k1 = moepic_jax.generate([5, 6, 7], model=m, max_new_tokens=8, temperature=0.7, top_k=1, seed=9, policy="resident")
     assert k1.token_ids == g.token_ids  # top-k 1 is greedy whatever the seed
+
+
+def test_top_p_filters_the_nucleus():
+    """Against a brute-force nucleus: with top_p the sampled tokens stay inside the smallest set reaching top_p."""
+    import jax
+    import jax.numpy as jnp
+
+    from moepic_jax import sampling
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
+    seen = set()
+    for s in range(200):
+        t = sampling.sample(logits, jax.random.PRNGKey(s), jnp.float32(1.0), 0, jnp.float32(0.75), use_top_p=True)
+        seen.add(int(t[0]))
+    assert seen == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2 and 3 are never drawn
+    seen = {int(sampling.sample(logits, jax.random.PRNGKey(s), jnp.float32(1.0), 0, jnp.float32(1.0),
+                                use_top_p=False)[0]) for s in range(200)}
+    assert seen == {0, 1, 2, 3}
