@@ -107,6 +107,11 @@ class ResidentEngine:
         return self.model.weight_bytes() + M.kv_cache_bytes(self.cfg, batch, max_len, self.dtype.itemsize)
 
     def new_state(self, batch: int, max_len: int):
+        """A zeroed KV cache for `batch` rows of `max_len` slots ([layers, batch, max_len, kv_heads, head_dim]).
+
+        Raises:
+          ValueError: weights + this KV cache exceed the VRAM budget.
+        """
         need = self.fixed_bytes(batch, max_len)
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(f"weights + KV cache for batch {batch} x {max_len} tokens need {need / 2**30:.3f} GiB, "
@@ -118,10 +123,16 @@ class ResidentEngine:
         return logits[:, -1], cache, {}
 
     def prefill(self, state, tokens, mask):
+        """Run the prompt. tokens, mask: [batch, seq] (mask False = left padding).
+
+        Returns (logits of the last position [batch, vocab] float32, the updated KV cache (the input is donated),
+        counters {} (nothing is copied)).
+        """
         args = (self.params, state, tokens, mask)
         return self.compiles.get("prefill", self._step, args, donate_argnums=(1,), fixed=1)(*args)
 
     def decode(self, state, tokens):
+        """One token per row. tokens: [batch] int32. Returns (logits [batch, vocab] float32, KV cache, {})."""
         tokens = tokens[:, None]
         args = (self.params, state, tokens, jnp.ones(tokens.shape, bool))
         return self.compiles.get("decode", self._step, args, donate_argnums=(1,), fixed=1)(*args)

@@ -205,6 +205,7 @@ class OffloadEngine:
 
     # ---- state ----------------------------------------------------------------------------------------
     def new_state(self, batch: int, max_len: int):
+        """A zeroed KV cache for `batch` x `max_len` tokens. Raises ValueError beyond the reserved size."""
         if batch > self.max_batch or max_len > self.max_seq_len:
             raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
                              f"batch {batch} x {max_len} needs a new engine (Engine(..., max_batch=, max_seq_len=))")
@@ -339,6 +340,12 @@ class OffloadEngine:
             return logits, tuple(caches), new_kv, counters
 
     def decode(self, state, tokens):
+        """One token per row. tokens: [batch] int32 (on the device).
+
+        Returns (logits [batch, vocab] float32, KV cache (donated input), counters: dict of [n_layers] float32
+        arrays full_hits, top_hits, misses, predicted (routed pairs that were prefetched), routed, h2d_bytes).
+        The top caches and the LRU state are updated in place (donated).
+        """
         args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
         exe = self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3), fixed=3)
         logits, self.caches, state, counters = exe(*args)
