@@ -6,6 +6,7 @@ An int is bytes; a float in (0, 1] is a fraction of the model's total weight byt
 
 from __future__ import annotations
 
+import numbers
 import re
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -23,11 +24,13 @@ def parse_budget(budget, total_weight_bytes: int) -> int | None:
         return None
     if isinstance(budget, bool):
         raise ValueError(f"vram_budget must be bytes, a fraction, or a string like '6GiB'; got {budget!r}")
-    if isinstance(budget, int):
+    if isinstance(budget, numbers.Integral):
+        budget = int(budget)
         if budget <= 0:
             raise ValueError(f"vram_budget must be > 0 bytes, got {budget}")
         return budget
-    if isinstance(budget, float):
+    if isinstance(budget, numbers.Real):
+        budget = float(budget)
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"a float vram_budget is a fraction of the weights in (0, 1]; got {budget} "
                              "(pass an int for bytes, or a string like '6GiB')")

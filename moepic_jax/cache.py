@@ -63,16 +63,16 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
         assembled weights on the device (the first s rows are what a slot keeps).
     A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first,
     lowest slot among them) and evicts its owner. Uses within a step are ordered by their position in
-    `experts` (time stamp step * U + u), so the rule is exact LRU over the sequence of uses. Written without `lax.cond` so the donated `tops` is updated in place: on a hit
+    `experts` (time stamp step * E + u), so the rule is exact LRU over the sequence of uses. Written without `lax.cond` so the donated `tops` is updated in place: on a hit
     the write stores the bytes the slot already holds.
     """
     n, s = cache.tops.shape[0], cache.tops.shape[1]
     if n == 0 or s == 0:
         return cache
-    U = experts.shape[0]
+    U, E = experts.shape[0], cache.slot_of.shape[0]
     for u in range(U):
         e = experts[u]
-        stamp = step * U + u + 1
+        stamp = step * E + u + 1  # stride E >= U whatever the batch size, so stamps only grow
         valid = e >= 0
         slot = cache.slot_of[jnp.maximum(e, 0)]
         hit = valid & (slot >= 0)

@@ -182,12 +182,16 @@ def cmd_bench(args) -> int:
 
     model = _load(args)
     prompt = args.prompt if model.tokenizer is not None else [1, 2, 3, 4]
-    base = OffloadEngine(model, policy="ondemand").fixed_bytes
+    from moepic_jax.generate import _bucket
+
+    n_prompt = len(model.tokenizer.encode(prompt)) if model.tokenizer is not None else len(prompt)
+    seq = _bucket(_bucket(n_prompt) + args.max_new_tokens)  # the KV cache generate() will reserve
+    base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=seq).fixed_bytes
     rows = []
     for frac in [float(x) for x in args.budgets.split(",")]:
         budget = base + int(frac * model.expert_bytes())
         for pol in args.policies.split(","):
-            kw = {} if pol == "resident" else {"granule": args.granule}
+            kw = {} if pol == "resident" else {"granule": args.granule, "max_batch": 1, "max_seq_len": seq}
             b = None if pol == "resident" else budget
             moepic_jax.generate(prompt, model=model, max_new_tokens=4, policy=pol, vram_budget=b, **kw)  # warm-up
             r = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, policy=pol,

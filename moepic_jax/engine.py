@@ -77,6 +77,10 @@ class CompileCache:
         """Largest XLA temporary allocation of the compiled steps kept."""
         return max(self._temps.values(), default=0)
 
+    def temp_bytes_of(self, name: str) -> int:
+        """Largest XLA temporary allocation among the compiled executables of `name` (0 if none)."""
+        return max((v for k, v in self._temps.items() if k[0] == name), default=0)
+
     def forget(self, name: str) -> None:
         """Drop the executables of `name` (e.g. a decode step whose plan changed)."""
         for key in [k for k in self._fns if k[0] == name]:

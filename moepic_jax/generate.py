@@ -219,7 +219,10 @@ def generate(
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     B = len(ids)
     T = _bucket(longest)
-    max_len = _bucket(T + max_new_tokens)
+    max_len = _bucket(T + max_new_tokens)  # a power of two bounds the number of compiled shapes
+    reserved = getattr(engine, "max_seq_len", None)
+    if reserved is not None and T + max_new_tokens <= reserved < max_len:
+        max_len = reserved  # a held engine's reservation is enough
     if engine is None:
         engine = _engine_for(model, policy, vram_budget, plan, engine_kw, B, max_len)
     tokens = np.zeros((B, T), np.int32)
@@ -311,7 +314,7 @@ def _stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c
     for c in counters:
         for k, v in c.items():
             agg[k] = agg.get(k, 0) + np.asarray(v, np.float64)
-    steps = max(len(counters), 1)
+    steps = max(len(counters), 1) * batch  # decoded tokens: every row decodes at every step
     per_layer = []
     nan = float("nan")
     routed = agg.get("routed", np.zeros(L))

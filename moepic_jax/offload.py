@@ -385,7 +385,7 @@ class OffloadEngine:
             # Python would otherwise run ahead and enqueue every layer's stack copy at once (each allocates its
             # device buffer at enqueue time): wait for layer l-1 and drop its stack, so that at most two stacks
             # (layer l's, already copied or in flight, and layer l+1's) are alive, as the budget assumes.
-            experts = None
+            experts = args = None  # the previous layer's stack is referenced by both
             h.block_until_ready()
             nxt = next((m for m in moe_ids if m > l), None)
             if nxt is not None and nxt not in pending:
@@ -438,13 +438,15 @@ class OffloadEngine:
         self._check_compiled_budget(state)
 
     def device_bytes_needed(self, state) -> int:
-        """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of the two prefill
-        layer stacks and the largest XLA temporaries of the compiled steps (`compiled.memory_analysis()`; the
-        decode step's temporaries hold its copy buffers), plus the margin. Prefill and decode never overlap."""
+        """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of prefill (two layer
+        stacks + the largest temporaries of a prefill step) and decode (its XLA temporaries, which hold its copy
+        buffers; `compiled.memory_analysis()`), plus the margin. Prefill and decode never overlap."""
         cfg = self.cfg
         stacks = 2 * cfg.n_experts * cfg.d_ff * self.row_bytes
+        prefill = stacks + max(self.compiles.temp_bytes_of(n) for n in ("prefill_pre", "prefill_moe", "prefill_dense",
+                                                                          "head"))
         return (tree_bytes(self.resident) + tree_bytes(state) + self.cache_bytes()
-                + max(stacks, self.compiles.temp_bytes) + WORKSPACE_MARGIN_BYTES)
+                + max(prefill, self.compiles.temp_bytes_of("decode")) + WORKSPACE_MARGIN_BYTES)
 
     def _check_compiled_budget(self, state) -> None:
         need = self.device_bytes_needed(state)

@@ -252,8 +252,15 @@ def _slot_name(slot) -> str:
 
 
 def _store(params: M.Params, cfg: MoEConfig, target, value: np.ndarray, name: str, filled: set) -> None:
+    if len(target) >= 3 and isinstance(target[1], int) and getattr(params.layers[target[1]], target[2]) is None:
+        kind = "an MoE" if target[2] == "moe" else "a dense"
+        raise ValueError(f"tensor {name!r} is for {kind} layer but config.json makes layer {target[1]} "
+                         f"{'dense' if target[2] == 'moe' else 'MoE'} (mlp_only_layers / decoder_sparse_step); "
+                         "is config.json from the same checkpoint?")
     if len(target) >= 4 and target[2] == "moe" and target[3] == "experts":
         l, e, part = target[1], target[4], target[5]
+        if e is not None and e >= cfg.n_experts:
+            raise ValueError(f"tensor {name!r} is for expert {e} but config.json has n_experts={cfg.n_experts}")
         stack = params.layers[l].moe.experts  # [E, F, 3, D]
         es = range(cfg.n_experts) if e is None else [e]
         for ee in es:

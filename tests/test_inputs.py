@@ -200,3 +200,22 @@ def test_top_p_filters_the_nucleus():
     seen = {int(sampling.sample(logits, jax.random.PRNGKey(s), jnp.float32(1.0), 0, jnp.float32(1.0),
                                 use_top_p=False)[0]) for s in range(200)}
     assert seen == {0, 1, 2, 3}
+
+
+def test_parse_budget_numpy_scalars():
+    assert parse_budget(np.int64(10**9), 100) == 10**9
+    assert parse_budget(np.float32(0.5), 1000) == 500
+
+
+@pytest.mark.parametrize("edit, msg", [
+    ({"mlp_only_layers": [0, 1]}, "config.json makes layer 0 dense"),
+    ({"num_experts": 4}, "n_experts=4"),
+])
+def test_config_checkpoint_mismatch_is_a_value_error(hf_dirs, tmp_path, edit, msg):
+    d = tmp_path / "q2"
+    shutil.copytree(hf_dirs["qwen2_moe"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=msg):
+        moepic_jax.load(d, dtype="float32")

@@ -180,3 +180,22 @@ def test_generate_api_with_policy_and_budget_string(offload_models, reference):
     assert 0 <= s.predictor_recall <= 1 and 0 <= s.miss_rate <= 1
     assert abs(s.full_hit_rate + s.top_only_hit_rate + s.miss_rate - 1) < 1e-9
     assert s.to_dict()["policy"] == "moepic"
+
+
+def test_h2d_bytes_are_per_token_at_batch_two(offload_models):
+    """ondemand copies each distinct routed expert once per step: per token, never more than K whole experts per
+    MoE layer (a batch of two shares duplicated experts, so it is at most that)."""
+    m = offload_models["qwen2_moe"]
+    cfg = m.cfg
+    res = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, policy="ondemand", **KW)
+    per_expert = cfg.d_ff * 3 * cfg.d_model * 4
+    most = cfg.top_k * sum(cfg.moe_layers) * per_expert
+    assert 0 < res.stats.h2d_bytes_per_token <= most
+
+
+def test_held_engine_reservation_is_enough(offload_models):
+    """A prompt + new tokens that fit the engine's max_seq_len run without a bigger power-of-two cache."""
+    m = offload_models["mixtral"]
+    eng = moepic_jax.Engine(m, policy="ondemand", max_batch=1, max_seq_len=24)
+    res = moepic_jax.generate(list(range(1, 17)), model=m, max_new_tokens=6, engine=eng)
+    assert len(res.token_ids[0]) == 6
