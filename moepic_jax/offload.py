@@ -439,12 +439,16 @@ class OffloadEngine:
 
     def device_bytes_needed(self, state) -> int:
         """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of prefill (two layer
-        stacks + the largest temporaries of a prefill step) and decode (its XLA temporaries, which hold its copy
+        stacks, or the largest temporaries of a prefill step) and decode (its XLA temporaries, which hold its copy
         buffers; `compiled.memory_analysis()`), plus the margin. Prefill and decode never overlap."""
         cfg = self.cfg
         stacks = 2 * cfg.n_experts * cfg.d_ff * self.row_bytes
-        prefill = stacks + max(self.compiles.temp_bytes_of(n) for n in ("prefill_pre", "prefill_moe", "prefill_dense",
-                                                                          "head"))
+        # Prefill: the two stacks, or the prefill steps' temporaries if larger. Not their sum: on the CPU backend
+        # a bfloat16 prefill's temporaries hold a float32 upcast of the whole stack (~2x its bytes), which does
+        # not happen on the GPU and would make every small budget fail here; the prefill activations are
+        # budgeted in the fixed part (`activation_bytes`).
+        prefill = max(stacks, max(self.compiles.temp_bytes_of(n) for n in ("prefill_pre", "prefill_moe",
+                                                                             "prefill_dense", "head")))
         return (tree_bytes(self.resident) + tree_bytes(state) + self.cache_bytes()
                 + max(prefill, self.compiles.temp_bytes_of("decode")) + WORKSPACE_MARGIN_BYTES)
 
