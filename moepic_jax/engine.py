@@ -135,18 +135,18 @@ class ResidentEngine:
         args = (self.params, state, tokens, mask)
         return self.compiles.get("prefill", self._step, args, donate_argnums=(1,), fixed=1)(*args)
 
+    def _decode_step(self, params, cache, tokens):
+        return self._step(params, cache, tokens[:, None], jnp.ones((tokens.shape[0], 1), bool))
+
     def decode(self, state, tokens):
         """One token per row. tokens: [batch] int32. Returns (logits [batch, vocab] float32, KV cache, {})."""
-        tokens = tokens[:, None]
-        args = (self.params, state, tokens, jnp.ones(tokens.shape, bool))
-        return self.compiles.get("decode", self._step, args, donate_argnums=(1,), fixed=1)(*args)
+        args = (self.params, state, tokens)
+        return self.compiles.get("decode", self._decode_step, args, donate_argnums=(1,), fixed=1)(*args)
 
     def warmup(self, state, tokens, mask, dec_tokens):
         """Compile the prefill and decode steps for these shapes (kept out of TTFT/TPOT)."""
         self.compiles.get("prefill", self._step, (self.params, state, tokens, mask), donate_argnums=(1,), fixed=1)
-        t = dec_tokens[:, None]
-        self.compiles.get("decode", self._step, (self.params, state, t, jnp.ones(t.shape, bool)), donate_argnums=(1,),
-                          fixed=1)
+        self.compiles.get("decode", self._decode_step, (self.params, state, dec_tokens), donate_argnums=(1,), fixed=1)
 
 
 def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan=None, **kw):

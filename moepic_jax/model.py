@@ -180,18 +180,18 @@ def mlp(x: jax.Array, p: MLPParams) -> jax.Array:
     return (jax.nn.silu(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down
 
 
-def route(x: jax.Array, w_router: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, w_router: jax.Array, cfg: MoEConfig, k: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-k router: softmax in float32 over E logits, top-k, optional renormalisation.
 
     Args:
-      x: [N, D] normed hidden states.
+      x: [N, D] normed hidden states; k: static, experts per token (default cfg.top_k; the predictor asks k').
     Returns:
-      (ids [N, K] int32, weights [N, K] float32). Mixtral always renormalises; the others follow
+      (ids [N, k] int32, weights [N, k] float32). Mixtral always renormalises; the others follow
       `norm_topk_prob` (HF `*TopKRouter.forward`).
     """
     logits = x @ w_router  # [N, E]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    w, ids = jax.lax.top_k(probs, cfg.top_k)
+    w, ids = jax.lax.top_k(probs, cfg.top_k if k is None else k)
     if cfg.norm_topk_prob:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
     return ids.astype(jnp.int32), w

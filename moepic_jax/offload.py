@@ -249,10 +249,9 @@ class OffloadEngine:
         DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]),
         take the top k' per token. Returns (distinct predicted ids [P] (-1 padded), buffers, bytes).
         """
-        x = M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps)
-        probs = jax.nn.softmax((x @ lp.moe.w_router).astype(jnp.float32), axis=-1)
-        _, pids = jax.lax.top_k(probs, self.n_predicted)
-        pred = jnp.unique(pids.astype(jnp.int32).ravel(), size=P, fill_value=-1)
+        pids, _ = M.route(M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps), lp.moe.w_router, self.cfg,
+                          self.n_predicted)
+        pred = jnp.unique(pids.ravel(), size=P, fill_value=-1)
         bufs, nbytes = [], jnp.zeros((), jnp.float32)
         for p in range(P):
             b, nb = self._fetch(l_next, stack, cache, pred[p], maybe_padding=h_mid.shape[0] > 1)
@@ -295,7 +294,8 @@ class OffloadEngine:
             u = jnp.argmax(uniq[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in uniq
             y = y + w[:, k, None] * outs[u, rows]
         y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
-        cache = C.update(self.spec.rule, cache, uniq, jnp.stack(bufs), step)
+        if self.spec.rule != "static":  # the static rule never writes its slots
+            cache = C.update(self.spec.rule, cache, uniq, jnp.stack(bufs), step)
         f32 = jnp.float32
         counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                         misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
@@ -305,39 +305,38 @@ class OffloadEngine:
     def _decode_step(self, resident, stacks, caches, kv: M.KVCache, tokens, step):
         """One token for every row. tokens: [B] int32. Returns (logits [B, V], caches, kv, counters [L])."""
         cfg = self.cfg
-        if True:  # one indentation level kept for readability of the layer loop
-            B = tokens.shape[0]
-            mask = jnp.ones((B, 1), bool)
-            positions, valid, new_kv = M.cache_positions(kv, mask)
-            h = M.embed(resident, tokens[:, None])
-            k, v = kv.k, kv.v
-            caches = list(caches)
-            names = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
-            cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in names}
-            pred = None
-            P = min(B * self.n_predicted, cfg.n_experts)
-            for l, lp in enumerate(resident.layers):
-                a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
-                                      kv.length, cfg)
-                h = h + a
-                h_mid = h[:, 0]
-                nxt = l + 1
-                next_pred = None
-                if self.spec.prefetch and P > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
-                    next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], P)
-                x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
-                if cfg.moe_layers[l]:
-                    y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step)
-                    for n in names:
-                        cnt[n][l] = c[n]
-                else:
-                    y = M.mlp(x, lp.mlp)
-                h = h + y[:, None]
-                pred = next_pred
-            logits = M.lm_head(resident, h, cfg)[:, 0]
-            new_kv = new_kv.replace(k=k, v=v)
-            counters = {n: jnp.stack(cnt[n]) for n in names}
-            return logits, tuple(caches), new_kv, counters
+        B = tokens.shape[0]
+        mask = jnp.ones((B, 1), bool)
+        positions, valid, new_kv = M.cache_positions(kv, mask)
+        h = M.embed(resident, tokens[:, None])
+        k, v = kv.k, kv.v
+        caches = list(caches)
+        names = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
+        cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in names}
+        pred = None
+        P = min(B * self.n_predicted, cfg.n_experts)
+        for l, lp in enumerate(resident.layers):
+            a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
+                                  kv.length, cfg)
+            h = h + a
+            h_mid = h[:, 0]
+            nxt = l + 1
+            next_pred = None
+            if self.spec.prefetch and P > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
+                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], P)
+            x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
+            if cfg.moe_layers[l]:
+                y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step)
+                for n in names:
+                    cnt[n][l] = c[n]
+            else:
+                y = M.mlp(x, lp.mlp)
+            h = h + y[:, None]
+            pred = next_pred
+        logits = M.lm_head(resident, h, cfg)[:, 0]
+        new_kv = new_kv.replace(k=k, v=v)
+        counters = {n: jnp.stack(cnt[n]) for n in names}
+        return logits, tuple(caches), new_kv, counters
 
     def decode(self, state, tokens):
         """One token per row. tokens: [batch] int32 (on the device).

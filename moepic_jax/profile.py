@@ -84,7 +84,7 @@ def _route_all(engine, tokens: np.ndarray):
         pred = None
         if nlp is not None:
             xn = M.rms_norm(h, nlp.mlp_norm, cfg.rms_eps)[0]
-            pred = jax.lax.top_k(jax.nn.softmax((xn @ nlp.moe.w_router).astype(jnp.float32)), engine.n_predicted)[1]
+            pred = M.route(xn, nlp.moe.w_router, cfg, engine.n_predicted)[0]
         if lp.moe is not None:
             ids, w = M.route(x, lp.moe.w_router, cfg)
             y = M.experts_scan(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
