@@ -262,13 +262,19 @@ def generate(
     ttft = time.perf_counter() - t0
     t_prev = time.perf_counter()
     for step in range(max_new_tokens):
-        # Dispatch step t+1 before handling token t on the host, so that the device never waits for Python
-        # (stop checks, streaming, dispatch); if every row stops at token t, that step's work is dropped.
+        # Dispatch step t+1 before reading token t back, so that the device never waits for Python (dispatch,
+        # stop checks, streaming): the read below waits for step t only, while step t+1 is already queued. If
+        # every row stops at token t, step t+1's work is dropped.
         ahead = step < max_new_tokens - 1
         if ahead:
             logits, state, c = engine.decode(state, nxt)
             key, sub = jax.random.split(key)
             nxt_next = pick(logits, sub)
+        if step > 0:
+            nxt_host = np.asarray(nxt)
+            now = time.perf_counter()
+            step_times.append(now - t_prev)
+            t_prev = now
         for i in range(B):
             if done[i]:
                 continue
@@ -288,10 +294,6 @@ def generate(
             break
         counters.append(c)
         nxt = nxt_next
-        nxt_host = np.asarray(nxt)
-        now = time.perf_counter()
-        step_times.append(now - t_prev)
-        t_prev = now
     stats = _stats(engine, cfg, B, len(ids[0]) if B == 1 else sum(map(len, ids)), out, ttft, step_times, counters,
                    c_prefill, compiles0)
     text = None

@@ -1,0 +1,109 @@
+"""What does a conditional cost in the decode step? Per policy at one VRAM budget: decode time per token with
+steps queued back to back (`engine.decode` in a loop, no host read), with a host read after every step, and the
+`generate` TPOT; H2D bytes per token and the floor they imply. Run it once with default XLA flags and once with
+`XLA_FLAGS=--xla_gpu_enable_command_buffer=...,CONDITIONAL,WHILE` (CUDA-graph conditional nodes, no host sync
+per `lax.cond`) to see whether the syncs or the copies themselves cost the time.
+
+  PYTHONPATH=. python benchmarks/probe_cond.py --tag default [--tiny]
+Prints a short table; JSON to $OUT/probe_cond_<tag>.json.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from moepic_jax.engine import make_engine  # noqa: E402
+from moepic_jax.generate import generate  # noqa: E402
+from moepic_jax.offload import OffloadEngine  # noqa: E402
+from moepic_jax.profile import default_hardware, profile_model  # noqa: E402
+
+
+def time_steps(engine, state, tok, steps, sync_each):
+    h2d = 0.0
+    t0 = time.perf_counter()
+    cs = []
+    for _ in range(steps):
+        logits, state, c = engine.decode(state, tok)
+        cs.append(c)
+        if sync_each:
+            np.asarray(logits[:, :1])
+    jax.block_until_ready(logits)
+    dt = (time.perf_counter() - t0) / steps
+    if cs and cs[0]:
+        h2d = float(np.mean([np.sum(np.asarray(c["h2d_bytes"])) for c in cs]))
+    return dt * 1e3, h2d, state
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tag", default="default")
+    ap.add_argument("--frac", type=float, default=0.5, help="fraction of the expert bytes added to the fixed part")
+    ap.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
+    args = ap.parse_args()
+    cfg = common.get_config("qwen15", tiny=args.tiny)
+    model = common.random_model(cfg, progress=False)
+    F = cfg.d_ff
+    stack0 = model.params.layers[cfg.moe_layer_ids[0]].moe.experts
+    bw = common.measure_peak_h2d(stack0, split=F // 2, k=cfg.top_k)["peak_Bps"]
+    T, L = 128, 256
+    base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=L)
+    fixed = base.fixed_bytes
+    mp = profile_model(base)
+    del base
+    hw = default_hardware(cfg.n_layers)
+    budget = int(fixed + args.frac * cfg.total_expert_bytes(model.dtype_bytes))
+    rng = np.random.RandomState(0)
+    toks = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, T)), jnp.int32)
+    mask = jnp.ones((1, T), bool)
+    rows = {}
+    for policy in args.policies.split(","):
+        t0 = time.perf_counter()
+        if policy == "resident":
+            eng = make_engine(model, "resident")
+        else:
+            eng = make_engine(model, policy, vram_budget=budget, max_batch=1, max_seq_len=L, profile=mp, hardware=hw,
+                              granule=128 if not args.tiny else 16)
+        state = eng.new_state(1, L)
+        tok = jnp.zeros((1,), jnp.int32)
+        eng.warmup(state, toks, mask, tok)
+        build = time.perf_counter() - t0
+        _, state, _ = eng.prefill(state, toks, mask)
+        _, _, state = time_steps(eng, state, tok, 3, True)
+        a, h2d, state = time_steps(eng, state, tok, 20, False)
+        b, _, state = time_steps(eng, state, tok, 10, True)
+        del state
+        res = generate([rng.randint(0, cfg.vocab_size, T).tolist()], model=model, engine=eng, max_new_tokens=32,
+                       temperature=1.0)
+        rows[policy] = {"ms_queued": a, "ms_sync_each": b, "generate_tpot_ms": res.stats.tpot_s * 1e3,
+                        "h2d_mb_per_token": h2d / 1e6, "floor_ms": h2d / bw * 1e3, "build_s": build,
+                        "full_hit_rate": res.stats.full_hit_rate, "miss_rate": res.stats.miss_rate,
+                        "splits": sorted({lp.split for lp in eng.cache_plan.layers}) if eng.cache_plan else None}
+        print(policy, json.dumps(rows[policy]), flush=True)
+        del eng, res
+        model.__dict__.pop("_engines", None)
+    env = common.env_info()
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"probe_cond_{args.tag}.json"), "w") as f:
+            json.dump({"rows": rows, "peak_h2d_Bps": bw, "budget_bytes": budget, "env": env,
+                       "xla_flags": os.environ.get("XLA_FLAGS", "")}, f, indent=1)
+    print(f"\n{args.tag}: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, budget {budget / 2**30:.2f} GiB, "
+          f"peak H2D {bw / 1e9:.1f} GB/s")
+    print("| policy | ms queued | ms sync each | generate TPOT ms | H2D MB/tok | floor ms | full hit | miss |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v['ms_queued']:.2f} | {v['ms_sync_each']:.2f} | {v['generate_tpot_ms']:.2f} | "
+              f"{v['h2d_mb_per_token']:.1f} | {v['floor_ms']:.2f} | {v['full_hit_rate']:.1%} | {v['miss_rate']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
