@@ -63,32 +63,41 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
         assembled weights on the device (the first s rows are what a slot keeps).
     A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first,
     lowest slot among them) and evicts its owner. Uses within a step are ordered by their position in
-    `experts` (time stamp step * E + u), so the rule is exact LRU over the sequence of uses. Written without `lax.cond` so the donated `tops` is updated in place: on a hit
-    the write stores the bytes the slot already holds.
+    `experts` (time stamp step * E + u), so the rule is exact LRU over the sequence of uses. The slot
+    bookkeeping ([E] and [N] int32 arrays) runs use by use; the tops are then written by one scatter of the
+    admitted experts only (a write per use would rewrite every hit's slot, and XLA may copy the whole cache
+    for each write that is not the last use of the old array).
     """
     n, s = cache.tops.shape[0], cache.tops.shape[1]
     if n == 0 or s == 0:
         return cache
     U, E = experts.shape[0], cache.slot_of.shape[0]
+    slot_of, owner, last_use = cache.slot_of, cache.owner, cache.last_use
+    targets, admits = [], []
     for u in range(U):
         e = experts[u]
         stamp = step * E + u + 1  # stride E >= U whatever the batch size, so stamps only grow
         valid = e >= 0
-        slot = cache.slot_of[jnp.maximum(e, 0)]
+        slot = slot_of[jnp.maximum(e, 0)]
         hit = valid & (slot >= 0)
-        victim = jnp.argmin(cache.last_use).astype(jnp.int32)
+        victim = jnp.argmin(last_use).astype(jnp.int32)
         target = jnp.where(hit, slot, victim)
         admit = valid & ~hit
-        data = jnp.where(valid, buffers[u, :s].astype(cache.tops.dtype), cache.tops[target])
-        tops = jax.lax.dynamic_update_index_in_dim(cache.tops, data, target, axis=0)
-        old = cache.owner[target]
-        slot_of = cache.slot_of
+        old = owner[target]
         slot_of = jnp.where(admit & (old >= 0), slot_of.at[jnp.maximum(old, 0)].set(-1), slot_of)
         slot_of = jnp.where(admit, slot_of.at[jnp.maximum(e, 0)].set(target), slot_of)
-        owner = jnp.where(admit, cache.owner.at[target].set(e), cache.owner)
-        last_use = jnp.where(valid, cache.last_use.at[target].set(stamp), cache.last_use)
-        cache = LayerCache(tops=tops, slot_of=slot_of, owner=owner, last_use=last_use)
-    return cache
+        owner = jnp.where(admit, owner.at[target].set(e), owner)
+        last_use = jnp.where(valid, last_use.at[target].set(stamp), last_use)
+        targets.append(target)
+        admits.append(admit)
+    targets, admits = jnp.stack(targets), jnp.stack(admits)
+    # An admission evicted again later in the same step (more misses than slots) is not written; the remaining
+    # targets are distinct, and index n (out of bounds) drops a row.
+    later = jnp.triu(jnp.ones((U, U), bool), k=1)
+    overwritten = jnp.any(later & admits[None, :] & (targets[None, :] == targets[:, None]), axis=1)
+    idx = jnp.where(admits & ~overwritten, targets, n)
+    tops = cache.tops.at[idx].set(buffers[:, :s].astype(cache.tops.dtype), mode="drop", unique_indices=True)
+    return LayerCache(tops=tops, slot_of=slot_of, owner=owner, last_use=last_use)
 
 
 def update(rule: str, cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: jax.Array) -> LayerCache:

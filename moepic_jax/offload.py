@@ -27,6 +27,7 @@ are on the device at once; they are part of the budget's fixed part.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -44,6 +45,7 @@ from moepic_jax.weights import Model
 log = logging.getLogger(__name__)
 
 WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below
+COPY_GROUP = 4  # experts per lax.switch in `_copy_group`: 5 branches, at most 10 copies in the program per group
 
 
 def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
@@ -212,52 +214,75 @@ class OffloadEngine:
         return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
 
     # ---- decode -------------------------------------------------------------------------------------
-    def _fetch(self, l: int, stack: jax.Array, cache: C.LayerCache, e: jax.Array, maybe_padding: bool = True
-               ) -> tuple[jax.Array, jax.Array]:
-        """Assemble expert e of layer l on the device. Returns ([F, 3, D], H2D bytes copied, float32).
+    def _copy_group(self, stack: jax.Array, sids: jax.Array, n: jax.Array, start: int, size: int,
+                    every: bool = False) -> jax.Array:
+        """Copy rows [start, start+size) of experts sids[0:n] to the device; zeros for the rest.
 
-        maybe_padding: static; False when e cannot be -1 (batch 1: top-k ids are distinct), which saves a
-        conditional (each one costs a little on the GPU) and makes the miss path of `ondemand` cond-free.
+        sids: [U] int32, sorted so that the experts to copy come first; n: traced count. The number of copies is
+        data-dependent, so it takes a conditional, and on the GPU every conditional costs a host round trip
+        (about 50 us per `lax.cond` on the H200, benchmarks/results/probe_cond_*.json): one `lax.switch` per group
+        of COPY_GROUP experts picks how many of them to copy, instead of one `lax.cond` per expert.
+        every: static; True when n == U is known at trace time (batch 1 without a cache or prediction): plain copies.
+        Returns [U, size, 3, D].
+        """
+        U, D = sids.shape[0], self.cfg.d_model
+        zero = jnp.zeros((size, 3, D), self.dtype)
+        if size == 0 or U == 0:
+            return jnp.zeros((U, size, 3, D), self.dtype)
+        if every:
+            return jnp.stack([fetch_rows(stack, sids[u], start, size) for u in range(U)])
+        outs = []
+        for g0 in range(0, U, COPY_GROUP):
+            m = min(COPY_GROUP, U - g0)
+
+            def branch(j, g0=g0, m=m):
+                return jnp.stack([fetch_rows(stack, sids[g0 + i], start, size) for i in range(j)] + [zero] * (m - j))
+
+            outs.append(jax.lax.switch(jnp.clip(n - g0, 0, m), [functools.partial(branch, j) for j in range(m + 1)]))
+        return jnp.concatenate(outs)
+
+    def _assemble(self, l: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
+                  every: bool = False):
+        """Assemble experts `ids` of layer l on the device.
+
+        ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those to assemble (the others get zeros);
+        every: static, True when every id is known to be valid and needed (batch 1, nothing prefetched).
+        A cached expert's top rows [0, s) come from its slot; every needed expert's bottom rows [s, F) and an
+        uncached one's top rows are copied from the host stack. Returns (ids permuted so that copies come first
+        [U], their buffers [U, F, 3, D], the permutation [U], H2D bytes (float32)).
         """
         cfg = self.cfg
-        F, s = cfg.d_ff, self.splits[l]
-        rb = self.row_bytes
-        zeros = jnp.zeros((F, 3, cfg.d_model), self.dtype)
-        full_bytes = jnp.where(e >= 0, jnp.float32(F * rb), jnp.float32(0))
-        if cache.tops.shape[0] == 0 or s == 0:
-            if not maybe_padding:
-                return fetch_rows(stack, e, 0, F), full_bytes
-            return jax.lax.cond(e >= 0, lambda: fetch_rows(stack, e, 0, F), lambda: zeros), full_bytes
-        slot = cache.slot_of[jnp.maximum(e, 0)]
-        if s == F:
-            hit = lambda: cache.tops[jnp.maximum(slot, 0)]  # noqa: E731 - branch thunk
-        else:
-            hit = lambda: jnp.concatenate([cache.tops[jnp.maximum(slot, 0)], fetch_rows(stack, e, s, F - s)])  # noqa: E731
-        if maybe_padding:
-            case = jnp.where(e < 0, 0, jnp.where(slot < 0, 1, 2))
-            buf = jax.lax.switch(case, [lambda: zeros, lambda: fetch_rows(stack, e, 0, F), hit])
-        else:
-            case = jnp.where(slot < 0, 1, 2)
-            buf = jax.lax.cond(slot < 0, lambda: fetch_rows(stack, e, 0, F), hit)
-        nbytes = jnp.select([case == 1, case == 2], [jnp.float32(F * rb), jnp.float32((F - s) * rb)], jnp.float32(0))
-        return buf, nbytes
+        F = cfg.d_ff
+        s = self.splits[l] if cache.tops.shape[0] > 0 else 0
+        valid = ids >= 0
+        need = need & valid
+        slot = cache.slot_of[jnp.maximum(ids, 0)] if s > 0 else jnp.full(ids.shape, -1, jnp.int32)
+        cached = valid & (slot >= 0)
+        need_top, need_bot = need & ~cached, need & (s < F)
+        # Misses (top and bottom) first, then top-only hits (bottom), then the rest: both copy sets are prefixes.
+        order = jnp.argsort(-(2 * need_top.astype(jnp.int32) + need_bot.astype(jnp.int32)), stable=True)
+        sids = ids[order]
+        n_top, n_bot = jnp.sum(need_top, dtype=jnp.int32), jnp.sum(need_bot, dtype=jnp.int32)
+        bufs = self._copy_group(stack, sids, n_bot, s, F - s, every=every and s == 0)
+        if s > 0:
+            top = jnp.where(cached[order][:, None, None, None], cache.tops[jnp.maximum(slot[order], 0)],
+                            self._copy_group(stack, sids, n_top, 0, s))
+            bufs = jnp.concatenate([top, bufs], axis=1)
+        nbytes = (n_top * s + n_bot * (F - s)).astype(jnp.float32) * self.row_bytes
+        return sids, bufs, order, nbytes
 
     def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
                  P: int):
         """Predict layer l_next's experts from the current residual stream and start their copies.
 
         DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]),
-        take the top k' per token. Returns (distinct predicted ids [P] (-1 padded), buffers, bytes).
+        take the top k' per token. Returns (distinct predicted ids [P] (-1 padded), buffers [P, F, 3, D], bytes).
         """
         pids, _ = M.route(M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps), lp.moe.w_router, self.cfg,
                           self.n_predicted)
         pred = jnp.unique(pids.ravel(), size=P, fill_value=-1)
-        bufs, nbytes = [], jnp.zeros((), jnp.float32)
-        for p in range(P):
-            b, nb = self._fetch(l_next, stack, cache, pred[p], maybe_padding=h_mid.shape[0] > 1)
-            bufs.append(b)
-            nbytes = nbytes + nb
-        return pred, bufs, nbytes
+        sids, bufs, _, nbytes = self._assemble(l_next, stack, cache, pred, pred >= 0, every=h_mid.shape[0] == 1)
+        return sids, bufs, nbytes
 
     def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step):
         """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l)."""
@@ -267,35 +292,29 @@ class OffloadEngine:
         U = min(B * cfg.top_k, cfg.n_experts)
         uniq = jnp.unique(ids.ravel(), size=U, fill_value=-1)
         full, top, miss = C.classify(cache, ids, self.splits[l], cfg.d_ff)
-        y = jnp.zeros((B, cfg.d_model), jnp.float32)
-        bufs, nbytes = [], jnp.zeros((), jnp.float32)
         predicted = jnp.zeros(ids.shape, bool)
+        got = jnp.zeros((U,), bool)
         if pred is not None:
             pred_ids, pred_bufs, pred_bytes = pred
-            nbytes = nbytes + pred_bytes
             predicted = jnp.any(ids[..., None] == pred_ids, axis=-1)
-            pb = jnp.stack(pred_bufs)  # [P, F, 3, D]
-        for u in range(U):
-            e = uniq[u]
-            if pred is not None:
-                match = (pred_ids == e) & (e >= 0)
-                j = jnp.argmax(match)
-                buf, nb = jax.lax.cond(jnp.any(match), lambda j=j: (pb[j], jnp.zeros((), jnp.float32)),
-                                       lambda e=e: self._fetch(l, stack, cache, e, B > 1))
-            else:
-                buf, nb = self._fetch(l, stack, cache, e, B > 1)
-            nbytes = nbytes + nb
-            bufs.append(buf)
+            got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
+        # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
+        sids, bufs, order, nbytes = self._assemble(l, stack, cache, uniq, ~got, every=B == 1 and pred is None)
+        if pred is not None:
+            nbytes = nbytes + pred_bytes
+            j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
+            bufs = jnp.where(got[order][:, None, None, None], pred_bufs[j], bufs)
         # Outputs of every distinct expert for every row, then summed in routing order (k = 0..K-1) exactly as
         # the resident model does, so that bfloat16 results round identically, not just within tolerance.
-        outs = jnp.stack([M.segment_ffn(x, buf).astype(jnp.float32) for buf in bufs])  # [U, B, D]
+        outs = jnp.stack([M.segment_ffn(x, bufs[u]).astype(jnp.float32) for u in range(U)])  # [U, B, D]
         rows = jnp.arange(B)
+        y = jnp.zeros((B, cfg.d_model), jnp.float32)
         for k in range(cfg.top_k):
-            u = jnp.argmax(uniq[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in uniq
+            u = jnp.argmax(sids[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in sids
             y = y + w[:, k, None] * outs[u, rows]
         y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
         if self.spec.rule != "static":  # the static rule never writes its slots
-            cache = C.update(self.spec.rule, cache, uniq, jnp.stack(bufs), step)
+            cache = C.update(self.spec.rule, cache, sids, bufs, step)
         f32 = jnp.float32
         counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                         misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
