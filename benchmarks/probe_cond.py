@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--tag", default="default")
     ap.add_argument("--frac", type=float, default=0.5, help="fraction of the expert bytes added to the fixed part")
     ap.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
+    ap.add_argument("--groups", default="", help="comma list of offload.COPY_GROUP values to try (default: as is)")
     args = ap.parse_args()
     cfg = common.get_config("qwen15", tiny=args.tiny)
     model = common.random_model(cfg, progress=False)
@@ -66,7 +67,17 @@ def main():
     toks = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, T)), jnp.int32)
     mask = jnp.ones((1, T), bool)
     rows = {}
-    for policy in args.policies.split(","):
+    from moepic_jax import offload
+
+    runs = [(p, None) for p in args.policies.split(",")]
+    if args.groups:
+        runs = [(p, int(g)) for p in args.policies.split(",") for g in args.groups.split(",")]
+    for policy, group in runs:
+        if group is not None:
+            offload.COPY_GROUP = group
+            policy_key = f"{policy} group={group}"
+        else:
+            policy_key = policy
         t0 = time.perf_counter()
         if policy == "resident":
             eng = make_engine(model, "resident")
@@ -84,11 +95,11 @@ def main():
         del state
         res = generate([rng.randint(0, cfg.vocab_size, T).tolist()], model=model, engine=eng, max_new_tokens=32,
                        temperature=1.0)
-        rows[policy] = {"ms_queued": a, "ms_sync_each": b, "generate_tpot_ms": res.stats.tpot_s * 1e3,
+        rows[policy_key] = {"ms_queued": a, "ms_sync_each": b, "generate_tpot_ms": res.stats.tpot_s * 1e3,
                         "h2d_mb_per_token": h2d / 1e6, "floor_ms": h2d / bw * 1e3, "build_s": build,
                         "full_hit_rate": res.stats.full_hit_rate, "miss_rate": res.stats.miss_rate,
                         "splits": sorted({lp.split for lp in eng.cache_plan.layers}) if eng.cache_plan else None}
-        print(policy, json.dumps(rows[policy]), flush=True)
+        print(policy_key, json.dumps(rows[policy_key]), flush=True)
         del eng, res
         model.__dict__.pop("_engines", None)
     env = common.env_info()
