@@ -62,8 +62,9 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
       experts: [U] int32 distinct experts used this step (-1 = padding); buffers: [U, >=s, 3, D] their
         assembled weights on the device (the first s rows are what a slot keeps).
     A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first,
-    lowest slot among them) and evicts its owner. Uses within a step are ordered by their position in
-    `experts` (time stamp step * E + u), so the rule is exact LRU over the sequence of uses. The slot
+    lowest slot among them) and evicts its owner. Within a step the hits (against the cache as the step began)
+    are taken first, then the misses, each in their order in `experts` (time stamp step * E + position), so a
+    miss never evicts an expert the same step uses; the rule is exact LRU over that sequence of uses. The slot
     bookkeeping ([E] and [N] int32 arrays) runs use by use; the tops are then written by one scatter of the
     admitted experts only (a write per use would rewrite every hit's slot, and XLA may copy the whole cache
     for each write that is not the last use of the old array).
@@ -73,9 +74,11 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
         return cache
     U, E = experts.shape[0], cache.slot_of.shape[0]
     slot_of, owner, last_use = cache.slot_of, cache.owner, cache.last_use
+    hit0 = (experts >= 0) & (slot_of[jnp.maximum(experts, 0)] >= 0)
+    order = jnp.argsort(~hit0, stable=True)  # hits first
     targets, admits = [], []
     for u in range(U):
-        e = experts[u]
+        e = experts[order[u]]
         stamp = step * E + u + 1  # stride E >= U whatever the batch size, so stamps only grow
         valid = e >= 0
         slot = slot_of[jnp.maximum(e, 0)]
@@ -92,10 +95,11 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
         admits.append(admit)
     targets, admits = jnp.stack(targets), jnp.stack(admits)
     # An admission evicted again later in the same step (more misses than slots) is not written; the remaining
-    # targets are distinct, and index n (out of bounds) drops a row.
+    # targets are distinct, and the rows not written get distinct out-of-bounds indices (dropped).
     later = jnp.triu(jnp.ones((U, U), bool), k=1)
     overwritten = jnp.any(later & admits[None, :] & (targets[None, :] == targets[:, None]), axis=1)
-    idx = jnp.where(admits & ~overwritten, targets, n)
+    idx = jnp.where(admits & ~overwritten, targets, n + jnp.arange(U))
+    idx = jnp.zeros((U,), idx.dtype).at[order].set(idx)  # back to the order of `buffers` (no copy of the buffers)
     tops = cache.tops.at[idx].set(buffers[:, :s].astype(cache.tops.dtype), mode="drop", unique_indices=True)
     return LayerCache(tops=tops, slot_of=slot_of, owner=owner, last_use=last_use)
 

@@ -52,6 +52,8 @@ def _add_engine_args(p, default_policy="moepic", default_budget="40%"):
                    help="bytes, fraction of the weights (0.4), '6GiB', '500MB', '40%%', or 'none' (default %(default)s)")
     p.add_argument("--plan", default=None, help="a CachePlan JSON file (static/moepic)")
     p.add_argument("--granule", type=int, default=32, help="split granularity in neurons")
+    p.add_argument("--devices", type=int, default=1,
+                   help="GPUs to spread the experts over (an 'expert' mesh axis; the VRAM budget is then per device)")
 
 
 def _load(args):
@@ -66,6 +68,8 @@ def _engine_kw(args, model):
     kw = {}
     if args.policy != "resident":
         kw["granule"] = args.granule
+    if args.devices != 1:
+        kw["devices"] = args.devices
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
 
@@ -100,7 +104,7 @@ def _offload_engine(args, model):
 
     policy = args.policy if args.policy in ("static", "moepic", "lru") else "moepic"
     return OffloadEngine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
-                         max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+                         max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices)
 
 
 def cmd_profile(args) -> int:

@@ -158,6 +158,10 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan=Non
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if policy == "resident":
+        devices = kw.get("devices")
+        if devices is not None and (devices != 1 if isinstance(devices, int) else len(list(devices)) != 1):
+            raise ValueError("policy 'resident' runs on one device; to spread the experts over several devices use an "
+                             "offloading policy (e.g. policy='moepic', devices=2)")
         return ResidentEngine(model, vram_budget)
     from moepic_jax.offload import OffloadEngine
 

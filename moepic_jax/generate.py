@@ -122,6 +122,8 @@ def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: 
     Offloading engines reserve a KV cache of max_batch x max_seq_len in their budget; unless the caller
     fixes them, they are sized for this call and the engine is rebuilt when a later call needs more.
     """
+    if isinstance(engine_kw.get("devices"), (list, tuple)):
+        engine_kw = {**engine_kw, "devices": tuple(engine_kw["devices"])}  # hashable, for the key below
     key = (policy, str(vram_budget), None if plan is None else plan.to_json(), tuple(sorted(engine_kw.items())))
     engines = model.__dict__.setdefault("_engines", {})
     eng = engines.get(key)

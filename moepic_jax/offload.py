@@ -40,6 +40,9 @@ from moepic_jax.budget import parse_budget
 from moepic_jax.engine import CompileCache, tree_bytes
 from moepic_jax.planner import CachePlan, LayerPlan
 from moepic_jax.store import pin_experts, split_resident
+
+P = jax.sharding.PartitionSpec
+EXPERT_AXIS = "expert"
 from moepic_jax.weights import Model
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,23 @@ def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
     ffn = 3 * n * max(cfg.d_ff, cfg.dense_d_ff, cfg.shared_d_ff) * 4
     stream = 6 * n * cfg.d_model * 4 + n * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * dtype_bytes
     return attn + ffn + stream + batch * cfg.vocab_size * 4
+
+
+def resolve_devices(devices) -> list:
+    """The devices an engine runs on: None = the default device; an int n = the first n devices; or a sequence
+    of `jax.Device`. Raises ValueError for a count outside [1, jax.device_count()] or an empty sequence."""
+    if devices is None:
+        return [jax.devices()[0]]
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        n = int(devices)
+        if not 1 <= n <= jax.device_count():
+            raise ValueError(f"devices={n}: this process sees {jax.device_count()} device(s) "
+                             f"({jax.devices()[0].platform}); pass 1..{jax.device_count()}")
+        return list(jax.devices()[:n])
+    devs = list(devices)
+    if not devs or not all(isinstance(d, jax.Device) for d in devs):
+        raise ValueError(f"devices must be None, a device count or a non-empty sequence of jax.Device, got {devices!r}")
+    return devs
 
 
 def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Array:
@@ -97,6 +117,11 @@ class OffloadEngine:
       n_predicted: experts predicted per token for the next layer (k'); default top_k.
       max_batch, max_seq_len: the largest KV cache the engine reserves in its budget.
       granule: split granularity in neurons for the built-in plan.
+      devices: None (the default device), a device count, or a list of `jax.Device`. With several devices the
+        experts of every MoE layer are sharded over an `expert` mesh axis: device d owns experts
+        [d * E/n, (d+1) * E/n), their pinned host buffers, their cache slots and their copies; the rest of the
+        model and the KV cache are replicated; each device computes its own routed experts and the outputs are
+        summed over the axis (`shard_map` + `psum`). `vram_budget` is then per device.
     Raises:
       ValueError: budget below the fixed part (names the minimum in GiB), a plan that does not match
         the model, a plan bigger than the cache budget.
@@ -104,7 +129,7 @@ class OffloadEngine:
 
     def __init__(self, model: Model, policy: str = "moepic", vram_budget=None, plan: CachePlan | None = None,
                  n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
-                 profile=None, hardware=None):
+                 profile=None, hardware=None, devices=None):
         if policy not in SPECS:
             raise ValueError(f"unknown offloading policy {policy!r}; choose one of {', '.join(SPECS)}")
         self.policy, self.spec = policy, SPECS[policy]
@@ -118,11 +143,17 @@ class OffloadEngine:
         self.max_batch, self.max_seq_len = int(max_batch), int(max_seq_len)
         self.vram_budget_bytes = parse_budget(vram_budget, model.weight_bytes())
         self.compiles = CompileCache()
-        self.device = jax.devices()[0]
+        self.devices = resolve_devices(devices)
+        self.device, self.n_dev = self.devices[0], len(self.devices)
+        if cfg.n_experts % self.n_dev:
+            raise ValueError(f"{cfg.n_experts} experts cannot be split evenly over {self.n_dev} devices; use a device "
+                             f"count that divides {cfg.n_experts}")
+        self.e_loc = cfg.n_experts // self.n_dev  # experts owned by each device
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), (EXPERT_AXIS,)) if self.n_dev > 1 else None
 
-        self.stacks = pin_experts(model, self.device)
+        self.stacks = pin_experts(model, self._sharding("pinned_host", expert=True))
         resident_host, _ = split_resident(model.params)
-        self.resident = jax.device_put(resident_host, jax.sharding.SingleDeviceSharding(self.device))
+        self.resident = jax.device_put(resident_host, self._sharding())
         self.fixed_bytes = self._fixed_bytes(self.max_batch, self.max_seq_len)
         if self.vram_budget_bytes is not None and self.vram_budget_bytes < self.fixed_bytes:
             raise ValueError(
@@ -138,13 +169,43 @@ class OffloadEngine:
         self.caches = None
         self.step_count = 0
 
+    # ---- devices ------------------------------------------------------------------------------------
+    def _sharding(self, memory_kind: str = "device", expert: bool = False) -> jax.sharding.Sharding:
+        """Replicated (or, with expert=True, split over the expert axis) placement in `memory_kind`."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self.device, memory_kind=memory_kind)
+        return jax.sharding.NamedSharding(self.mesh, P(EXPERT_AXIS) if expert else P(), memory_kind=memory_kind)
+
+    def _spmd(self, fn, in_specs, out_specs):
+        """`fn` as one program per device over the expert axis (identity with one device)."""
+        if self.mesh is None:
+            return fn
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def _local(self, ids: jax.Array) -> jax.Array:
+        """Global expert ids -> this device's local ids, -1 where another device owns the expert (or id -1)."""
+        if self.mesh is None:
+            return ids
+        d = jax.lax.axis_index(EXPERT_AXIS)
+        return jnp.where((ids >= 0) & (ids // self.e_loc == d), ids - d * self.e_loc, -1)
+
+    def _distinct(self, ids: jax.Array, size: int) -> jax.Array:
+        """Distinct valid ids of `ids` (any shape), ascending, padded with -1 to `size`."""
+        big = self.e_loc  # above every local id, so -1 entries never crowd out a valid one
+        u = jnp.unique(jnp.where(ids >= 0, ids, big).ravel(), size=size, fill_value=big)
+        return jnp.where(u == big, -1, u)
+
+    def _psum(self, x):
+        return x if self.mesh is None else jax.lax.psum(x, EXPERT_AXIS)
+
     # ---- budget -------------------------------------------------------------------------------------
     def _fixed_bytes(self, batch: int, max_len: int) -> int:
+        """Device bytes of everything but the top caches, per device."""
         cfg = self.cfg
         expert = cfg.d_ff * self.row_bytes
-        U = min(batch * cfg.top_k, cfg.n_experts)
-        P = min(batch * self.n_predicted, cfg.n_experts) if self.spec.prefetch else 0
-        layer_stack = cfg.n_experts * expert
+        U = min(batch * cfg.top_k, self.e_loc)
+        P = min(batch * self.n_predicted, self.e_loc) if self.spec.prefetch else 0
+        layer_stack = self.e_loc * expert
         kv = M.kv_cache_bytes(cfg, batch, max_len, self.dtype.itemsize)
         # decode: routed + prefetched buffers of two layers in flight; prefill: two layer stacks.
         buffers = max(2 * (U + P) * expert, 2 * layer_stack)
@@ -171,7 +232,13 @@ class OffloadEngine:
         plan.validate(cfg.n_layers, E, F, moe)
         if self.policy in ("lru", "static") and any(lp.split not in (0, F) for lp in plan.layers):
             raise ValueError(f"policy {self.policy!r} caches whole experts: every split must be 0 or d_ff={F}")
-        need = sum(len(lp.cached) * lp.split * self.row_bytes for lp in plan.layers)
+        for l, lp in enumerate(plan.layers):
+            counts = np.bincount(np.asarray(lp.cached, np.int64) // self.e_loc, minlength=self.n_dev)
+            if self.n_dev > 1 and len(set(counts.tolist())) > 1:
+                raise ValueError(f"layer {l} of the plan caches {counts.tolist()} experts on the {self.n_dev} devices; with "
+                                 f"several devices each must cache the same number of its own experts "
+                                 f"(device d owns experts [d*{self.e_loc}, (d+1)*{self.e_loc}))")
+        need = sum(len(lp.cached) * lp.split * self.row_bytes for lp in plan.layers) // self.n_dev  # per device
         if self.cache_budget is not None and need > self.cache_budget:
             raise ValueError(f"the plan's top caches need {need / 2**30:.3f} GiB but only "
                              f"{self.cache_budget / 2**30:.3f} GiB of the VRAM budget is left for caches")
@@ -180,7 +247,8 @@ class OffloadEngine:
         return plan
 
     def _build_caches(self):
-        """Fill each layer's top slots from the host stack (one copy per cached expert, once)."""
+        """Fill each layer's top slots from the host stack (one copy per cached expert, once). With several devices
+        each device fills the slots of its own experts from its own pinned buffer."""
         cfg = self.cfg
         out = []
 
@@ -188,41 +256,56 @@ class OffloadEngine:
             return jax.lax.dynamic_update_index_in_dim(tops, fetch_rows(stack, e, 0, s), slot, axis=0)
 
         put = jax.jit(put, static_argnums=(4,), donate_argnums=(0,))
-        dev = jax.sharding.SingleDeviceSharding(self.device)
+        shapes = self._abstract_caches()
         for l, lp in enumerate(self.cache_plan.layers):
             if not cfg.moe_layers[l]:
                 out.append(None)
                 continue
-            n, s = len(lp.cached), lp.split
-            if n and s:
+            n, s = shapes[l].tops.shape[0] // self.n_dev, shapes[l].tops.shape[1]
+            local = {sh.device: sh.data for sh in self.stacks[l].addressable_shards} if self.mesh else {
+                self.device: self.stacks[l]}
+            per_dev = []
+            for d, dev in enumerate(self.devices):
+                mine = [e - d * self.e_loc for e in lp.cached if e // self.e_loc == d] if n else []
                 # Preallocated and filled slot by slot: the device never holds the caches twice.
                 tops = jax.device_put(jnp.zeros((n, s, 3, cfg.d_model), self.dtype), dev)
-                for slot, e in enumerate(lp.cached):
-                    tops = put(tops, self.stacks[l], jnp.int32(e), jnp.int32(slot), s)
-            else:
-                tops = jnp.zeros((0, max(s, 0), 3, cfg.d_model), self.dtype)
-            out.append(C.init_layer_cache(tops, list(lp.cached), cfg.n_experts))
+                for slot, e in enumerate(mine):
+                    tops = put(tops, local[dev], jnp.int32(e), jnp.int32(slot), s)
+                per_dev.append(jax.device_put(C.init_layer_cache(tops, mine, self.e_loc), dev))
+            if self.mesh is None:
+                out.append(per_dev[0])
+            else:  # one global array per field, each device's block its own cache
+                sh = self._sharding(expert=True)
+                out.append(jax.tree_util.tree_map(
+                    lambda shape, *xs: jax.make_array_from_single_device_arrays(shape.shape, sh, list(xs)),
+                    shapes[l], *per_dev))
         return tuple(out)
 
     def _abstract_caches(self):
-        """Shapes of the caches `_build_caches` makes (compiling needs only these)."""
-        cfg, out = self.cfg, []
+        """Shapes of the caches `_build_caches` makes (compiling needs only these). With several devices the
+        arrays are global: device d holds block d of every field (its n slots, the slot map of its experts)."""
+        cfg, out, nd = self.cfg, [], self.n_dev
+        sh = self._sharding(expert=True)
         for l, lp in enumerate(self.cache_plan.layers):
             if not cfg.moe_layers[l]:
                 out.append(None)
                 continue
-            n, s = (len(lp.cached), lp.split) if lp.cached and lp.split else (0, max(lp.split, 0))
-            sds = jax.ShapeDtypeStruct
-            out.append(C.LayerCache(tops=sds((n, s, 3, cfg.d_model), self.dtype), slot_of=sds((cfg.n_experts,), jnp.int32),
-                                    owner=sds((n,), jnp.int32), last_use=sds((n,), jnp.int32)))
+            n, s = (len(lp.cached) // nd, lp.split) if lp.cached and lp.split else (0, max(lp.split, 0))
+
+            def sds(shape, dtype):
+                return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+            out.append(C.LayerCache(tops=sds((nd * n, s, 3, cfg.d_model), self.dtype),
+                                    slot_of=sds((cfg.n_experts,), jnp.int32), owner=sds((nd * n,), jnp.int32),
+                                    last_use=sds((nd * n,), jnp.int32)))
         return tuple(out)
 
     def _caches_or_shapes(self):
         return self._abstract_caches() if self.caches is None else self.caches
 
     def cache_bytes(self) -> int:
-        """Device bytes of the top caches the plan asks for (allocated or not yet)."""
-        return sum(tree_bytes(c.tops) for c in self._caches_or_shapes() if c is not None)
+        """Device bytes of the top caches the plan asks for (allocated or not yet), per device."""
+        return sum(tree_bytes(c.tops) for c in self._caches_or_shapes() if c is not None) // self.n_dev
 
     # ---- state ----------------------------------------------------------------------------------------
     def new_state(self, batch: int, max_len: int):
@@ -230,7 +313,7 @@ class OffloadEngine:
         if batch > self.max_batch or max_len > self.max_seq_len:
             raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
                              f"batch {batch} x {max_len} needs a new engine (Engine(..., max_batch=, max_seq_len=))")
-        return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
+        return jax.device_put(M.init_kv_cache(self.cfg, batch, max_len, self.dtype), self._sharding())
 
     # ---- decode -------------------------------------------------------------------------------------
     def _copy_group(self, stack: jax.Array, sids: jax.Array, n: jax.Array, start: int, size: int,
@@ -299,26 +382,29 @@ class OffloadEngine:
         """
         pids, _ = M.route(M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps), lp.moe.w_router, self.cfg,
                           self.n_predicted)
-        pred = jnp.unique(pids.ravel(), size=P, fill_value=-1)
-        sids, bufs, _, nbytes = self._assemble(l_next, stack, cache, pred, pred >= 0, every=h_mid.shape[0] == 1)
+        pred = self._distinct(self._local(pids), P)
+        sids, bufs, _, nbytes = self._assemble(l_next, stack, cache, pred, pred >= 0,
+                                               every=h_mid.shape[0] == 1 and self.mesh is None)
         return sids, bufs, nbytes
 
     def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step):
         """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l)."""
         cfg = self.cfg
         B = x.shape[0]
-        ids, w = M.route(x, lp.moe.w_router, cfg)  # [B, K]
-        U = min(B * cfg.top_k, cfg.n_experts)
-        uniq = jnp.unique(ids.ravel(), size=U, fill_value=-1)
+        gids, w = M.route(x, lp.moe.w_router, cfg)  # [B, K] global ids
+        ids = self._local(gids)  # this device's experts (-1: another device computes that pair)
+        U = min(B * cfg.top_k, self.e_loc)
+        uniq = self._distinct(ids, U)
         full, top, miss = C.classify(cache, ids, self.splits[l], cfg.d_ff)
         predicted = jnp.zeros(ids.shape, bool)
         got = jnp.zeros((U,), bool)
         if pred is not None:
             pred_ids, pred_bufs, pred_bytes = pred
-            predicted = jnp.any(ids[..., None] == pred_ids, axis=-1)
+            predicted = jnp.any(ids[..., None] == pred_ids, axis=-1) & (ids >= 0)
             got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
-        sids, bufs, order, nbytes = self._assemble(l, stack, cache, uniq, ~got, every=B == 1 and pred is None)
+        sids, bufs, order, nbytes = self._assemble(l, stack, cache, uniq, ~got,
+                                                   every=B == 1 and pred is None and self.mesh is None)
         if pred is not None:
             nbytes = nbytes + pred_bytes
             j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
@@ -330,14 +416,16 @@ class OffloadEngine:
         y = jnp.zeros((B, cfg.d_model), jnp.float32)
         for k in range(cfg.top_k):
             u = jnp.argmax(sids[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in sids
-            y = y + w[:, k, None] * outs[u, rows]
-        y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
+            y = y + jnp.where(ids[:, k, None] >= 0, w[:, k, None] * outs[u, rows], 0.0)
+        y = self._psum(y).astype(x.dtype) + M.shared_expert(x, lp.moe)
         if self.spec.rule != "static":  # the static rule never writes its slots
             cache = C.update(self.spec.rule, cache, sids, bufs, step)
         f32 = jnp.float32
         counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                         misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
-                        routed=f32(ids.size), h2d_bytes=nbytes.astype(f32))
+                        h2d_bytes=nbytes.astype(f32))
+        counters = {k: self._psum(v) for k, v in counters.items()}  # over the devices' experts
+        counters["routed"] = f32(ids.size)
         return y, cache, counters
 
     def _decode_step(self, resident, stacks, caches, kv: M.KVCache, tokens, step):
@@ -352,7 +440,7 @@ class OffloadEngine:
         names = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
         cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in names}
         pred = None
-        P = min(B * self.n_predicted, cfg.n_experts)
+        n_pred = min(B * self.n_predicted, self.e_loc)
         for l, lp in enumerate(resident.layers):
             a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
                                   kv.length, cfg)
@@ -360,8 +448,8 @@ class OffloadEngine:
             h_mid = h[:, 0]
             nxt = l + 1
             next_pred = None
-            if self.spec.prefetch and P > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
-                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], P)
+            if self.spec.prefetch and n_pred > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
+                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred)
             x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
             if cfg.moe_layers[l]:
                 y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step)
@@ -385,11 +473,21 @@ class OffloadEngine:
         """
         if self.caches is None:
             self.caches = self._build_caches()
+        if self.mesh is not None:
+            tokens = jax.device_put(tokens, self._sharding())
         args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
-        exe = self.compiles.get("decode", self._decode_step, args, donate_argnums=(2, 3), fixed=3)
-        logits, self.caches, state, counters = exe(*args)
+        exe = self.compiles.get("decode", self._decode_fn(), args, donate_argnums=(2, 3), fixed=3)
+        logits, caches, state, counters = exe(*args)
+        if self.mesh is not None:  # XLA hands zero-size outputs back replicated; the program expects them split
+            sh = self._sharding(expert=True)
+            caches = jax.tree_util.tree_map(lambda x: jax.device_put(x, sh) if x.size == 0 else x, caches)
+        self.caches = caches
         self.step_count += 1
         return logits, state, counters
+
+    def _decode_fn(self):
+        r, x = P(), P(EXPERT_AXIS)
+        return self._spmd(self._decode_step, (r, x, x, r, r, r), (r, x, r, r))
 
     # ---- prefill --------------------------------------------------------------------------------------
     def _prefill_layer(self, lp, experts, h, k, v, positions, valid, start, layer, is_moe: bool):
@@ -401,7 +499,7 @@ class OffloadEngine:
         x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, D)
         if is_moe:
             ids, w = M.route(x, lp.moe.w_router, cfg)
-            y = M.experts_scan(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+            y = self._psum(M.experts_scan(x, experts, self._local(ids), w)).astype(x.dtype) + M.shared_expert(x, lp.moe)
         else:
             y = M.mlp(x, lp.mlp)
         return h + y.reshape(B, T, D), k, v
@@ -411,10 +509,12 @@ class OffloadEngine:
         expert stack copied one layer ahead (eager `device_put` enqueued before the compute it overlaps)."""
         cfg = self.cfg
         res = self.resident
+        if self.mesh is not None:
+            tokens, mask = jax.device_put((tokens, mask), self._sharding())
         args = (res, state, tokens, mask)
         h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args, fixed=1)(*args)
         k, v = state.k, state.v
-        dev = jax.sharding.SingleDeviceSharding(self.device)
+        dev = self._sharding(expert=True)  # each device copies its own experts over its own link
         moe_ids = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
         pending = {moe_ids[0]: jax.device_put(self.stacks[moe_ids[0]], dev)} if moe_ids else {}
         h2d = np.zeros(cfg.n_layers)
@@ -445,6 +545,8 @@ class OffloadEngine:
         def layer(lp, experts, h, k, v, positions, valid, start, l):
             return self._prefill_layer(lp, experts, h, k, v, positions, valid, start, l, is_moe)
 
+        r = P()
+        layer = self._spmd(layer, (r, P(EXPERT_AXIS), r, r, r, r, r, r, r), (r, r, r))
         return self.compiles.get("prefill_moe" if is_moe else "prefill_dense", layer, args, donate_argnums=(3, 4), fixed=2)
 
     def _head_fn(self, res, h_last):
@@ -456,8 +558,8 @@ class OffloadEngine:
 
     def warmup(self, state, tokens, mask, dec_tokens):
         """Compile the prefill layer steps and the decode step for these shapes (kept out of TTFT/TPOT)."""
-        cfg, dev = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
-        self.compiles.get("decode", self._decode_step,
+        cfg, dev = self.cfg, self._sharding()
+        self.compiles.get("decode", self._decode_fn(),
                           (self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
                           donate_argnums=(2, 3), fixed=3)
         pre = (self.resident, state, tokens, mask)
@@ -470,7 +572,8 @@ class OffloadEngine:
         h, positions, valid = sds(h), sds(positions), sds(valid)
         for l in sorted({next((m for m in range(cfg.n_layers) if cfg.moe_layers[m] == flag), None)
                          for flag in (True, False)} - {None}):
-            ex = sds(jax.ShapeDtypeStruct(self.stacks[l].shape, self.dtype)) if cfg.moe_layers[l] else None
+            ex = (jax.ShapeDtypeStruct(self.stacks[l].shape, self.dtype, sharding=self._sharding(expert=True))
+                  if cfg.moe_layers[l] else None)
             self._prefill_fn(cfg.moe_layers[l], (self.resident.layers[l], ex, h, state.k, state.v, positions, valid,
                                                  state.length, jnp.int32(l)))
         last = sds(jax.ShapeDtypeStruct((h.shape[0], 1, h.shape[2]), h.dtype))
@@ -484,7 +587,7 @@ class OffloadEngine:
         stacks plus the largest temporaries of a prefill step; their max on the CPU backend) and decode (its XLA temporaries, which hold its copy
         buffers; `compiled.memory_analysis()`), plus the margin. Prefill and decode never overlap."""
         cfg = self.cfg
-        stacks = 2 * cfg.n_experts * cfg.d_ff * self.row_bytes
+        stacks = 2 * self.e_loc * cfg.d_ff * self.row_bytes  # per device
         temps = max(self.compiles.temp_bytes_of(n) for n in ("prefill_pre", "prefill_moe", "prefill_dense", "head"))
         # Prefill holds the two stacks and a layer step's temporaries at once (on the H200 the max of the two
         # left the peak 0.1 GiB over the budget). On the CPU backend a bfloat16 prefill's temporaries hold a
@@ -512,7 +615,7 @@ class OffloadEngine:
             self.splits = tuple(lp.split for lp in self.cache_plan.layers)
             dec = jnp.zeros((state.pos.shape[0],), jnp.int32)
             self.compiles.forget("decode")
-            self.compiles.get("decode", self._decode_step,
+            self.compiles.get("decode", self._decode_fn(),
                               (self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
                               donate_argnums=(2, 3), fixed=3)
             need = self.device_bytes_needed(state)

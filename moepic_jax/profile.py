@@ -8,6 +8,8 @@ l's residual stream, top k'), so `freq` and `recall` are what the decode step wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import pathlib
@@ -69,7 +71,8 @@ def default_calibration_tokens(model, n_tokens: int = 256, seed: int = 0) -> np.
 def _route_all(engine, tokens: np.ndarray):
     """Per MoE layer: routed ids [N, K] and predicted ids for that layer [N, k'] (None for the first)."""
     cfg = engine.cfg
-    res = engine.resident
+    # On the engine's first device: its replica of the resident weights (no copy), whole stacks one at a time.
+    res = jax.tree_util.tree_map(lambda x: _on_first_device(x, engine.device), engine.resident)
     t = jnp.asarray(tokens[None])
     mask = jnp.ones(t.shape, bool)
     cache = M.init_kv_cache(cfg, 1, t.shape[1], engine.dtype)
@@ -106,6 +109,13 @@ def _route_all(engine, tokens: np.ndarray):
         if pred is not None and engine.n_predicted > 0:
             predicted[l + 1] = np.asarray(pred)
     return routed, predicted
+
+
+def _on_first_device(x: jax.Array, device) -> jax.Array:
+    """`device`'s own buffer of a replicated array (the array itself when it lives on one device)."""
+    if len(x.sharding.device_set) == 1:
+        return x
+    return next(sh.data for sh in x.addressable_shards if sh.device == device)
 
 
 def profile_model(engine, tokens: np.ndarray | None = None) -> ModelProfile:
@@ -169,11 +179,14 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
     l0 = cfg.moe_layer_ids[0]
     F = cfg.d_ff
     rows = sorted({max(1, F // 8), max(1, F // 4), max(1, F // 2), F})
-    sizes, times = measure_h2d(engine.stacks[l0], rows, repeats)
+    stack = engine.stacks[l0]
+    if len(stack.sharding.device_set) > 1:  # several devices: the first device's own pinned experts and link
+        stack = next(sh.data for sh in stack.addressable_shards if sh.device == engine.device)
+    sizes, times = measure_h2d(stack, rows, repeats)
     # compute: one decode token through one layer with k experts resident, timed in a loop
-    res = engine.resident
+    res = jax.tree_util.tree_map(lambda x: _on_first_device(x, engine.device), engine.resident)
     lp = res.layers[l0]
-    ex = jax.device_put(engine.stacks[l0], jax.sharding.SingleDeviceSharding(engine.device))
+    ex = jax.device_put(stack, jax.sharding.SingleDeviceSharding(engine.device))
     kv = M.init_kv_cache(cfg, 1, 256, engine.dtype)
     pos = jnp.zeros((1, 1), jnp.int32)
     valid = jnp.ones((1, 256), bool)
@@ -213,9 +226,13 @@ def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
 
     `static` solves with allow_split=False, `moepic` with allow_split=True, `lru` gets the same number of
     whole-expert slots in every MoE layer (its rule then replaces occupants at run time). Plans are kept
-    on the model, keyed by policy, cache budget, granule, device and hardware profile.
+    on the model, keyed by policy, cache budget, granule, devices and hardware profile.
+
+    With n devices (`engine.n_dev`) the cache budget is per device: the plan is solved for n times that budget
+    and then balanced so that every device caches the same number of its own experts (its hottest ones),
+    which the static shapes of one program per device require (`_balance`).
     """
-    key = (engine.policy, engine.cache_budget, granule, str(engine.device), None if hardware is None
+    key = (engine.policy, engine.cache_budget, granule, str(engine.devices), None if hardware is None
            else hardware.to_json(), None if profile is None else profile.to_json())
     plans = engine.model.__dict__.setdefault("_plans", {})
     if key not in plans:
@@ -223,16 +240,35 @@ def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
     return plans[key]
 
 
+def _balance(plan: CachePlan, freq: np.ndarray, n_dev: int) -> CachePlan:
+    """Every layer's cached set as the n_dev devices' own hottest experts, N_l // n_dev each (device d owns the
+    experts [d*E/n_dev, (d+1)*E/n_dev)). Never more bytes than `plan`."""
+    from moepic_jax.planner import LayerPlan
+
+    E = freq.shape[1]
+    e_loc = E // n_dev
+    layers = []
+    for l, lp in enumerate(plan.layers):
+        n = len(lp.cached) // n_dev
+        mine = [d * e_loc + int(j) for d in range(n_dev)
+                for j in np.argsort(-freq[l, d * e_loc:(d + 1) * e_loc], kind="stable")[:n]]
+        layers.append(LayerPlan(lp.split if n else 0, tuple(sorted(mine))))
+    return dataclasses.replace(plan, layers=tuple(layers))
+
+
 def _plan_for(engine, granule, profile, hardware) -> CachePlan:
     cfg = engine.cfg
     E, F = cfg.n_experts, cfg.d_ff
+    n_dev = getattr(engine, "n_dev", 1)
     budget = engine.cache_budget
+    if budget is not None:
+        budget *= n_dev  # the caches of all devices together
     n_moe = sum(cfg.moe_layers)
     expert = F * engine.row_bytes
     full = n_moe * E * expert
     budget = full if budget is None else max(0, min(budget, full))
     if engine.policy == "lru":
-        n = min(E, budget // (n_moe * expert))
+        n = min(E, budget // (n_moe * expert)) // n_dev * n_dev
         mp = profile or cached_profile(engine)
         layers = []
         from moepic_jax.planner import LayerPlan
@@ -243,11 +279,14 @@ def _plan_for(engine, granule, profile, hardware) -> CachePlan:
                 layers.append(LayerPlan(F, tuple(sorted(int(e) for e in hot))))
             else:
                 layers.append(LayerPlan(0, ()))
-        return CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
+        plan = CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
+        return _balance(plan, mp.freq, n_dev) if n_dev > 1 else plan
     mp = profile or cached_profile(engine)
     hw = hardware or default_hardware(cfg.n_layers)
     g = granule if F % granule == 0 and granule <= F else _largest_divisor_granule(F, granule)
     plan = solve(mp, hw, int(budget), granule=g, allow_split=engine.spec.allow_split)
+    if n_dev > 1:
+        plan = _balance(plan, mp.freq, n_dev)
     log.info("plan for %s at %.3f GiB of cache: %s", engine.policy, budget / 2**30,
              [(lp.split, len(lp.cached)) for lp in plan.layers])
     return plan

@@ -23,14 +23,19 @@ def host_sharding(device=None) -> jax.sharding.SingleDeviceSharding:
     return jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind="pinned_host")
 
 
-def pin_experts(model: Model, device=None, progress: bool = False) -> tuple:
+def pin_experts(model: Model, sharding: jax.sharding.Sharding | None = None, progress: bool = False) -> tuple:
     """Move every MoE layer's expert stack to pinned host memory, in place on `model`.
 
+    Args:
+      sharding: a pinned_host sharding of the stacks ([E, F, 3, D]); None = `host_sharding()` of the default
+        device. With several devices, `NamedSharding(mesh, P("expert"), memory_kind="pinned_host")` gives each
+        device the pinned host buffer of its own experts (its own H2D link).
     Returns:
       tuple over layers: a pinned_host `jax.Array [E, F, 3, D]` for MoE layers, None for dense layers.
-      Calling it again returns the same arrays (the store is built once per model).
+      Calling it again with the same sharding returns the same arrays (the store is built once per model); a
+      different sharding re-lays the store out, layer by layer (pinned host to pinned host).
     """
-    sh = host_sharding(device)
+    sh = sharding or host_sharding()
     layers = list(model.params.layers)
     it = range(len(layers))
     if progress:
@@ -42,11 +47,12 @@ def pin_experts(model: Model, device=None, progress: bool = False) -> tuple:
         if moe is None:
             continue
         ex = moe.experts
-        if isinstance(ex, jax.Array) and ex.sharding.memory_kind == "pinned_host":
+        if isinstance(ex, jax.Array) and ex.sharding.memory_kind == "pinned_host" and ex.sharding.is_equivalent_to(
+                sh, ex.ndim):
             continue
-        pinned = jax.device_put(np.asarray(ex), sh)
+        pinned = jax.device_put(ex if isinstance(ex, jax.Array) else np.asarray(ex), sh)
         pinned.block_until_ready()
-        layers[l] = layers[l].replace(moe=moe.replace(experts=pinned))  # the NumPy stack is dropped here
+        layers[l] = layers[l].replace(moe=moe.replace(experts=pinned))  # the previous stack is dropped here
     model.params = model.params.replace(layers=tuple(layers))
     return tuple(None if lp.moe is None else lp.moe.experts for lp in model.params.layers)
 

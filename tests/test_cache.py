@@ -28,14 +28,14 @@ def _ref_lru(trace, n):
     """Reference LRU over steps of distinct experts: (full hits, misses) and the final resident set.
 
     As in the engine, a step's experts are looked up against the cache as it was when the step began (their
-    buffers are assembled before any admission), then admitted in order."""
+    buffers are assembled before any admission); the hits are used first, then the misses admitted, each in order."""
     od = collections.OrderedDict()
     hits = misses = 0
     for step in trace:
         resident = set(od)
         hits += sum(e in resident for e in step)
         misses += sum(e not in resident for e in step)
-        for e in step:
+        for e in [e for e in step if e in resident] + [e for e in step if e not in resident]:
             if e in od:
                 od.move_to_end(e)
             else:
@@ -109,3 +109,16 @@ def test_static_rule_counts(split, F):
 def test_unknown_rule():
     with pytest.raises(ValueError, match="unknown replacement rule"):
         C.update("fifo", _cache(1, 2), jnp.asarray([0]), _buffers([0], 2), jnp.int32(1))
+
+
+def test_lru_miss_never_evicts_an_expert_the_same_step_uses():
+    """Slots hold 0 (older) and 1; the step uses 2 and 0, misses listed first (the engine sorts copies first):
+    0 keeps its slot untouched and 1, the least recently used of the others, makes room for 2."""
+    cache = _cache(2, 4)
+    cache = C.update("lru", cache, jnp.asarray([0, -1], jnp.int32), _buffers([0, -1], 4), jnp.int32(1))
+    cache = C.update("lru", cache, jnp.asarray([1, -1], jnp.int32), _buffers([1, -1], 4), jnp.int32(2))
+    slot0 = int(cache.slot_of[0])
+    cache = C.update("lru", cache, jnp.asarray([2, 0], jnp.int32), _buffers([2, 0], 4), jnp.int32(3))
+    assert int(cache.slot_of[0]) == slot0 and int(cache.slot_of[1]) == -1
+    assert int(cache.slot_of[2]) == 1 - slot0
+    assert np.all(np.asarray(cache.tops[slot0]) == 0) and np.all(np.asarray(cache.tops[1 - slot0]) == 2)
