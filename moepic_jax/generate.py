@@ -193,6 +193,9 @@ def generate(
       plan: a `planner.CachePlan` for "static"/"moepic"; None = solved from a profile.
       stream: called as `stream(prompt_index, new_text)` as text is produced (needs a tokenizer).
       engine: an engine from `moepic_jax.Engine(...)` to use instead of building one.
+      **engine_kw: for the offloading policies, passed to `OffloadEngine`: max_batch, max_seq_len, granule,
+        n_predicted, profile, hardware, and devices (a device count or list: the experts are split over an
+        `expert` mesh axis of those devices and `vram_budget` is per device).
     Returns:
       `GenerateResult` (.text, .token_ids [batch][new], .stats).
     Raises:
