@@ -606,7 +606,7 @@ class OffloadEngine:
             # The estimate of the fixed part was short of what XLA allocates: give the caches less and re-plan
             # once (only plans we made ourselves; a user's plan is never changed behind their back).
             over = need - self.vram_budget_bytes + WORKSPACE_MARGIN_BYTES // 8
-            log.warning("the compiled steps need %.1f MiB more than the estimated fixed part; re-planning the caches "
+            log.info("the compiled steps need %.1f MiB more than the estimated fixed part; re-planning the caches "
                         "with %.1f MiB less", over / 2**20, over / 2**20)
             self.cache_budget = max(0, self.cache_budget - over)
             self.model.__dict__.get("_plans", {}).clear()
