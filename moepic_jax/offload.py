@@ -168,6 +168,7 @@ class OffloadEngine:
         # autotuning buffers) then never coincides with full caches on the device.
         self.caches = None
         self.step_count = 0
+        self._kv_makers = {}
 
     # ---- devices ------------------------------------------------------------------------------------
     def _sharding(self, memory_kind: str = "device", expert: bool = False) -> jax.sharding.Sharding:
@@ -268,7 +269,7 @@ class OffloadEngine:
             for d, dev in enumerate(self.devices):
                 mine = [e - d * self.e_loc for e in lp.cached if e // self.e_loc == d] if n else []
                 # Preallocated and filled slot by slot: the device never holds the caches twice.
-                tops = jax.device_put(jnp.zeros((n, s, 3, cfg.d_model), self.dtype), dev)
+                tops = jnp.zeros((n, s, 3, cfg.d_model), self.dtype, device=dev)  # made on dev, not copied there
                 for slot, e in enumerate(mine):
                     tops = put(tops, local[dev], jnp.int32(e), jnp.int32(slot), s)
                 per_dev.append(jax.device_put(C.init_layer_cache(tops, mine, self.e_loc), dev))
@@ -313,7 +314,13 @@ class OffloadEngine:
         if batch > self.max_batch or max_len > self.max_seq_len:
             raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
                              f"batch {batch} x {max_len} needs a new engine (Engine(..., max_batch=, max_seq_len=))")
-        return jax.device_put(M.init_kv_cache(self.cfg, batch, max_len, self.dtype), self._sharding())
+        if self.mesh is None:
+            return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
+        make = self._kv_makers.get((batch, max_len))
+        if make is None:  # zeros made in place on every device (not on the first one, then copied)
+            make = functools.partial(M.init_kv_cache, self.cfg, batch, max_len, self.dtype)
+            make = self._kv_makers[batch, max_len] = jax.jit(make, out_shardings=self._sharding())
+        return make()
 
     # ---- decode -------------------------------------------------------------------------------------
     def _copy_group(self, stack: jax.Array, sids: jax.Array, n: jax.Array, start: int, size: int,
