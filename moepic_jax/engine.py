@@ -50,18 +50,20 @@ class CompileCache:
         self.seconds = 0.0
         self._temps: dict[Any, int] = {}  # XLA temporary bytes of each compiled step (memory_analysis)
 
-    def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), fixed: int = 0) -> Any:
+    def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), fixed: int = 0, out_shardings=None) -> Any:
         """The executable of `fn` for these arguments, compiled on first use.
 
         The first `fixed` arguments have the same shapes at every call of `name` on one engine (weights, host
         stacks, caches), so only the others enter the key: computing a key over hundreds of weight leaves on
-        every decode step would cost milliseconds of host time per token.
+        every decode step would cost milliseconds of host time per token. out_shardings: as for `jax.jit` (None =
+        XLA's choice).
         """
         key = (name, tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[fixed:])))
         exe = self._fns.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+            jit_kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+            exe = jax.jit(fn, donate_argnums=donate_argnums, **jit_kw).lower(*args).compile()
             self.seconds += time.perf_counter() - t0
             self.count += 1
             try:

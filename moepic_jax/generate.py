@@ -253,7 +253,10 @@ def generate(
         return sampling.sample(logits, key, temp, top_k, topp, use_top_p=top_p < 1.0)
 
     # Warm the sampler and PRNG too, so TTFT holds no compile time.
-    np.asarray(pick(jnp.zeros((B, cfg.vocab_size), jnp.float32), jax.random.split(key)[1]))
+    zeros = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    if getattr(engine, "replicated_sharding", None) is not None:  # placed like the engine's logits (several devices)
+        zeros = jax.device_put(zeros, engine.replicated_sharding)
+    np.asarray(pick(zeros, jax.random.split(key)[1]))
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     texts = [""] * B

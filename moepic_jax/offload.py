@@ -171,6 +171,11 @@ class OffloadEngine:
         self._kv_makers = {}
 
     # ---- devices ------------------------------------------------------------------------------------
+    @property
+    def replicated_sharding(self) -> jax.sharding.Sharding:
+        """Where the engine's logits and KV cache live (every device of the engine)."""
+        return self._sharding()
+
     def _sharding(self, memory_kind: str = "device", expert: bool = False) -> jax.sharding.Sharding:
         """Replicated (or, with expert=True, split over the expert axis) placement in `memory_kind`."""
         if self.mesh is None:
@@ -314,10 +319,8 @@ class OffloadEngine:
         if batch > self.max_batch or max_len > self.max_seq_len:
             raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
                              f"batch {batch} x {max_len} needs a new engine (Engine(..., max_batch=, max_seq_len=))")
-        if self.mesh is None:
-            return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
         make = self._kv_makers.get((batch, max_len))
-        if make is None:  # zeros made in place on every device (not on the first one, then copied)
+        if make is None:  # zeros made in place on the engine's device(s), not on the default one and copied
             make = functools.partial(M.init_kv_cache, self.cfg, batch, max_len, self.dtype)
             make = self._kv_makers[batch, max_len] = jax.jit(make, out_shardings=self._sharding())
         return make()
@@ -483,18 +486,21 @@ class OffloadEngine:
         if self.mesh is not None:
             tokens = jax.device_put(tokens, self._sharding())
         args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
-        exe = self.compiles.get("decode", self._decode_fn(), args, donate_argnums=(2, 3), fixed=3)
-        logits, caches, state, counters = exe(*args)
-        if self.mesh is not None:  # XLA hands zero-size outputs back replicated; the program expects them split
-            sh = self._sharding(expert=True)
-            caches = jax.tree_util.tree_map(lambda x: jax.device_put(x, sh) if x.size == 0 else x, caches)
-        self.caches = caches
+        exe = self._get_decode(args, donate_argnums=(2, 3), fixed=3)
+        logits, self.caches, state, counters = exe(*args)
         self.step_count += 1
         return logits, state, counters
 
-    def _decode_fn(self):
+    def _get_decode(self, args, donate_argnums, fixed):
+        """The compiled decode step. With several devices its outputs are placed explicitly: XLA would hand
+        zero-size cache arrays back replicated, which the next call would refuse."""
         r, x = P(), P(EXPERT_AXIS)
-        return self._spmd(self._decode_step, (r, x, x, r, r, r), (r, x, r, r))
+        fn = self._spmd(self._decode_step, (r, x, x, r, r, r), (r, x, r, r))
+        out = None
+        if self.mesh is not None:
+            rep, exp = self._sharding(), self._sharding(expert=True)
+            out = (rep, exp, rep, rep)
+        return self.compiles.get("decode", fn, args, donate_argnums=donate_argnums, fixed=fixed, out_shardings=out)
 
     # ---- prefill --------------------------------------------------------------------------------------
     def _prefill_layer(self, lp, experts, h, k, v, positions, valid, start, layer, is_moe: bool):
@@ -566,9 +572,8 @@ class OffloadEngine:
     def warmup(self, state, tokens, mask, dec_tokens):
         """Compile the prefill layer steps and the decode step for these shapes (kept out of TTFT/TPOT)."""
         cfg, dev = self.cfg, self._sharding()
-        self.compiles.get("decode", self._decode_fn(),
-                          (self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
-                          donate_argnums=(2, 3), fixed=3)
+        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
+                         donate_argnums=(2, 3), fixed=3)
         pre = (self.resident, state, tokens, mask)
         h, positions, valid, _ = jax.eval_shape(self._prefill_pre, *pre)
         self.compiles.get("prefill_pre", self._prefill_pre, pre, fixed=1)
@@ -622,9 +627,8 @@ class OffloadEngine:
             self.splits = tuple(lp.split for lp in self.cache_plan.layers)
             dec = jnp.zeros((state.pos.shape[0],), jnp.int32)
             self.compiles.forget("decode")
-            self.compiles.get("decode", self._decode_fn(),
-                              (self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
-                              donate_argnums=(2, 3), fixed=3)
+            self._get_decode((self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
+                             donate_argnums=(2, 3), fixed=3)
             need = self.device_bytes_needed(state)
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(

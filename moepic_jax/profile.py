@@ -240,19 +240,38 @@ def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
     return plans[key]
 
 
-def _balance(plan: CachePlan, freq: np.ndarray, n_dev: int) -> CachePlan:
-    """Every layer's cached set as the n_dev devices' own hottest experts, N_l // n_dev each (device d owns the
-    experts [d*E/n_dev, (d+1)*E/n_dev)). Never more bytes than `plan`."""
+def _balance(plan: CachePlan, freq: np.ndarray, n_dev: int, slot_bytes_per_row: int, budget: int | None) -> CachePlan:
+    """Every layer's cached set as the n_dev devices' own hottest experts, the same number on each device (device
+    d owns the experts [d*E/n_dev, (d+1)*E/n_dev)), within `budget` bytes per device (None = no limit).
+
+    Starts from N_l // n_dev slots per device (N_l = the global plan's cached count), then spends what the rounding
+    freed one slot at a time, on the layer whose next slot catches the most routed pairs per byte (that slot holds
+    every device's next hottest expert).
+    """
     from moepic_jax.planner import LayerPlan
 
     E = freq.shape[1]
     e_loc = E // n_dev
-    layers = []
-    for l, lp in enumerate(plan.layers):
-        n = len(lp.cached) // n_dev
-        mine = [d * e_loc + int(j) for d in range(n_dev)
-                for j in np.argsort(-freq[l, d * e_loc:(d + 1) * e_loc], kind="stable")[:n]]
-        layers.append(LayerPlan(lp.split if n else 0, tuple(sorted(mine))))
+    ranked = [[np.argsort(-freq[l, d * e_loc:(d + 1) * e_loc], kind="stable") for d in range(n_dev)]
+              for l in range(freq.shape[0])]
+    n = [len(lp.cached) // n_dev for lp in plan.layers]
+    split = [lp.split for lp in plan.layers]
+    used = sum(n[l] * split[l] * slot_bytes_per_row for l in range(len(n)))
+    while budget is not None:
+        best, best_gain = None, 0.0
+        for l in range(len(n)):
+            cost = split[l] * slot_bytes_per_row
+            if split[l] and n[l] < e_loc and used + cost <= budget:
+                gain = sum(freq[l, d * e_loc + ranked[l][d][n[l]]] for d in range(n_dev)) / cost
+                if gain > best_gain:
+                    best, best_gain = l, gain
+        if best is None:
+            break
+        used += split[best] * slot_bytes_per_row
+        n[best] += 1
+    layers = [LayerPlan(split[l] if n[l] else 0,
+                        tuple(sorted(d * e_loc + int(j) for d in range(n_dev) for j in ranked[l][d][:n[l]])))
+              for l in range(len(n))]
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
@@ -280,13 +299,13 @@ def _plan_for(engine, granule, profile, hardware) -> CachePlan:
             else:
                 layers.append(LayerPlan(0, ()))
         plan = CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
-        return _balance(plan, mp.freq, n_dev) if n_dev > 1 else plan
+        return _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget) if n_dev > 1 else plan
     mp = profile or cached_profile(engine)
     hw = hardware or default_hardware(cfg.n_layers)
     g = granule if F % granule == 0 and granule <= F else _largest_divisor_granule(F, granule)
     plan = solve(mp, hw, int(budget), granule=g, allow_split=engine.spec.allow_split)
     if n_dev > 1:
-        plan = _balance(plan, mp.freq, n_dev)
+        plan = _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget)
     log.info("plan for %s at %.3f GiB of cache: %s", engine.policy, budget / 2**30,
              [(lp.split, len(lp.cached)) for lp in plan.layers])
     return plan

@@ -59,3 +59,29 @@ def test_bad_device_requests_raise_clear_errors(report):
     assert "cannot be split evenly over 3 devices" in err["uneven"]
     assert "this process sees 4 device(s)" in err["too_many"]
     assert "runs on one device" in err["resident"]
+
+
+def test_balance_gives_each_device_its_hottest_experts_within_its_budget():
+    """The global plan caches 1, 3 and 4 experts in three layers; two devices with four 16-row slots each. Each
+    device gets the same number of its own hottest experts per layer, and the slots freed by rounding are spent
+    (on the layer whose next slot catches the most routed pairs) up to the per-device budget, not lost."""
+    import numpy as np
+
+    from moepic_jax.planner import CachePlan, LayerPlan
+    from moepic_jax.profile import _balance
+
+    rng = np.random.default_rng(0)
+    freq = rng.dirichlet(np.ones(8), size=3) * 2  # rows sum to top_k = 2
+    plan = CachePlan(layers=(LayerPlan(16, (0,)), LayerPlan(16, (1, 2, 5)), LayerPlan(16, (0, 1, 4, 6))),
+                     budget_bytes=128)
+    out = _balance(plan, freq, n_dev=2, slot_bytes_per_row=1, budget=64)
+    per_dev = [[sum(1 for e in lp.cached if e // 4 == d) for lp in out.layers] for d in range(2)]
+    assert per_dev[0] == per_dev[1]  # equal static shapes on both devices
+    assert sum(per_dev[0]) * 16 == 64  # the whole per-device budget is used
+    for l, lp in enumerate(out.layers):
+        for d in range(2):
+            mine = sorted(e - 4 * d for e in lp.cached if e // 4 == d)
+            hottest = sorted(np.argsort(-freq[l, 4 * d:4 * d + 4], kind="stable")[:len(mine)].tolist())
+            assert mine == hottest, (l, d)
+    assert _balance(plan, freq, 2, 1, budget=16 * 3).layers == _balance(plan, freq, 2, 1, budget=16 * 3).layers
+    assert sum(len(lp.cached) for lp in _balance(plan, freq, 2, 1, budget=16 * 3).layers) == 6  # 3 slots x 2
