@@ -23,3 +23,9 @@ def test_plan_prints_every_layer(capsys):
 def test_budget_below_minimum_is_a_clean_error(capsys):
     assert cli.main(["generate", "x", "--vram-budget", "1MB", "--max-new-tokens", "2"]) == 2
     assert "below the minimum" in capsys.readouterr().err
+
+
+def test_more_devices_than_present_is_a_clean_error(capsys):
+    # This process has one CPU device: --devices 2 reaches the engine and is refused with what to pass instead.
+    assert cli.main(["generate", "x", "--devices", "2", "--max-new-tokens", "2"]) == 2
+    assert "this process sees 1 device(s)" in capsys.readouterr().err
