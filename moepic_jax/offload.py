@@ -48,7 +48,7 @@ from moepic_jax.weights import Model
 log = logging.getLogger(__name__)
 
 WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below
-COPY_GROUP = 4  # experts per lax.switch in `_copy_group`: 5 branches, at most 10 copies in the program per group
+COPY_GROUP = 4  # experts per lax.switch in `_copy_rows`: 5 branches (15 with bottoms), at most 20 copies per group
 
 
 def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
@@ -326,32 +326,47 @@ class OffloadEngine:
         return make()
 
     # ---- decode -------------------------------------------------------------------------------------
-    def _copy_group(self, stack: jax.Array, sids: jax.Array, n: jax.Array, start: int, size: int,
-                    every: bool = False) -> jax.Array:
-        """Copy rows [start, start+size) of experts sids[0:n] to the device; zeros for the rest.
+    def _copy_rows(self, stack: jax.Array, sids: jax.Array, n_full: jax.Array, n_any: jax.Array, split: int,
+                   every: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Copy experts sids[0:n_full] whole (rows [0, F)) and the bottoms (rows [split, F)) of
+        sids[n_full:n_any] to the device, one DMA per expert either way; zeros elsewhere.
 
-        sids: [U] int32, sorted so that the experts to copy come first; n: traced count. The number of copies is
-        data-dependent, so it takes a conditional, and on the GPU every conditional costs a host round trip
-        (about 50 us per `lax.cond` on the H200, benchmarks/results/probe_cond_*.json): one `lax.switch` per group
-        of COPY_GROUP experts picks how many of them to copy, instead of one `lax.cond` per expert.
-        every: static; True when n == U is known at trace time (batch 1 without a cache or prediction): plain copies.
-        Returns [U, size, 3, D].
+        sids: [U] int32 sorted so that whole copies come first, then bottoms; n_full <= n_any: traced counts.
+        How many copies a step makes depends on the data, so it takes a conditional, and on the GPU every
+        conditional costs a host round trip (about 50 us per `lax.cond` on the H200,
+        benchmarks/results/probe_cond_*.json): one `lax.switch` per group of COPY_GROUP experts picks the pair of
+        counts for that group, instead of one `lax.cond` per expert.
+        every: static; True when n_full == U is known at trace time (batch 1, no cache, no prediction): plain copies.
+        Returns (whole [U, F, 3, D], bottoms [U, F - split, 3, D]; [U, 0, 3, D] unless 0 < split < F).
         """
-        U, D = sids.shape[0], self.cfg.d_model
-        zero = jnp.zeros((size, 3, D), self.dtype)
-        if size == 0 or U == 0:
-            return jnp.zeros((U, size, 3, D), self.dtype)
+        U, D, F = sids.shape[0], self.cfg.d_model, self.cfg.d_ff
+        has_bot = 0 < split < F
+        b_rows = F - split if has_bot else 0
+        zf, zb = jnp.zeros((F, 3, D), self.dtype), jnp.zeros((b_rows, 3, D), self.dtype)
+        if U == 0:
+            return jnp.zeros((0, F, 3, D), self.dtype), jnp.zeros((0, b_rows, 3, D), self.dtype)
         if every:
-            return jnp.stack([fetch_rows(stack, sids[u], start, size) for u in range(U)])
-        outs = []
+            return jnp.stack([fetch_rows(stack, sids[u], 0, F) for u in range(U)]), jnp.zeros((U, b_rows, 3, D),
+                                                                                              self.dtype)
+        fulls, bots = [], []
         for g0 in range(0, U, COPY_GROUP):
             m = min(COPY_GROUP, U - g0)
+            pairs = [(a, b) for a in range(m + 1) for b in (range(a, m + 1) if has_bot else (a,))]
+            table = np.zeros((m + 1, m + 1), np.int32)
+            for i, (a, b) in enumerate(pairs):
+                table[a, b] = i
 
-            def branch(j, g0=g0, m=m):
-                return jnp.stack([fetch_rows(stack, sids[g0 + i], start, size) for i in range(j)] + [zero] * (m - j))
+            def branch(a, b, g0=g0, m=m):
+                full = [fetch_rows(stack, sids[g0 + i], 0, F) for i in range(a)] + [zf] * (m - a)
+                bot = [zb] * a + [fetch_rows(stack, sids[g0 + i], split, b_rows) for i in range(a, b)] + [zb] * (m - b)
+                return jnp.stack(full), jnp.stack(bot)
 
-            outs.append(jax.lax.switch(jnp.clip(n - g0, 0, m), [functools.partial(branch, j) for j in range(m + 1)]))
-        return jnp.concatenate(outs)
+            a = jnp.clip(n_full - g0, 0, m)
+            b = jnp.clip(n_any - g0, 0, m) if has_bot else a
+            full, bot = jax.lax.switch(jnp.asarray(table)[a, b], [functools.partial(branch, *p) for p in pairs])
+            fulls.append(full)
+            bots.append(bot)
+        return jnp.concatenate(fulls), jnp.concatenate(bots)
 
     def _assemble(self, l: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
                   every: bool = False):
@@ -359,9 +374,10 @@ class OffloadEngine:
 
         ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those to assemble (the others get zeros);
         every: static, True when every id is known to be valid and needed (batch 1, nothing prefetched).
-        A cached expert's top rows [0, s) come from its slot; every needed expert's bottom rows [s, F) and an
-        uncached one's top rows are copied from the host stack. Returns (ids permuted so that copies come first
-        [U], their buffers [U, F, 3, D], the permutation [U], H2D bytes (float32)).
+        A needed expert costs at most one copy (the planner's cost model): a miss is copied whole, a cached
+        expert's top rows [0, s) come from its slot and, when s < F, its bottom rows [s, F) are copied. Returns
+        (ids permuted so that copies come first [U], their buffers [U, F, 3, D], the permutation [U], H2D bytes
+        (float32)).
         """
         cfg = self.cfg
         F = cfg.d_ff
@@ -370,17 +386,21 @@ class OffloadEngine:
         need = need & valid
         slot = cache.slot_of[jnp.maximum(ids, 0)] if s > 0 else jnp.full(ids.shape, -1, jnp.int32)
         cached = valid & (slot >= 0)
-        need_top, need_bot = need & ~cached, need & (s < F)
-        # Misses (top and bottom) first, then top-only hits (bottom), then the rest: both copy sets are prefixes.
-        order = jnp.argsort(-(2 * need_top.astype(jnp.int32) + need_bot.astype(jnp.int32)), stable=True)
+        miss, top_hit = need & ~cached, need & cached & (s < F)
+        # Misses first, then top-only hits, then the rest: whole copies and bottom copies are consecutive runs.
+        order = jnp.argsort(-(2 * miss.astype(jnp.int32) + top_hit.astype(jnp.int32)), stable=True)
         sids = ids[order]
-        n_top, n_bot = jnp.sum(need_top, dtype=jnp.int32), jnp.sum(need_bot, dtype=jnp.int32)
-        bufs = self._copy_group(stack, sids, n_bot, s, F - s, every=every and s == 0)
+        n_miss, n_top = jnp.sum(miss, dtype=jnp.int32), jnp.sum(top_hit, dtype=jnp.int32)
+        full, bot = self._copy_rows(stack, sids, n_miss, n_miss + n_top, s, every=every and s == 0)
+        bufs = full
         if s > 0:
-            top = jnp.where(cached[order][:, None, None, None], cache.tops[jnp.maximum(slot[order], 0)],
-                            self._copy_group(stack, sids, n_top, 0, s))
-            bufs = jnp.concatenate([top, bufs], axis=1)
-        nbytes = (n_top * s + n_bot * (F - s)).astype(jnp.float32) * self.row_bytes
+            c = cached[order][:, None, None, None]
+            tops = cache.tops[jnp.maximum(slot[order], 0)]  # [U, s, 3, D]
+            if s < F:
+                bufs = jnp.concatenate([jnp.where(c, tops, full[:, :s]), jnp.where(c, bot, full[:, s:])], axis=1)
+            else:
+                bufs = jnp.where(c, tops, full)
+        nbytes = (n_miss * F + n_top * (F - s)).astype(jnp.float32) * self.row_bytes
         return sids, bufs, order, nbytes
 
     def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
