@@ -16,7 +16,13 @@ Data flow of one decode step (DESIGN.md; JAX_NOTES.md §2b), per layer l, all on
 
 Copies are `jax.device_put(lax.dynamic_slice(host_stack, ...), Space.Device)` with a traced expert
 id: a DMA of just that slice. Every size comes from the plan (slots N_l, split s_l), so changing which
-expert sits in which slot never recompiles.
+expert sits in which slot never recompiles. Which experts need a copy is data: the experts are sorted so
+that misses come first, then top-only hits, and one `lax.switch` per group of COPY_GROUP experts picks how
+many of each to copy (`_copy_rows`), since every conditional costs a host round trip on the GPU.
+
+With several devices (`devices=`), device d owns experts [d*E/n, (d+1)*E/n) of every layer: its pinned
+buffer, slots and copies. The step runs under `shard_map` over the `expert` mesh axis with routed ids mapped
+to local ids (-1 = another device's expert), and the MoE output is summed over the axis (`psum`).
 
 Prefill (many tokens) uses nearly every expert of a layer, so it copies each MoE layer's whole
 stack (one large copy, the most efficient per byte), enqueued one layer ahead of the compute that
