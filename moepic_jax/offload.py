@@ -177,7 +177,7 @@ class OffloadEngine:
         self._kv_makers = {}
 
     # ---- devices ------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def replicated_sharding(self) -> jax.sharding.Sharding:
         """Where the engine's logits and KV cache live (every device of the engine)."""
         return self._sharding()
@@ -510,22 +510,27 @@ class OffloadEngine:
         if self.caches is None:
             self.caches = self._build_caches()
         if self.mesh is not None:
-            tokens = jax.device_put(tokens, self._sharding())
+            tokens = jax.device_put(tokens, self.replicated_sharding)
         args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
         exe = self._get_decode(args, donate_argnums=(2, 3), fixed=3)
         logits, self.caches, state, counters = exe(*args)
         self.step_count += 1
         return logits, state, counters
 
-    def _get_decode(self, args, donate_argnums, fixed):
-        """The compiled decode step. With several devices its outputs are placed explicitly: XLA would hand
-        zero-size cache arrays back replicated, which the next call would refuse."""
+    @functools.cached_property
+    def _decode_program(self):
+        """(decode step as one program per device, its output shardings). Built once, not per token. With several
+        devices the outputs are placed explicitly: XLA would hand zero-size cache arrays back replicated, which
+        the next call would refuse."""
         r, x = P(), P(EXPERT_AXIS)
         fn = self._spmd(self._decode_step, (r, x, x, r, r, r), (r, x, r, r))
-        out = None
-        if self.mesh is not None:
-            rep, exp = self._sharding(), self._sharding(expert=True)
-            out = (rep, exp, rep, rep)
+        if self.mesh is None:
+            return fn, None
+        rep, exp = self._sharding(), self._sharding(expert=True)
+        return fn, (rep, exp, rep, rep)
+
+    def _get_decode(self, args, donate_argnums, fixed):
+        fn, out = self._decode_program
         return self.compiles.get("decode", fn, args, donate_argnums=donate_argnums, fixed=fixed, out_shardings=out)
 
     # ---- prefill --------------------------------------------------------------------------------------
@@ -549,7 +554,7 @@ class OffloadEngine:
         cfg = self.cfg
         res = self.resident
         if self.mesh is not None:
-            tokens, mask = jax.device_put((tokens, mask), self._sharding())
+            tokens, mask = jax.device_put((tokens, mask), self.replicated_sharding)
         args = (res, state, tokens, mask)
         h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args, fixed=1)(*args)
         k, v = state.k, state.v

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moepic_jax import model as M
-from moepic_jax.planner import CachePlan, HardwareProfile, ModelProfile, solve
+from moepic_jax.planner import CachePlan, HardwareProfile, LayerPlan, ModelProfile, solve
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ def _route_all(engine, tokens: np.ndarray):
 
 
 def _on_first_device(x: jax.Array, device) -> jax.Array:
-    """`device`'s own buffer of a replicated array (the array itself when it lives on one device)."""
+    """`device`'s own buffer of an array on several devices (its replica, or its shard of a split array); the
+    array itself when it lives on one device."""
     if len(x.sharding.device_set) == 1:
         return x
     return next(sh.data for sh in x.addressable_shards if sh.device == device)
@@ -179,9 +180,7 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
     l0 = cfg.moe_layer_ids[0]
     F = cfg.d_ff
     rows = sorted({max(1, F // 8), max(1, F // 4), max(1, F // 2), F})
-    stack = engine.stacks[l0]
-    if len(stack.sharding.device_set) > 1:  # several devices: the first device's own pinned experts and link
-        stack = next(sh.data for sh in stack.addressable_shards if sh.device == engine.device)
+    stack = _on_first_device(engine.stacks[l0], engine.device)  # several devices: the first one's experts and link
     sizes, times = measure_h2d(stack, rows, repeats)
     # compute: one decode token through one layer with k experts resident, timed in a loop
     res = jax.tree_util.tree_map(lambda x: _on_first_device(x, engine.device), engine.resident)
@@ -248,8 +247,6 @@ def _balance(plan: CachePlan, freq: np.ndarray, n_dev: int, slot_bytes_per_row: 
     freed one slot at a time, on the layer whose next slot catches the most routed pairs per byte (that slot holds
     every device's next hottest expert).
     """
-    from moepic_jax.planner import LayerPlan
-
     E = freq.shape[1]
     e_loc = E // n_dev
     ranked = [[np.argsort(-freq[l, d * e_loc:(d + 1) * e_loc], kind="stable") for d in range(n_dev)]
@@ -290,8 +287,6 @@ def _plan_for(engine, granule, profile, hardware) -> CachePlan:
         n = min(E, budget // (n_moe * expert)) // n_dev * n_dev
         mp = profile or cached_profile(engine)
         layers = []
-        from moepic_jax.planner import LayerPlan
-
         for l in range(cfg.n_layers):
             if cfg.moe_layers[l] and n > 0:
                 hot = np.argsort(-mp.freq[l], kind="stable")[:n]  # warm start with the hottest experts
