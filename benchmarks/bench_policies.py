@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
     ap.add_argument("--hw", default="measured", choices=("measured", "default"),
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
+    ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                    help="next-layer prefetch: as the plan says (auto), or forced on / off")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--name", default=None, help="result file name (default bench_policies_<model>[_zipf..])")
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
     max_len = _bucket(T + args.new_tokens)
     warm_tokens = args.warmup_tokens if _bucket(T + args.warmup_tokens) == max_len else args.new_tokens
     ekw = dict(max_batch=1, max_seq_len=max_len)
+    prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
 
     t0 = time.perf_counter()
     base = OffloadEngine(model, policy="ondemand", **ekw)
@@ -132,7 +135,8 @@ def main(argv=None) -> int:
     print(f"fixed part {fixed / 2**30:.2f} GiB; routing: normalised entropy {routing['norm_entropy_mean']:.3f} "
           f"(1 = uniform), top-25% experts take {routing.get('top25pct_share_mean', float('nan')):.1%} of routed pairs; "
           f"profiled recall {recall_prof:.1%}; hardware fit: latency {hw.h2d_latency_s * 1e6:.0f} us, "
-          f"{hw.h2d_bandwidth_Bps / 1e9:.1f} GB/s, layer compute {float(np.mean(hw.layer_compute_s)) * 1e3:.3f} ms "
+          f"{hw.h2d_bandwidth_Bps / 1e9:.1f} GB/s, layer compute {float(np.mean(hw.layer_compute_s)) * 1e3:.3f} ms, "
+          f"conditional copy step {hw.cond_overhead_s * 1e3:.3f} ms (window fraction {hw.cond_window_fraction:.2f}) "
           f"({setup_s:.1f} s)", flush=True)
 
     rng = np.random.default_rng(args.seed + 1)
@@ -151,7 +155,9 @@ def main(argv=None) -> int:
         "hardware_profile": {"source": args.hw if hw_error is None else "default (measure failed)",
                              "error": hw_error, "h2d_latency_s": hw.h2d_latency_s,
                              "h2d_bandwidth_Bps": hw.h2d_bandwidth_Bps,
-                             "layer_compute_s_mean": float(np.mean(hw.layer_compute_s))},
+                             "layer_compute_s_mean": float(np.mean(hw.layer_compute_s)),
+                             "cond_overhead_s": hw.cond_overhead_s, "cond_window_fraction": hw.cond_window_fraction,
+                             "window_fraction": hw.window_fraction},
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
                      "batch": 1, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
@@ -176,7 +182,8 @@ def main(argv=None) -> int:
                ("tpot_p90_ms", "p90 ms", ".2f"), ("floor_ms", "floor ms", ".2f"), ("efficiency", "floor/TPOT", ".2f"),
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
-               ("predictor_recall", "recall", ".1%"), ("planner_tpot_ms", "planner ms", ".2f"),
+               ("prefetch", "prefetch", ""), ("predictor_recall", "recall", ".1%"),
+               ("planner_tpot_ms", "planner ms", ".2f"),
                ("distinct_new_tokens", "distinct tok", ""), ("cache_gib", "cache GiB", ".2f"), ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
     title = (f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}, random weights, "
              f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing'}: policies x VRAM budgets")
@@ -193,7 +200,8 @@ def main(argv=None) -> int:
             if policy == "resident":
                 eng = make_engine(model, "resident")
             else:
-                eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw, **ekw)
+                eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
+                                  prefetch=prefetch, **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
             refs.append(weakref.ref(eng))
             if policy != "resident":  # the engine may re-plan in its warm-up if XLA needs more than estimated
@@ -233,7 +241,8 @@ def main(argv=None) -> int:
                 plan = eng.cache_plan
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))
-                if policy in ("static", "moepic"):
+                row["prefetch"] = bool(eng.prefetches)
+                if policy in ("ondemand", "static", "moepic"):
                     try:
                         row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
                     except Exception as e:  # noqa: BLE001 - informational only

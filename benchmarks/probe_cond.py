@@ -8,6 +8,7 @@ per `lax.cond`) to see whether the syncs or the copies themselves cost the time.
 Prints a short table; JSON to $OUT/probe_cond_<tag>.json.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,6 +51,10 @@ def main():
     ap.add_argument("--frac", type=float, default=0.5, help="fraction of the expert bytes added to the fixed part")
     ap.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
     ap.add_argument("--groups", default="", help="comma list of offload.COPY_GROUP values to try (default: as is)")
+    ap.add_argument("--variants", default="base",
+                    help="comma list: base; noprefetch (the policy without its prefetch). A third variant, the prefetch "
+                         "on GPU stream 1 (compute_on('gpu_stream:1')), was refused by XLA 0.11.2: "
+                         "probe_cond_stream.json")
     args = ap.parse_args()
     cfg = common.get_config("qwen15", tiny=args.tiny)
     model = common.random_model(cfg, progress=False)
@@ -69,39 +74,48 @@ def main():
     rows = {}
     from moepic_jax import offload
 
-    runs = [(p, None) for p in args.policies.split(",")]
-    if args.groups:
-        runs = [(p, int(g)) for p in args.policies.split(",") for g in args.groups.split(",")]
-    for policy, group in runs:
+    groups = [int(g) for g in args.groups.split(",")] if args.groups else [None]
+    runs = [(p, g, v) for p in args.policies.split(",") for g in groups for v in args.variants.split(",")
+            if p != "resident" or v == "base"]
+    for policy, group, variant in runs:
+        policy_key = policy
         if group is not None:
             offload.COPY_GROUP = group
             policy_key = f"{policy} group={group}"
-        else:
-            policy_key = policy
-        t0 = time.perf_counter()
-        if policy == "resident":
-            eng = make_engine(model, "resident")
-        else:
-            eng = make_engine(model, policy, vram_budget=budget, max_batch=1, max_seq_len=L, profile=mp, hardware=hw,
-                              granule=128 if not args.tiny else 16)
-        state = eng.new_state(1, L)
-        tok = jnp.zeros((1,), jnp.int32)
-        eng.warmup(state, toks, mask, tok)
-        build = time.perf_counter() - t0
-        _, state, _ = eng.prefill(state, toks, mask)
-        _, _, state = time_steps(eng, state, tok, 3, True)
-        a, h2d, state = time_steps(eng, state, tok, 20, False)
-        b, _, state = time_steps(eng, state, tok, 10, True)
-        del state
-        res = generate([rng.randint(0, cfg.vocab_size, T).tolist()], model=model, engine=eng, max_new_tokens=32,
-                       temperature=1.0)
-        rows[policy_key] = {"ms_queued": a, "ms_sync_each": b, "generate_tpot_ms": res.stats.tpot_s * 1e3,
-                        "h2d_mb_per_token": h2d / 1e6, "floor_ms": h2d / bw * 1e3, "build_s": build,
-                        "full_hit_rate": res.stats.full_hit_rate, "miss_rate": res.stats.miss_rate,
-                        "splits": sorted({lp.split for lp in eng.cache_plan.layers}) if eng.cache_plan else None}
-        print(policy_key, json.dumps(rows[policy_key]), flush=True)
-        del eng, res
-        model.__dict__.pop("_engines", None)
+        if variant != "base":
+            policy_key = f"{policy_key} {variant}"
+        try:
+            t0 = time.perf_counter()
+            if policy == "resident":
+                eng = make_engine(model, "resident")
+            else:
+                eng = make_engine(model, policy, vram_budget=budget, max_batch=1, max_seq_len=L, profile=mp, hardware=hw,
+                                  granule=128 if not args.tiny else 16)
+                if variant == "noprefetch":
+                    eng.spec = dataclasses.replace(eng.spec, prefetch=False)
+            state = eng.new_state(1, L)
+            tok = jnp.zeros((1,), jnp.int32)
+            eng.warmup(state, toks, mask, tok)
+            build = time.perf_counter() - t0
+            _, state, _ = eng.prefill(state, toks, mask)
+            _, _, state = time_steps(eng, state, tok, 3, True)
+            a, h2d, state = time_steps(eng, state, tok, 20, False)
+            b, _, state = time_steps(eng, state, tok, 10, True)
+            del state
+            res = generate([rng.randint(0, cfg.vocab_size, T).tolist()], model=model, engine=eng, max_new_tokens=32,
+                           temperature=1.0)
+            rows[policy_key] = {"ms_queued": a, "ms_sync_each": b, "generate_tpot_ms": res.stats.tpot_s * 1e3,
+                            "h2d_mb_per_token": h2d / 1e6, "floor_ms": h2d / bw * 1e3, "build_s": build,
+                            "full_hit_rate": res.stats.full_hit_rate, "miss_rate": res.stats.miss_rate,
+                            "splits": sorted({lp.split for lp in eng.cache_plan.layers}) if eng.cache_plan else None}
+            print(policy_key, json.dumps(rows[policy_key]), flush=True)
+            del eng, res
+            model.__dict__.pop("_engines", None)
+        except Exception as e:  # a variant XLA refuses is a result too; go on with the others
+            rows[policy_key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            print(policy_key, "FAILED", rows[policy_key]["error"], flush=True)
+            eng = res = None
+            model.__dict__.pop("_engines", None)
     env = common.env_info()
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"probe_cond_{args.tag}.json"), "w") as f:
@@ -112,6 +126,9 @@ def main():
     print("| policy | ms queued | ms sync each | generate TPOT ms | H2D MB/tok | floor ms | full hit | miss |\n"
           "|---|---|---|---|---|---|---|---|")
     for k, v in rows.items():
+        if "error" in v:
+            print(f"| {k} | failed: {v['error'][:80]} |")
+            continue
         print(f"| {k} | {v['ms_queued']:.2f} | {v['ms_sync_each']:.2f} | {v['generate_tpot_ms']:.2f} | "
               f"{v['h2d_mb_per_token']:.1f} | {v['floor_ms']:.2f} | {v['full_hit_rate']:.1%} | {v['miss_rate']:.1%} |")
 

@@ -135,7 +135,8 @@ def print_plan(plan, mp=None, hw=None, out=None) -> None:
 
     stats = plan_stats(plan, mp, hw) if mp is not None else None
     print(f"cache budget {plan.budget_bytes / 2**30:.3f} GiB" +
-          (f", plan uses {plan_bytes(plan, mp) / 2**30:.3f} GiB" if mp is not None else ""), file=out)
+          (f", plan uses {plan_bytes(plan, mp) / 2**30:.3f} GiB" if mp is not None else "") +
+          f", next-layer prefetch {'on' if plan.prefetch else 'off'}", file=out)
     print(f"{'layer':>5} {'split':>6} {'slots':>5}  cached experts", file=out)
     for l, lp in enumerate(plan.layers):
         ids = ",".join(map(str, lp.cached[:12])) + (" ..." if len(lp.cached) > 12 else "")

@@ -194,8 +194,9 @@ def generate(
       stream: called as `stream(prompt_index, new_text)` as text is produced (needs a tokenizer).
       engine: an engine from `moepic_jax.Engine(...)` to use instead of building one.
       **engine_kw: for the offloading policies, passed to `OffloadEngine`: max_batch, max_seq_len, granule,
-        n_predicted, profile, hardware, and devices (a device count or list: the experts are split over an
-        `expert` mesh axis of those devices and `vram_budget` is per device).
+        n_predicted, prefetch (None = as the plan says, True/False to force next-layer prefetch), profile,
+        hardware, and devices (a device count or list: the experts are split over an `expert` mesh axis of those
+        devices and `vram_budget` is per device).
     Returns:
       `GenerateResult` (.text, .token_ids [batch][new], .stats).
     Raises:
@@ -337,13 +338,13 @@ def _stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c
             miss_rate=float(agg["misses"][l] / r) if r else nan,
             h2d_bytes_per_token=float(agg["h2d_bytes"][l] / steps) if "h2d_bytes" in agg else 0.0,
             predictor_recall=float(agg["predicted"][l] / r) if r and l > 0 and "predicted" in agg
-            and getattr(getattr(engine, "spec", None), "prefetch", False) else nan,
+            and getattr(engine, "prefetches", False) else nan,
         ))
     tot = float(routed.sum()) if len(counters) else 0.0
     if tot and "full_hits" in agg:
         full, top, miss = (float(agg[k].sum() / tot) for k in ("full_hits", "top_hits", "misses"))
         pred_routed = float(routed[1:].sum())
-        prefetches = getattr(getattr(engine, "spec", None), "prefetch", False) and getattr(engine, "n_predicted", 0)
+        prefetches = getattr(engine, "prefetches", False)
         recall = float(agg["predicted"][1:].sum() / pred_routed) if pred_routed and prefetches else nan
     elif engine.policy == "resident":
         full, top, miss, recall = 1.0, 0.0, 0.0, nan

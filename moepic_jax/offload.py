@@ -128,6 +128,8 @@ class OffloadEngine:
         [d * E/n, (d+1) * E/n), their pinned host buffers, their cache slots and their copies; the rest of the
         model and the KV cache are replicated; each device computes its own routed experts and the outputs are
         summed over the axis (`shard_map` + `psum`). `vram_budget` is then per device.
+      prefetch: None = as the plan says (`CachePlan.prefetch`: the planner keeps next-layer prediction only where
+        its cost model says it pays); True / False force it on / off for the policies that predict.
     Raises:
       ValueError: budget below the fixed part (names the minimum in GiB), a plan that does not match
         the model, a plan bigger than the cache budget.
@@ -135,7 +137,7 @@ class OffloadEngine:
 
     def __init__(self, model: Model, policy: str = "moepic", vram_budget=None, plan: CachePlan | None = None,
                  n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
-                 profile=None, hardware=None, devices=None):
+                 profile=None, hardware=None, devices=None, prefetch: bool | None = None):
         if policy not in SPECS:
             raise ValueError(f"unknown offloading policy {policy!r}; choose one of {', '.join(SPECS)}")
         self.policy, self.spec = policy, SPECS[policy]
@@ -149,6 +151,9 @@ class OffloadEngine:
         self.max_batch, self.max_seq_len = int(max_batch), int(max_seq_len)
         self.vram_budget_bytes = parse_budget(vram_budget, model.weight_bytes())
         self.compiles = CompileCache()
+        if prefetch not in (None, True, False):
+            raise ValueError(f"prefetch must be None, True or False, got {prefetch!r}")
+        self._prefetch = prefetch
         self.devices = resolve_devices(devices)
         self.device, self.n_dev = self.devices[0], len(self.devices)
         if cfg.n_experts % self.n_dev:
@@ -175,6 +180,13 @@ class OffloadEngine:
         self.caches = None
         self.step_count = 0
         self._kv_makers = {}
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether decode predicts and prefetches the next layer's experts: the policy prefetches, k' > 0, and the
+        plan keeps prediction (the planner drops it where it does not pay, `planner.solve(prefetch=None)`)."""
+        wanted = self.cache_plan.prefetch if self._prefetch is None else self._prefetch
+        return self.spec.prefetch and self.n_predicted > 0 and wanted
 
     # ---- devices ------------------------------------------------------------------------------------
     @functools.cached_property
@@ -374,9 +386,9 @@ class OffloadEngine:
             bots.append(bot)
         return jnp.concatenate(fulls), jnp.concatenate(bots)
 
-    def _assemble(self, l: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
+    def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
                   every: bool = False):
-        """Assemble experts `ids` of layer l on the device.
+        """Assemble experts `ids` of one layer (its plan's `split`, host `stack`, top `cache`) on the device.
 
         ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those to assemble (the others get zeros);
         every: static, True when every id is known to be valid and needed (batch 1, nothing prefetched).
@@ -387,7 +399,7 @@ class OffloadEngine:
         """
         cfg = self.cfg
         F = cfg.d_ff
-        s = self.splits[l] if cache.tops.shape[0] > 0 else 0
+        s = split if cache.tops.shape[0] > 0 else 0
         valid = ids >= 0
         need = need & valid
         slot = cache.slot_of[jnp.maximum(ids, 0)] if s > 0 else jnp.full(ids.shape, -1, jnp.int32)
@@ -419,7 +431,7 @@ class OffloadEngine:
         pids, _ = M.route(M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps), lp.moe.w_router, self.cfg,
                           self.n_predicted)
         pred = self._distinct(self._local(pids), P)
-        sids, bufs, _, nbytes = self._assemble(l_next, stack, cache, pred, pred >= 0,
+        sids, bufs, _, nbytes = self._assemble(self.splits[l_next], stack, cache, pred, pred >= 0,
                                                every=h_mid.shape[0] == 1 and self.mesh is None)
         return sids, bufs, nbytes
 
@@ -439,7 +451,7 @@ class OffloadEngine:
             predicted = jnp.any(ids[..., None] == pred_ids, axis=-1) & (ids >= 0)
             got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
-        sids, bufs, order, nbytes = self._assemble(l, stack, cache, uniq, ~got,
+        sids, bufs, order, nbytes = self._assemble(self.splits[l], stack, cache, uniq, ~got,
                                                    every=B == 1 and pred is None and self.mesh is None)
         if pred is not None:
             nbytes = nbytes + pred_bytes
@@ -484,7 +496,7 @@ class OffloadEngine:
             h_mid = h[:, 0]
             nxt = l + 1
             next_pred = None
-            if self.spec.prefetch and n_pred > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
+            if self.prefetches and n_pred > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
                 next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred)
             x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
             if cfg.moe_layers[l]:

@@ -17,7 +17,8 @@ Notation (one decoder layer `l`, batch 1 decode)
   rho_l                                 predictor recall (share of routed experts that were predicted; NaN = layer
                                         not predicted, e.g. layer 0 or no data -> no prefetch at all),
   k' = n_predicted (0 means k)          experts the predictor prefetches per layer,
-  L_c = h2d_latency_s, B = h2d_bandwidth_Bps, c_l = layer_compute_s[l], a = window_fraction.
+  L_c = h2d_latency_s, B = h2d_bandwidth_Bps, c_l = layer_compute_s[l], a = window_fraction (or
+  cond_window_fraction, see "Data-dependent copies"), o = cond_overhead_s.
 
 Cost model
 ----------
@@ -43,11 +44,24 @@ probability rho_l; the rest is copied after routing (on demand), not hidden. Eac
 probability q_l = P_l / k, so the number h of cached ones is ~ Binomial(k', q_l) and the prefetch takes
 X_h = h * t_hit_l + (k' - h) * t_miss. The stall is what the window W_{l-1} does not hide, in expectation over h:
 
-    W_{l-1}    = a * c_{l-1}                                   (W_{-1} = 0)
+    W_{l-1}    = a_l * c_{l-1}                                 (W_{-1} = 0)
     stall_l    = sum_h Binom(h; k', q_l) * max(0, X_h - W_{l-1})  (0 when the layer is not predicted)
     ondemand_l = (1 - rho_l) * t_l
-    T_l        = c_l + stall_l + ondemand_l
+    T_l        = c_l + n_cond_l * o + stall_l + ondemand_l
     TPOT       = sum_l T_l + extra_s
+
+Data-dependent copies. How many experts a step copies is data, so the engine copies inside a conditional
+(`lax.switch`) unless the count is known when compiling (batch 1, no cache, nothing predicted: the k routed experts,
+or the k' predicted ones of a layer without cache, are always copied). On the H200 a conditional costs a fixed
+`o = cond_overhead_s` (a host round trip plus assembling its buffers) and the copies made inside it do not overlap
+compute (`cond_window_fraction` = 0, benchmarks/results/probe_cond_stream.json). So, with C_l = [N_l > 0] and
+Q_l = [layer l is predicted]:
+
+    n_cond_l = C_l * Q_l + max(C_l, Q_l)   (the prefetch's conditional, the on-demand conditional)
+    a_l      = window_fraction * (cond_window_fraction if C_l else 1)
+
+`window_fraction` stays for unconditional prefetch copies. With a = 0 a prediction only adds its wasted copies and
+its conditional, so the solver also decides whether to predict at all (`solve(prefetch=None)`, `CachePlan.prefetch`).
 
 E[X] = (k'/k) * t_l, so with every X_h on the same side of the window this is the DESIGN.md starting model
 `c_l + max(0, t_prefetch - W) + t_ondemand` (plus the wasted prefetches); the binomial only matters where the
@@ -55,7 +69,8 @@ window hides some tokens' prefetches and not others' -- which is exactly where c
 (every token's prefetch a little smaller) can beat caching fewer whole experts (some tokens free, others not).
 Under a linear stall it cannot: per cached byte, top rows and whole experts save the same `p[l, e] / B`, and whole
 experts also save the latency, so the most frequent experts are cached whole. Dense layers (all-zero freq row):
-T_l = c_l. T_l is non-increasing in s_l and in N_l, so more budget never predicts a slower token.
+T_l = c_l. Apart from the step from N_l = 0 to 1 (which may add a conditional), T_l is non-increasing in s_l and in
+N_l; the solver keeps (0, 0) among each layer's options, so more budget never predicts a slower token.
 
 Why the window does not depend on the neighbours: layer l's prefetch is issued once layer l-1 has routed, at the
 same time as layer l-1's on-demand copies. With those queued first on the link, layer l-1 lasts
@@ -173,11 +188,14 @@ class CachePlan:
     layers: one LayerPlan per decoder layer (dense layers: split 0, cached ()).
     budget_bytes: the cache budget (bytes) the plan was solved for.
     model_id: ModelProfile.model_id it was solved for ("" = unknown).
+    prefetch: whether the engine predicts and prefetches the next layer's experts (the policy's prefetch is used
+      only where this is True; the solver turns it off where the cost model says prefetching does not pay).
     """
 
     layers: tuple[LayerPlan, ...]
     budget_bytes: int
     model_id: str = ""
+    prefetch: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -185,6 +203,8 @@ class CachePlan:
             _require(isinstance(lp, LayerPlan), f"CachePlan.layers[{i}] must be a LayerPlan, got {type(lp).__name__}")
         object.__setattr__(self, "budget_bytes", _as_int(self.budget_bytes, "CachePlan.budget_bytes"))
         _require(isinstance(self.model_id, str), f"CachePlan.model_id must be a str, got {self.model_id!r}")
+        _require(isinstance(self.prefetch, (bool, np.bool_)), f"CachePlan.prefetch must be a bool, got {self.prefetch!r}")
+        object.__setattr__(self, "prefetch", bool(self.prefetch))
 
     @classmethod
     def empty(cls, n_layers: int, budget_bytes: int = 0, model_id: str = "") -> CachePlan:
@@ -226,12 +246,14 @@ class CachePlan:
                 raise ValueError(f"layer {l}: caches experts {list(lp.cached)} with split 0 (nothing to cache)")
 
     def to_json(self) -> str:
-        """{"format", "version", "budget_bytes", "model_id", "layers": [{"split", "cached"}, ...], "n_slots"}."""
+        """{"format", "version", "budget_bytes", "model_id", "prefetch", "layers": [{"split", "cached"}, ...],
+        "n_slots"}."""
         return json.dumps({
             "format": "moepic_jax.CachePlan",
             "version": _FORMAT_VERSION,
             "budget_bytes": self.budget_bytes,
             "model_id": self.model_id,
+            "prefetch": self.prefetch,
             "layers": [{"split": lp.split, "cached": list(lp.cached)} for lp in self.layers],
             "n_slots": list(self.n_slots()),
         })
@@ -251,7 +273,9 @@ class CachePlan:
                                  tuple(_as_int(e, f"layers[{i}].cached entry") for e in cached)))
         model_id = d.get("model_id", "")
         _require(isinstance(model_id, str), "CachePlan.from_json: 'model_id' must be a string")
-        return cls(tuple(out), _as_int(_get(d, "budget_bytes", "CachePlan"), "budget_bytes"), model_id)
+        prefetch = d.get("prefetch", True)
+        _require(isinstance(prefetch, bool), "CachePlan.from_json: 'prefetch' must be true or false")
+        return cls(tuple(out), _as_int(_get(d, "budget_bytes", "CachePlan"), "budget_bytes"), model_id, prefetch)
 
     def save(self, path) -> None:
         Path(path).write_text(self.to_json())
@@ -395,6 +419,10 @@ class HardwareProfile:
     window_fraction: share of layer_compute_s[l-1] that can hide layer l's prefetch (prediction happens after
       attention, so slightly < 1 in practice; a calibration knob).
     extra_s: time per token outside the decoder layers (embedding, final norm, lm head, sampling), seconds.
+    cond_overhead_s: fixed cost of one data-dependent copy step of the decode (a conditional and the assembly of its
+      buffers), seconds; 0 = free (the ideal). Measured by `profile.measure_hardware`.
+    cond_window_fraction: the share of that window left to a prefetch made inside a conditional (0 on the H200:
+      those copies do not overlap compute); 1 = like an unconditional copy.
     """
 
     h2d_latency_s: float
@@ -403,9 +431,12 @@ class HardwareProfile:
     device: str = "unknown"
     window_fraction: float = 1.0
     extra_s: float = 0.0
+    cond_overhead_s: float = 0.0
+    cond_window_fraction: float = 1.0
 
     def __post_init__(self):
-        for name in ("h2d_latency_s", "h2d_bandwidth_Bps", "window_fraction", "extra_s"):
+        for name in ("h2d_latency_s", "h2d_bandwidth_Bps", "window_fraction", "extra_s", "cond_overhead_s",
+                     "cond_window_fraction"):
             v = _as_float(getattr(self, name), f"HardwareProfile.{name}")
             if not math.isfinite(v) or v < 0 or (name == "h2d_bandwidth_Bps" and v == 0):
                 raise ValueError(f"HardwareProfile.{name}={v} must be finite and >= 0 (bandwidth > 0)")
@@ -458,6 +489,7 @@ class HardwareProfile:
             "h2d_latency_s": self.h2d_latency_s, "h2d_bandwidth_Bps": self.h2d_bandwidth_Bps,
             "layer_compute_s": self.layer_compute_s.tolist(), "device": self.device,
             "window_fraction": self.window_fraction, "extra_s": self.extra_s,
+            "cond_overhead_s": self.cond_overhead_s, "cond_window_fraction": self.cond_window_fraction,
         })
 
     @classmethod
@@ -465,7 +497,7 @@ class HardwareProfile:
         """Inverse of to_json; unknown keys are ignored. Raises ValueError on malformed input."""
         d = _loads(s, "HardwareProfile")
         kw = {k: _get(d, k, "HardwareProfile") for k in ("h2d_latency_s", "h2d_bandwidth_Bps", "layer_compute_s")}
-        for k in ("device", "window_fraction", "extra_s"):
+        for k in ("device", "window_fraction", "extra_s", "cond_overhead_s", "cond_window_fraction"):
             if k in d:
                 kw[k] = d[k]
         return cls(**kw)
@@ -494,7 +526,7 @@ def _check_hw(mp: ModelProfile, hw: HardwareProfile) -> None:
 
 
 def _layer_consts(mp: ModelProfile, hw: HardwareProfile):
-    """Per-layer constants of the cost model, each [n_layers]: (k_l, rho, n_pf, window, compute)."""
+    """Per-layer constants of the cost model, each [n_layers]: (k_l, rho, n_pf, previous layer's compute, compute)."""
     _check_hw(mp, hw)
     moe = np.array(mp.moe_layers, dtype=bool)
     k_l = np.where(moe, float(mp.top_k), 0.0)
@@ -502,18 +534,24 @@ def _layer_consts(mp: ModelProfile, hw: HardwareProfile):
     rho = np.where(predicted, np.nan_to_num(mp.recall), 0.0)
     n_pf = np.where(predicted, mp.n_predicted or mp.top_k, 0)
     c = hw.layer_compute_s
-    window = hw.window_fraction * np.concatenate([[0.0], c[:-1]])
-    return k_l, rho, n_pf, window, c
+    return k_l, rho, n_pf, np.concatenate([[0.0], c[:-1]]), c
 
 
-def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile) -> dict:
+def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile, has_cache=None) -> dict:
     """Cost model of the module docstring for cached mass p_c and split s (arrays; layers on axis 0, broadcasting).
 
-    Returns a dict of arrays of the broadcast shape: t (expected routed copy time), stall, ondemand, layer (T_l).
+    has_cache: where the layer caches experts (N_l > 0); default split > 0 (true of every (s, N) the solver tries).
+    Returns a dict of arrays of the broadcast shape: t (expected routed copy time), stall, ondemand, overhead
+    (n_cond_l * cond_overhead_s), layer (T_l).
     """
     p_c, split = np.asarray(p_c, dtype=np.float64), np.asarray(split, dtype=np.float64)
-    nd = max(p_c.ndim, split.ndim, 1)
-    k_l, rho, n_pf, window, c = (x.reshape((-1,) + (1,) * (nd - 1)) for x in _layer_consts(mp, hw))
+    has_cache = split > 0 if has_cache is None else np.asarray(has_cache, dtype=bool)
+    nd = max(p_c.ndim, split.ndim, has_cache.ndim, 1)
+    k_l, rho, n_pf, c_prev, c = (x.reshape((-1,) + (1,) * (nd - 1)) for x in _layer_consts(mp, hw))
+    predicted = n_pf > 0
+    # a prefetch into a cached layer is a conditional copy, which on some stacks cannot overlap compute
+    window = hw.window_fraction * np.where(has_cache, hw.cond_window_fraction, 1.0) * c_prev
+    overhead = ((has_cache & predicted).astype(np.float64) + (has_cache | predicted)) * hw.cond_overhead_s
     f, beta, lat, bw = mp.d_ff, mp.row_bytes, hw.h2d_latency_s, hw.h2d_bandwidth_Bps
     t_miss = lat + f * beta / bw
     t_hit = np.where(split >= f, 0.0, lat + (f - split) * beta / bw)
@@ -527,8 +565,14 @@ def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile) -> dict:
     x = h * t_hit[..., None] + np.maximum(n - h, 0.0) * t_miss
     stall = np.sum(pmf * np.maximum(0.0, x - window[..., None]), axis=-1)
     ondemand = (1.0 - rho) * t
-    return {"t": t, "prefetch": n_pf / mp.top_k * t, "stall": stall, "ondemand": ondemand,
-            "layer": c + stall + ondemand}
+    return {"t": t, "prefetch": n_pf / mp.top_k * t, "stall": stall, "ondemand": ondemand, "overhead": overhead,
+            "layer": c + overhead + stall + ondemand}
+
+
+def without_prediction(mp: ModelProfile) -> ModelProfile:
+    """The same profile with no layer predicted (recall and precision NaN): the cost of running without prefetch."""
+    nan = np.full(mp.n_layers, np.nan)
+    return dataclasses.replace(mp, recall=nan, precision=nan)
 
 
 def plan_bytes(plan: CachePlan, mp: ModelProfile) -> int:
@@ -541,13 +585,16 @@ def plan_stats(plan: CachePlan, mp: ModelProfile, hw: HardwareProfile | None = N
 
     Returns a dict of [n_layers] float64 arrays: full_hit_rate, top_only_hit_rate, miss_rate (per routed expert;
     0 on dense layers), copies (routed copies per token), routed_bytes (bytes per token of routed experts),
-    h2d_bytes (routed + wasted prefetch bytes per token); with hw also prefetch_s, ondemand_s, stall_s, layer_s
-    (T_l, seconds); plus "tpot_s" (float, with hw).
+    h2d_bytes (routed + wasted prefetch bytes per token); with hw also prefetch_s, ondemand_s, stall_s,
+    overhead_s, layer_s (T_l, seconds); plus "tpot_s" (float, with hw). A plan with prefetch=False is costed
+    without prediction.
     Raises ValueError if the plan does not fit the model (CachePlan.validate) or names another model_id.
     """
     plan.validate(mp.n_layers, mp.n_experts, mp.d_ff, mp.moe_layers)
     if plan.model_id and mp.model_id and plan.model_id != mp.model_id:
         raise ValueError(f"plan was solved for model_id {plan.model_id!r}, the profile is {mp.model_id!r}; re-plan")
+    if not plan.prefetch:
+        mp = without_prediction(mp)
     f, k = mp.d_ff, mp.top_k
     split = np.array([lp.split for lp in plan.layers], dtype=np.float64)
     p_c = np.array([mp.freq[l, list(lp.cached)].sum() for l, lp in enumerate(plan.layers)], dtype=np.float64)
@@ -566,12 +613,13 @@ def plan_stats(plan: CachePlan, mp: ModelProfile, hw: HardwareProfile | None = N
     }
     if hw is None:
         return out
-    cost = _layer_time(p_c, split, mp, hw)
+    cost = _layer_time(p_c, split, mp, hw, has_cache=(split > 0) & (np.array(plan.n_slots()) > 0))
     _, rho, n_pf, _, _ = _layer_consts(mp, hw)
     out["h2d_bytes"] = (n_pf / k + 1.0 - rho) * b
     out["prefetch_s"] = cost["prefetch"]
     out["ondemand_s"] = cost["ondemand"]
     out["stall_s"] = cost["stall"]
+    out["overhead_s"] = cost["overhead"]
     out["layer_s"] = cost["layer"]
     out["tpot_s"] = float(out["layer_s"].sum() + hw.extra_s)
     return out
@@ -728,7 +776,7 @@ def _exchange(ft: np.ndarray, fm: np.ndarray, pos: np.ndarray, budget: float, ma
 
 
 def solve(mp: ModelProfile, hw: HardwareProfile, budget_bytes: int, granule: int = 128, allow_split: bool = True,
-          splits: Sequence[int] | None = None) -> CachePlan:
+          splits: Sequence[int] | None = None, prefetch: bool | None = None) -> CachePlan:
     """Choose each layer's split s_l and cached experts to minimise predicted_tpot under plan_bytes <= budget_bytes.
 
     MoEpic's divide-and-conquer cache configuration (arXiv 2509.08342): Lagrangian multiplier on memory, each layer
@@ -740,9 +788,11 @@ def solve(mp: ModelProfile, hw: HardwareProfile, budget_bytes: int, granule: int
       hw: hardware profile (layer_compute_s [n_layers] must match mp).
       budget_bytes: device bytes for the top caches (int >= 0).
       granule, allow_split, splits: candidate split points, see candidate_splits().
+      prefetch: True = the engine predicts (as the profile's recall says), False = it does not; None = solve both
+        ways and keep the faster plan (ties: prefetch).
     Returns:
       CachePlan with, per MoE layer, the N_l most frequent experts (ties -> lower id) cached with split s_l; N_l = 0
-      is written split 0, cached (). Dense layers: split 0, cached (). Deterministic.
+      is written split 0, cached (). Dense layers: split 0, cached (). `prefetch` as chosen. Deterministic.
     Raises:
       ValueError: negative budget, profiles that do not match, bad granule / splits.
     """
@@ -750,13 +800,18 @@ def solve(mp: ModelProfile, hw: HardwareProfile, budget_bytes: int, granule: int
     if budget < 0:
         raise ValueError(f"budget_bytes={budget} is negative")
     _check_hw(mp, hw)
+    if prefetch is None:
+        with_pf = solve(mp, hw, budget, granule, allow_split, splits, prefetch=True)
+        without = solve(mp, hw, budget, granule, allow_split, splits, prefetch=False)
+        return with_pf if predicted_tpot(with_pf, mp, hw) <= predicted_tpot(without, mp, hw) else without
+    plan_mp = mp if prefetch else without_prediction(mp)
     s_cand = np.array(candidate_splits(mp.d_ff, granule, allow_split, splits), dtype=np.int64)
     moe = mp.moe_layers
     if mp.d_ff in s_cand and budget >= mp.full_cache_bytes:
         every = tuple(range(mp.n_experts))
         layers = tuple(LayerPlan(mp.d_ff, every) if m else LayerPlan() for m in moe)
-        return CachePlan(layers, budget, mp.model_id)
-    ft, fm, fs, fn, order = _frontiers(mp, hw, s_cand)
+        return CachePlan(layers, budget, mp.model_id, prefetch)
+    ft, fm, fs, fn, order = _frontiers(plan_mp, hw, s_cand)
     pos = _lagrange(ft, fm, float(budget))
     pos = _exchange(ft, fm, _fill(ft, fm, pos, float(budget)), float(budget))
     layers = []
@@ -766,7 +821,7 @@ def solve(mp: ModelProfile, hw: HardwareProfile, budget_bytes: int, granule: int
             layers.append(LayerPlan())
         else:
             layers.append(LayerPlan(int(s_cand[fs[l, pos[l]]]), tuple(int(e) for e in order[l, :n_l])))
-    plan = CachePlan(tuple(layers), budget, mp.model_id)
+    plan = CachePlan(tuple(layers), budget, mp.model_id, prefetch)
     if plan_bytes(plan, mp) > budget:  # float rounding guard; never expected
         raise RuntimeError(f"solver produced {plan_bytes(plan, mp)} bytes over the budget {budget}")
     return plan

@@ -9,7 +9,7 @@ l's residual stream, top k'), so `freq` and `recall` are what the decode step wi
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 import json
 import logging
 import pathlib
@@ -20,16 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from moepic_jax import model as M
-from moepic_jax.planner import CachePlan, HardwareProfile, LayerPlan, ModelProfile, solve
+from moepic_jax.planner import CachePlan, HardwareProfile, LayerPlan, ModelProfile, predicted_tpot, solve
 
 log = logging.getLogger(__name__)
 
 # Used when no hardware profile is measured or given: the H200 figures of JAX_NOTES.md §2/§2b
 # (about 48 GB/s for large pinned_host -> device copies, ~0.2 ms fixed cost of a lone small copy,
-# largely hidden when 8-16 copies are in flight, hence a smaller effective latency).
+# largely hidden when 8-16 copies are in flight, hence a smaller effective latency), and of
+# benchmarks/results/probe_cond_stream.json: a decode layer with a conditional copy step took ~0.22 ms more than
+# a resident one, and copies made inside a conditional did not overlap compute.
 DEFAULT_H2D_LATENCY_S = 5e-5
 DEFAULT_H2D_BANDWIDTH_BPS = 48e9
 DEFAULT_LAYER_COMPUTE_S = 1e-4
+DEFAULT_COND_OVERHEAD_S = 2.2e-4
+DEFAULT_COND_WINDOW_FRACTION = 0.0
 
 _DEFAULT_TEXT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""
@@ -151,7 +155,8 @@ def profile_model(engine, tokens: np.ndarray | None = None) -> ModelProfile:
 def default_hardware(n_layers: int) -> HardwareProfile:
     """The unmeasured default (H200 figures from JAX_NOTES.md); `measure_hardware` measures the real one."""
     return HardwareProfile(h2d_latency_s=DEFAULT_H2D_LATENCY_S, h2d_bandwidth_Bps=DEFAULT_H2D_BANDWIDTH_BPS,
-                           layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device="default (not measured)")
+                           layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device="default (not measured)",
+                           cond_overhead_s=DEFAULT_COND_OVERHEAD_S, cond_window_fraction=DEFAULT_COND_WINDOW_FRACTION)
 
 
 def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5) -> tuple[list[int], list[float]]:
@@ -174,8 +179,13 @@ def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5) -> tu
 
 
 def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
-    """Fit the copy-time curve from in-graph copies of several segment sizes, and measure the decode compute
-    time per layer (attention + router + the routed experts' math, experts already on the device)."""
+    """Measure this machine for the planner (seconds and bytes/second; DESIGN.md cost model).
+
+    Fits the copy-time curve from in-graph copies of several segment sizes, measures the decode compute time
+    per layer (attention + router + the routed experts' math, experts already on the device), and the cost of
+    the engine's data-dependent copy step (`cond_overhead_s`, `cond_window_fraction`, see `conditional_costs`).
+    Returns a `HardwareProfile` with every layer given the first MoE layer's compute time.
+    """
     cfg = engine.cfg
     l0 = cfg.moe_layer_ids[0]
     F = cfg.d_ff
@@ -206,7 +216,81 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
     jax.block_until_ready(out)
     c = (time.perf_counter() - t0) / (repeats * 4)
     del ex
-    return HardwareProfile.fit(sizes, times, np.full(cfg.n_layers, c), device=str(engine.device.device_kind))
+    hw = HardwareProfile.fit(sizes, times, np.full(cfg.n_layers, c), device=str(engine.device.device_kind))
+    costs = conditional_costs(engine, stack, lambda h, x_exp: layer(lp, x_exp, h, kv.k, kv.v)[0], h, repeats)
+    return dataclasses.replace(hw, cond_overhead_s=costs["cond_overhead_s"],
+                               cond_window_fraction=costs["cond_window_fraction"])
+
+
+def conditional_costs(engine, stack: jax.Array, layer, h: jax.Array, repeats: int = 5, reps: int = 8) -> dict:
+    """What the engine's data-dependent copy step costs on this machine, measured with its own code.
+
+    `layer(h, experts)` is one resident decode layer ([1, 1, d_model] -> same) and `stack` one layer's pinned_host
+    experts [E, F, 3, D]. Four jitted chains of `reps` layers, each layer's output feeding the next:
+      plain: the layers alone;
+      hit:   each layer also assembles one routed expert that sits in a one-slot cache (`OffloadEngine._assemble`:
+             its `lax.switch` picks "no copy") and applies it to the hidden state;
+      miss:  the same for an expert that is not cached (one whole copy inside the conditional), used at once;
+      ahead: that copy issued one layer before it is used, as a prefetch is.
+    Returns seconds per layer: cond_overhead_s = (hit - plain) / reps, copy_s = (miss - hit) / reps, hidden_s =
+    (miss - ahead) / reps, compute_s = plain / reps; and cond_window_fraction = hidden_s / compute_s clipped to
+    [0, 1] (0: the copies inside a conditional do not overlap compute at all).
+    """
+    from moepic_jax import cache as C
+    from moepic_jax.offload import fetch_rows
+
+    cfg = engine.cfg
+    E, F = stack.shape[0], cfg.d_ff
+    dev = jax.sharding.SingleDeviceSharding(engine.device)
+    U = min(cfg.top_k, E)
+    tops = jax.jit(lambda st: fetch_rows(st, jnp.int32(0), 0, F)[None], out_shardings=dev)(stack)
+    cache = jax.device_put(C.init_layer_cache(tops, [0], E), dev)  # slot 0 holds expert 0 whole
+    ex = jax.device_put(stack, dev)
+
+    def ids_for(h, r, hit):  # [U]: one expert (data-dependent, so nothing is hoisted), the rest padding
+        e = 0 if hit else 1 + r % (E - 1)
+        first = jnp.where(h[0, 0, 0] > 1e30, -1, e).astype(jnp.int32)
+        return jnp.concatenate([first[None], jnp.full((U - 1,), -1, jnp.int32)])
+
+    def assemble(h, r, hit, cache, stack):
+        ids = ids_for(h, r, hit)
+        return engine._assemble(F, stack, cache, ids, ids >= 0)[1][0]  # the expert's [F, 3, D] buffer
+
+    def apply(h, w):
+        return h + M.segment_ffn(h[0], w)[None].astype(h.dtype)
+
+    def chain(mode, h, cache, stack, ex):
+        pending = assemble(h, 0, False, cache, stack) if mode == "ahead" else None
+        for r in range(reps):
+            if mode == "ahead":
+                cur = pending
+                if r + 1 < reps:
+                    pending = assemble(h, r + 1, False, cache, stack)  # issued before this layer's compute
+            h = layer(h, ex)
+            if mode == "plain":
+                h = apply(h, ex[r % E])
+            elif mode == "ahead":
+                h = apply(h, cur)
+            else:
+                h = apply(h, assemble(h, r, mode == "hit", cache, stack))
+        return h
+
+    t = {}
+    for mode in ("plain", "hit", "miss", "ahead"):
+        fn = jax.jit(functools.partial(chain, mode))
+        jax.block_until_ready(fn(h, cache, stack, ex))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(h, cache, stack, ex))
+            ts.append(time.perf_counter() - t0)
+        t[mode] = float(np.median(ts)) / reps
+    del ex, cache, tops
+    out = {"compute_s": t["plain"], "cond_overhead_s": max(0.0, t["hit"] - t["plain"]),
+           "copy_s": t["miss"] - t["hit"], "hidden_s": t["miss"] - t["ahead"]}
+    out["cond_window_fraction"] = float(np.clip(out["hidden_s"] / max(out["compute_s"], 1e-12), 0.0, 1.0))
+    log.info("conditional copies: %s", {k: round(v * 1e6, 1) if k.endswith("_s") else v for k, v in out.items()})
+    return out
 
 
 def cached_profile(engine) -> ModelProfile:
@@ -294,6 +378,11 @@ def _plan_for(engine, granule, profile, hardware) -> CachePlan:
             else:
                 layers.append(LayerPlan(0, ()))
         plan = CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
+        # Predict only where the cost model says it pays (LRU's hit rate is not the static one, but whether a
+        # prefetch can hide and what its conditionals cost do not depend on which experts sit in the slots).
+        hw = hardware or default_hardware(cfg.n_layers)
+        plan = dataclasses.replace(plan, prefetch=bool(
+            predicted_tpot(plan, mp, hw) <= predicted_tpot(dataclasses.replace(plan, prefetch=False), mp, hw)))
         return _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget) if n_dev > 1 else plan
     mp = profile or cached_profile(engine)
     hw = hardware or default_hardware(cfg.n_layers)
@@ -301,8 +390,8 @@ def _plan_for(engine, granule, profile, hardware) -> CachePlan:
     plan = solve(mp, hw, int(budget), granule=g, allow_split=engine.spec.allow_split)
     if n_dev > 1:
         plan = _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget)
-    log.info("plan for %s at %.3f GiB of cache: %s", engine.policy, budget / 2**30,
-             [(lp.split, len(lp.cached)) for lp in plan.layers])
+    log.info("plan for %s at %.3f GiB of cache (prefetch %s): %s", engine.policy, budget / 2**30,
+             "on" if plan.prefetch else "off", [(lp.split, len(lp.cached)) for lp in plan.layers])
     return plan
 
 

@@ -32,7 +32,7 @@ import moepic_jax  # noqa: E402
 from moepic_jax.engine import ResidentEngine, make_engine  # noqa: E402
 from moepic_jax.offload import OffloadEngine  # noqa: E402
 
-KW = dict(granule=16, max_batch=2, max_seq_len=32)
+KW = dict(granule=16, max_batch=2, max_seq_len=32, prefetch=True)  # the prefetch path too (default: as planned)
 POLICIES = ("ondemand", "lru", "static", "moepic")
 
 

@@ -18,7 +18,9 @@ from moepic_jax.planner import CachePlan, LayerPlan
 BATCH = [[3, 14, 15, 92, 65, 35, 89, 79, 32], [38, 46, 26, 43]]  # two prompts of different lengths
 SINGLE = [[27, 18, 28, 18, 28, 45, 90, 45]]
 NEW = 6
-KW = dict(granule=16, max_batch=2, max_seq_len=32)
+# prefetch=True: the prefetch path is tested on every policy that has one (the default follows the plan, which on
+# the default hardware profile drops prediction; test_prefetch_follows_the_plan covers that).
+KW = dict(granule=16, max_batch=2, max_seq_len=32, prefetch=True)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +128,30 @@ def test_batch_of_two_prompts_exact(policy, offload_models, reference):
     engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, 0.3), **KW)
     counters, res = _check(engine, "qwen2_moe", reference, m, BATCH)
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "moepic"])
+def test_prefetch_follows_the_plan(policy, offload_models, reference):
+    """prefetch=None: the engine predicts only where its plan keeps prediction. With the default hardware profile
+    (H200: copies inside a conditional do not overlap compute) the planner drops it; then every copied byte is a
+    routed expert's missing rows, exactly, and the results stay exact. Forced on, the same engine predicts."""
+    m = offload_models["qwen2_moe"]
+    cfg = m.cfg
+    budget = _budget(m, 0.3)
+    engine = OffloadEngine(m, policy=policy, vram_budget=budget, **{**KW, "prefetch": None})
+    assert not engine.cache_plan.prefetch and not engine.prefetches
+    counters, res = _check(engine, "qwen2_moe", reference, m, SINGLE)
+    assert all(c["predicted"].sum() == 0 for c in counters)
+    assert np.isnan(res.stats.predictor_recall)
+    rb, F = 3 * cfg.d_model * 4, cfg.d_ff
+    splits = np.array(engine.splits)
+    for c in counters:
+        np.testing.assert_allclose(c["h2d_bytes"], (c["top_hits"] * (F - splits) + c["misses"] * F) * rb)
+    assert sum(c["h2d_bytes"].sum() for c in counters) > 0
+    forced = OffloadEngine(m, policy=policy, vram_budget=budget, **KW)
+    assert forced.prefetches
+    counters, _ = _check(forced, "qwen2_moe", reference, m, SINGLE)
+    assert sum(c["predicted"].sum() for c in counters) > 0
 
 
 def test_compile_count_is_stable(offload_models, reference):

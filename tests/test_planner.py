@@ -1,5 +1,6 @@
 """Tests for moepic_jax.planner: cost model, solver against brute force, dataclasses and errors (CPU, NumPy)."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -31,7 +32,8 @@ def routed_freq(rng, n_experts, k, alpha, n_tokens=400):
     return np.bincount(top.ravel(), minlength=n_experts) / n_tokens
 
 
-def make_profiles(rng, n_layers, n_experts, k, d_ff, dense=(), alpha=0.3, n_predicted=0):
+def make_profiles(rng, n_layers, n_experts, k, d_ff, dense=(), alpha=0.3, n_predicted=0, cond=False):
+    """Random profiles; cond=True also draws a conditional-copy overhead and window (else the ideal 0 and 1)."""
     freq = np.stack([np.zeros(n_experts) if l in dense else routed_freq(rng, n_experts, k, alpha)
                      for l in range(n_layers)])
     recall = rng.uniform(0.0, 1.0, n_layers)
@@ -41,6 +43,9 @@ def make_profiles(rng, n_layers, n_experts, k, d_ff, dense=(), alpha=0.3, n_pred
     hw = HardwareProfile(h2d_latency_s=rng.uniform(0.05, 1.0) * expert_s, h2d_bandwidth_Bps=20e9,
                          layer_compute_s=rng.uniform(0.2, 3.0, n_layers) * expert_s * k, device="test",
                          window_fraction=rng.uniform(0.5, 1.0))
+    if cond:
+        hw = dataclasses.replace(hw, cond_overhead_s=float(rng.uniform(0.0, 0.5) * expert_s),
+                                 cond_window_fraction=float(rng.choice([0.0, rng.uniform(0.0, 1.0)])))
     return mp, hw
 
 
@@ -56,14 +61,17 @@ def layer_options(mp, s_cand):
     return out
 
 
-def brute_force(mp, hw, budget, s_cand):
-    """Best predicted_tpot over every feasible combination of per-layer (s, N), vectorised over combinations.
+def brute_force(mp, hw, budget, s_cand, prefetch=None):
+    """Best predicted_tpot over every feasible combination of per-layer (s, N) (and prefetch on/off when None),
+    vectorised over combinations.
 
     predicted_tpot is a sum of per-layer terms, so TPOT(combo) = TPOT(empty) + sum_l delta_l(option_l); this is
     checked on random combinations against predicted_tpot itself before it is used.
     """
+    if prefetch is None:
+        return min(brute_force(mp, hw, budget, s_cand, True), brute_force(mp, hw, budget, s_cand, False))
     opts = layer_options(mp, s_cand)
-    empty = CachePlan.empty(mp.n_layers)
+    empty = dataclasses.replace(CachePlan.empty(mp.n_layers), prefetch=prefetch)
     base = predicted_tpot(empty, mp, hw)
     deltas, mems = [], []
     for l, ol in enumerate(opts):
@@ -71,7 +79,7 @@ def brute_force(mp, hw, budget, s_cand):
         for o in ol:
             layers = list(empty.layers)
             layers[l] = o
-            p = CachePlan(tuple(layers), 0)
+            p = CachePlan(tuple(layers), 0, prefetch=prefetch)
             d.append(predicted_tpot(p, mp, hw) - base)
             m.append(plan_bytes(p, mp))
         deltas.append(np.array(d))
@@ -83,7 +91,7 @@ def brute_force(mp, hw, budget, s_cand):
     rng = np.random.default_rng(0)
     for _ in range(3):
         combo = tuple(int(rng.integers(len(o))) for o in opts)
-        plan = CachePlan(tuple(opts[l][c] for l, c in enumerate(combo)), 0)
+        plan = CachePlan(tuple(opts[l][c] for l, c in enumerate(combo)), 0, prefetch=prefetch)
         assert math.isclose(predicted_tpot(plan, mp, hw), tot_t[combo], rel_tol=1e-9)
         assert plan_bytes(plan, mp) == tot_m[combo]
     return float(np.min(np.where(tot_m <= budget, tot_t, np.inf)))
@@ -104,7 +112,7 @@ def random_instance(seed):
         kw = {"splits": pts}
         s_cand = candidate_splits(d_ff, splits=pts)
     mp, hw = make_profiles(rng, n_layers, n_experts, k, d_ff, dense, alpha=float(rng.choice([0.1, 0.3, 1.0])),
-                           n_predicted=int(rng.choice([0, k + 1])))
+                           n_predicted=int(rng.choice([0, k + 1])), cond=bool(rng.random() < 0.5))
     budget = int(rng.uniform(0, 1.1) * mp.full_cache_bytes)
     return mp, hw, budget, kw, s_cand
 
@@ -417,7 +425,66 @@ def test_brute_force_is_exhaustive():
     opts = layer_options(mp, s_cand)
     n_moe = sum(mp.moe_layers)
     assert sum(len(o) for o in opts) == mp.n_layers + n_moe * (len(s_cand) - 1) * mp.n_experts
-    assert brute_force(mp, hw, 0, s_cand) == pytest.approx(predicted_tpot(CachePlan.empty(mp.n_layers), mp, hw))
-    all_plans = itertools.product(*opts)
-    best = min(predicted_tpot(CachePlan(tuple(c), 0), mp, hw) for c in all_plans)
+    for pf in (True, False):
+        empty = CachePlan(CachePlan.empty(mp.n_layers).layers, 0, prefetch=pf)
+        assert brute_force(mp, hw, 0, s_cand, pf) == pytest.approx(predicted_tpot(empty, mp, hw))
+    best = min(predicted_tpot(CachePlan(tuple(c), 0, prefetch=pf), mp, hw)
+               for pf in (True, False) for c in itertools.product(*opts))
     assert brute_force(mp, hw, 10**15, s_cand) == pytest.approx(best)
+
+
+def test_conditional_copies_hand_computed():
+    """Data-dependent copies (module docstring): n_cond_l conditionals of cond_overhead_s each, and a prefetch into a
+    cached layer sees only cond_window_fraction of the window; the solver then turns prediction off."""
+    freq = np.array([[0.0, 0.0, 0.0], [1.0, 0.6, 0.4]])
+    recall = np.array([np.nan, 0.5])
+    mp = ModelProfile(freq, recall, recall, 8, 100, 2, 3, 4, "m")  # beta = 96 bytes, k' = k = 2
+    o = 3e-4
+    hw = HardwareProfile(1e-5, 1e6, np.array([2e-3, 1e-3]), window_fraction=0.5, cond_overhead_s=o,
+                         cond_window_fraction=0.0)
+    t_miss = 1e-5 + 9600e-6
+    # cached (split 40, experts 0 and 1: P = 1.6) and predicted: two conditionals, no window, so the prefetch
+    # (k' = k experts, incl. wrong guesses) is all stall: E[X] = t; the on-demand part is (1 - rho) t
+    t = 2e-5 + 13056e-6
+    plan = CachePlan((LayerPlan(), LayerPlan(40, (0, 1))), 10_000)
+    assert predicted_tpot(plan, mp, hw) == pytest.approx(2e-3 + 1e-3 + 2 * o + t + 0.5 * t, rel=1e-12)
+    st = plan_stats(plan, mp, hw)
+    assert st["overhead_s"].tolist() == pytest.approx([0.0, 2 * o]) and st["stall_s"][1] == pytest.approx(t)
+    # the same plan without prediction: one conditional (the on-demand copies), every routed copy on demand
+    no_pf = dataclasses.replace(plan, prefetch=False)
+    assert predicted_tpot(no_pf, mp, hw) == pytest.approx(2e-3 + 1e-3 + o + t, rel=1e-12)
+    assert plan_stats(no_pf, mp, hw)["h2d_bytes"][1] == pytest.approx(13056)
+    # nothing cached but predicted: the prefetch is unconditional and keeps its window (0.5 * 2 ms); the on-demand
+    # copies of the mispredicted half need one conditional
+    empty = CachePlan.empty(2)
+    stall = 2 * t_miss - 0.5 * 2e-3
+    assert predicted_tpot(empty, mp, hw) == pytest.approx(3e-3 + o + stall + 0.5 * 2 * t_miss, rel=1e-12)
+    # nothing cached, nothing predicted: the k routed copies are made unconditionally
+    assert predicted_tpot(dataclasses.replace(empty, prefetch=False), mp, hw) == pytest.approx(3e-3 + 2 * t_miss)
+    # the solver compares both and keeps the faster; the ideal hardware (defaults) keeps prediction
+    budget = 2 * 40 * 96
+    chosen = solve(mp, hw, budget, granule=20)
+    assert not chosen.prefetch
+    assert predicted_tpot(chosen, mp, hw) == pytest.approx(min(
+        predicted_tpot(solve(mp, hw, budget, granule=20, prefetch=pf), mp, hw) for pf in (True, False)))
+    # free conditionals and a window that hides every prefetch: prediction pays again
+    ideal = dataclasses.replace(hw, cond_overhead_s=0.0, cond_window_fraction=1.0, layer_compute_s=np.array([0.1, 1e-3]))
+    assert solve(mp, ideal, budget, granule=20).prefetch
+
+
+def test_prefetch_and_conditional_fields_round_trip():
+    plan = CachePlan((LayerPlan(), LayerPlan(40, (0, 1))), 10_000, "m", prefetch=False)
+    back = CachePlan.from_json(plan.to_json())
+    assert back == plan and back.prefetch is False
+    d = json.loads(plan.to_json())
+    del d["prefetch"]
+    assert CachePlan.from_json(json.dumps(d)).prefetch is True  # plans written before the field: as before
+    d["prefetch"] = "no"
+    with pytest.raises(ValueError, match="prefetch"):
+        CachePlan.from_json(json.dumps(d))
+    with pytest.raises(ValueError, match="prefetch"):
+        CachePlan(plan.layers, 0, prefetch=None)
+    hw = HardwareProfile(1e-5, 1e9, np.ones(2), cond_overhead_s=2e-4, cond_window_fraction=0.0)
+    assert HardwareProfile.from_json(hw.to_json()) == hw
+    with pytest.raises(ValueError, match="cond_overhead_s"):
+        HardwareProfile(1e-5, 1e9, np.ones(2), cond_overhead_s=-1.0)
