@@ -22,6 +22,7 @@ Usage (from the repo root):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     from moepic_jax.engine import device_memory_stats, make_engine
     from moepic_jax.generate import _bucket, generate
     from moepic_jax.offload import OffloadEngine
-    from moepic_jax.planner import predicted_tpot
+    from moepic_jax.planner import plan_stats, predicted_tpot
     from moepic_jax.profile import default_hardware, measure_hardware, profile_model
 
     policies = tuple(p.strip() for p in (args.policies.split(",") if args.policies else DEFAULT_POLICIES[args.model])
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
                ("prefetch", "prefetch", ""), ("predictor_recall", "recall", ".1%"),
-               ("planner_tpot_ms", "planner ms", ".2f"),
+               ("planner_tpot_ms", "planner ms", ".2f"), ("planner_run_tpot_ms", "model ms (run routing)", ".2f"),
                ("distinct_new_tokens", "distinct tok", ""), ("cache_gib", "cache GiB", ".2f"), ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
     title = (f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}, random weights, "
              f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing'}: policies x VRAM budgets")
@@ -238,13 +239,22 @@ def main(argv=None) -> int:
                 row["fixed_gib"] = eng.fixed_bytes / 2**30
                 row["cache_gib"] = eng.cache_bytes() / 2**30
                 row["replanned"] = abs(row["cache_gib"] - row["cache_gib_planned"]) > 1e-9
-                plan = eng.cache_plan
+                plan = dataclasses.replace(eng.cache_plan, prefetch=eng.prefetches)  # as the engine ran it
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))
                 row["prefetch"] = bool(eng.prefetches)
                 if policy in ("ondemand", "static", "moepic"):
                     try:
                         row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
+                        # The cost model alone, without the calibration's error on which experts are hot: the
+                        # same prediction from the routing of the very tokens this run decoded.
+                        run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0], np.int32),
+                                               score_from=len(prompt))
+                        st = plan_stats(plan, run_mp, hw)
+                        row["planner_run_tpot_ms"] = st["tpot_s"] * 1e3
+                        moe = np.array(cfg.moe_layers)
+                        row["planner_run_miss_rate"] = float(np.mean(st["miss_rate"][moe]))
+                        row["planner_run_h2d_mb"] = float(st["h2d_bytes"].sum()) / 1e6
                     except Exception as e:  # noqa: BLE001 - informational only
                         row["planner_error"] = repr(e)
         except Exception as e:  # noqa: BLE001 - record the failure, keep the other rows

@@ -248,7 +248,8 @@ class OffloadEngine:
         if self.policy == "ondemand":
             if plan is not None:
                 raise ValueError("policy 'ondemand' caches nothing; do not pass a plan")
-            return CachePlan(layers=tuple(LayerPlan(0, ()) for _ in moe), budget_bytes=0, model_id=cfg.identity())
+            return CachePlan(layers=tuple(LayerPlan(0, ()) for _ in moe), budget_bytes=0, model_id=cfg.identity(),
+                             prefetch=False)
         if plan is None:
             from moepic_jax.profile import plan_for
 
