@@ -55,6 +55,7 @@ def parse_args(argv=None):
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
+    ap.add_argument("--pairs", default=None, help="run only these policy:fraction pairs (comma list)")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--name", default=None, help="result file name (default bench_policies_<model>[_zipf..])")
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
     warm_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # different: no free LRU hits
 
     runs = [(p, f) for f in fracs for p in policies if p != "resident"]
+    if args.pairs:  # only these (policy, fraction) pairs, e.g. "static:0.1,lru:0.75"
+        keep = {(p, float(f)) for p, f in (x.split(":") for x in args.pairs.split(","))}
+        runs = [(p, f) for p, f in runs if (p, f) in keep]
     if "resident" in policies:
         runs.append(("resident", None))
     rows: list[dict] = []
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
                              "h2d_bandwidth_Bps": hw.h2d_bandwidth_Bps,
                              "layer_compute_s_mean": float(np.mean(hw.layer_compute_s)),
                              "cond_overhead_s": hw.cond_overhead_s, "cond_window_fraction": hw.cond_window_fraction,
-                             "window_fraction": hw.window_fraction},
+                             "window_fraction": hw.window_fraction, "json": hw.to_json()},
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
                      "batch": 1, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
@@ -255,6 +259,7 @@ def main(argv=None) -> int:
                         moe = np.array(cfg.moe_layers)
                         row["planner_run_miss_rate"] = float(np.mean(st["miss_rate"][moe]))
                         row["planner_run_h2d_mb"] = float(st["h2d_bytes"].sum()) / 1e6
+                        row["plan_json"], row["run_profile_json"] = plan.to_json(), run_mp.to_json()  # re-evaluable
                     except Exception as e:  # noqa: BLE001 - informational only
                         row["planner_error"] = repr(e)
         except Exception as e:  # noqa: BLE001 - record the failure, keep the other rows

@@ -23,26 +23,29 @@ Notation (one decoder layer `l`, batch 1 decode)
 Cost model
 ----------
 Each routed expert costs at most ONE copy: a full hit (cached and s_l = f) copies nothing, a top-only hit
-(cached, s_l < f) copies its bottom `(f - s_l) * beta` bytes, a miss copies the whole `f * beta` bytes. With the
-affine copy curve (HardwareProfile.copy_time_s) one copy of a routed expert takes
+(cached, s_l < f) copies its bottom `(f - s_l) * beta` bytes, a miss copies the whole `f * beta` bytes. A layer
+issues its copies together, in one copy step: they stream back to back over the link, so the fixed cost L_c of
+the affine copy curve (HardwareProfile.copy_time_s) is paid once per step that copies anything, not per copy
+(the H200 decode fits this, benchmarks/results/README.md "Planner validation"). With byte times
 
-    t_miss   = L_c + f * beta / B
-    t_hit_l  = 0 if s_l == f else L_c + (f - s_l) * beta / B
+    t_miss   = f * beta / B
+    t_hit_l  = 0 if s_l == f else (f - s_l) * beta / B
 
-and the expected copies, bytes and copy time per token of layer l's routed experts are
+the expected copies, bytes and copy time per token of layer l's routed experts are
 
     n_l = k - P_l * [s_l == f]                                    (copies)
     b_l = beta * (k * f - s_l * P_l)                               (bytes)
-    t_l = P_l * t_hit_l + (k - P_l) * t_miss = n_l * L_c + b_l / B  (seconds)
+    t_l = P_l * t_hit_l + (k - P_l) * t_miss + L_c * (1 - [s_l == f] * q_l^k)
+        = b_l / B + L_c * P(the step copies anything)              (seconds), q_l = P_l / k
 
-The affine curve makes small copies cost more per byte (measured on the H200: 22 GB/s at 8 MB, 48 GB/s at 512 MB),
-so a top-only hit still pays the per-copy latency that a full hit saves.
+(the k routed experts taken as independent draws). A step whose routed experts are all full hits saves the
+latency; a top-only hit never does.
 
 Prefetch: during layer l-1 the engine copies the missing segment of each of the k' experts predicted for layer l
 (wrong guesses included: their copies are wasted but use the link). A routed expert was predicted with
 probability rho_l; the rest is copied after routing (on demand), not hidden. Each predicted expert is cached with
 probability q_l = P_l / k, so the number h of cached ones is ~ Binomial(k', q_l) and the prefetch takes
-X_h = h * t_hit_l + (k' - h) * t_miss. The stall is what the window W_{l-1} does not hide, in expectation over h:
+X_h = h * t_hit_l + (k' - h) * t_miss (+ L_c when X_h > 0). The stall is what the window W_{l-1} does not hide, in expectation over h:
 
     W_{l-1}    = a_l * c_{l-1}                                 (W_{-1} = 0)
     stall_l    = sum_h Binom(h; k', q_l) * max(0, X_h - W_{l-1})  (0 when the layer is not predicted)
@@ -63,7 +66,7 @@ Q_l = [layer l is predicted]:
 `window_fraction` stays for unconditional prefetch copies. With a = 0 a prediction only adds its wasted copies and
 its conditional, so the solver also decides whether to predict at all (`solve(prefetch=None)`, `CachePlan.prefetch`).
 
-E[X] = (k'/k) * t_l, so with every X_h on the same side of the window this is the DESIGN.md starting model
+E[X] ~ (k'/k) * t_l, so with every X_h on the same side of the window this is the DESIGN.md starting model
 `c_l + max(0, t_prefetch - W) + t_ondemand` (plus the wasted prefetches); the binomial only matters where the
 window hides some tokens' prefetches and not others' -- which is exactly where caching the tops of many experts
 (every token's prefetch a little smaller) can beat caching fewer whole experts (some tokens free, others not).
@@ -553,16 +556,19 @@ def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile, has_cache=Non
     window = hw.window_fraction * np.where(has_cache, hw.cond_window_fraction, 1.0) * c_prev
     overhead = ((has_cache & predicted).astype(np.float64) + (has_cache | predicted)) * hw.cond_overhead_s
     f, beta, lat, bw = mp.d_ff, mp.row_bytes, hw.h2d_latency_s, hw.h2d_bandwidth_Bps
-    t_miss = lat + f * beta / bw
-    t_hit = np.where(split >= f, 0.0, lat + (f - split) * beta / bw)
-    t = p_c * t_hit + (k_l - p_c) * t_miss  # = n_l * latency + b_l / bandwidth
+    t_miss = f * beta / bw  # byte times; the latency is paid once per copy step (below)
+    t_hit = np.where(split >= f, 0.0, (f - split) * beta / bw)
+    q = np.clip(p_c / mp.top_k, 0.0, 1.0)
+    p_none = np.where(split >= f, q ** k_l, 0.0)  # every routed expert a full hit: the step copies nothing
+    t = p_c * t_hit + (k_l - p_c) * t_miss + lat * np.where(k_l > 0, 1.0 - p_none, 0.0)  # b_l / B + latency
     # prefetch of n_pf predicted experts, h of them cached: h ~ Binomial(n_pf, q), q = P / k
-    q = np.clip(p_c / mp.top_k, 0.0, 1.0)[..., None]
+    q = q[..., None]
     h = np.arange(int(n_pf.max()) + 1, dtype=np.float64)
     n = n_pf[..., None].astype(np.float64)
     comb = np.vectorize(math.comb, otypes=[np.float64])(n.astype(np.int64), h.astype(np.int64))
     pmf = comb * q**h * (1.0 - q) ** np.maximum(n - h, 0.0)
     x = h * t_hit[..., None] + np.maximum(n - h, 0.0) * t_miss
+    x = x + lat * (x > 0)
     stall = np.sum(pmf * np.maximum(0.0, x - window[..., None]), axis=-1)
     ondemand = (1.0 - rho) * t
     return {"t": t, "prefetch": n_pf / mp.top_k * t, "stall": stall, "ondemand": ondemand, "overhead": overhead,
