@@ -1,0 +1,39 @@
+"""profile.profile_model against transformers' own router logits (the independent reference)."""
+
+import numpy as np
+import pytest
+import torch
+
+import moepic_jax
+from moepic_jax.offload import OffloadEngine
+from moepic_jax.profile import profile_model
+
+
+@pytest.fixture(scope="module")
+def mixtral(hf_dirs):
+    return moepic_jax.load(hf_dirs["mixtral"], dtype="float32"), hf_dirs["mixtral_torch"]
+
+
+def test_frequencies_match_transformers_routing(mixtral):
+    model, hf = mixtral
+    cfg = model.cfg
+    tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, 40).astype(np.int32)
+    with torch.no_grad():
+        out = hf(torch.as_tensor(tokens[None], dtype=torch.long), output_router_logits=True)
+    # [tokens, experts] router logits per layer -> each token's top-k experts
+    top = [np.argsort(-rl.float().numpy().reshape(len(tokens), -1), axis=1, kind="stable")[:, :cfg.top_k]
+           for rl in out.router_logits]
+    engine = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=64)
+    k, E, start = cfg.top_k, cfg.n_experts, 10
+    raw = profile_model(engine, tokens, score_from=start, smoothing=0.0)
+    smooth = profile_model(engine, tokens, score_from=start)  # default alpha = 0.5
+    for l in range(cfg.n_layers):
+        counts = np.bincount(top[l][start:].ravel(), minlength=E)
+        n = len(tokens) - start
+        np.testing.assert_allclose(raw.freq[l], counts / n, atol=1e-12)
+        np.testing.assert_allclose(smooth.freq[l], k * (counts + 0.5) / (n * k + 0.5 * E), atol=1e-12)
+        assert smooth.freq[l].min() > 0 and abs(smooth.freq[l].sum() - k) < 1e-9
+    with pytest.raises(ValueError, match="score_from"):
+        profile_model(engine, tokens, score_from=len(tokens))
+    with pytest.raises(ValueError, match="smoothing"):
+        profile_model(engine, tokens, smoothing=-1.0)
