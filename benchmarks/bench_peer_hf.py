@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     meta["attn_implementation"] = str(getattr(m.config, "_attn_implementation", None))
     res_b = resident_bytes_of(m)
     meta["resident_bytes"], meta["expert_bytes"] = res_b, expert_bytes
-    if not budgets:  # OffloadEngine._fixed_bytes of the 'ondemand' engine bench_policies.py sizes budgets with
+    if not budgets:  # OffloadEngine.fixed_bytes_for of the 'ondemand' engine bench_policies.py sizes budgets with
         from moepic_jax.offload import WORKSPACE_MARGIN_BYTES, activation_bytes
 
         T = 1 << max(3, math.ceil(math.log2(args.prompt_len)))
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                  + activation_bytes(cfg, 1, max_len, 2) + WORKSPACE_MARGIN_BYTES)
         budgets = [(f, int(fixed + f * expert_bytes)) for f in fracs]
         meta["fixed_bytes"] = fixed
-        meta["budgets_from"] = "formula of OffloadEngine._fixed_bytes"
+        meta["budgets_from"] = "formula of OffloadEngine.fixed_bytes_for"
     else:
         meta["budgets_from"] = "explicit --budget-gib" if args.budget_gib else str(compare_path)
     if not args.no_gpu_run:

@@ -17,6 +17,8 @@ Usage (from the repo root):
   PYTHONPATH=. python benchmarks/bench_policies.py                       # Qwen1.5-MoE-A2.7B, all policies
   PYTHONPATH=. python benchmarks/bench_policies.py --zipf 1.0            # with the Zipf router bias
   PYTHONPATH=. python benchmarks/bench_policies.py --tiny                # CPU smoke test (tiny config)
+  PYTHONPATH=. python benchmarks/bench_policies.py --policies lru,moepic --batch 4      # batch 4
+  PYTHONPATH=. python benchmarks/bench_policies.py --policies lru,moepic --prompt-len 1024  # TTFT of long prompts
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warm-up call (compiles)")
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (issue 6 item 4: 4 and 16)")
     ap.add_argument("--zipf", type=float, default=None, help="alpha of the Zipf router bias (default: own routing)")
     ap.add_argument("--tiny", action="store_true", help="tiny config of the same family (CPU smoke test)")
     ap.add_argument("--temperature", type=float, default=1.0,
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
     granule = args.granule or (16 if args.tiny else 128)
     name = args.name or ("bench_policies_" + args.model + ("_tiny" if args.tiny else "")
-                         + (f"_zipf{args.zipf:g}" if args.zipf else ""))
+                         + (f"_zipf{args.zipf:g}" if args.zipf else "") + (f"_b{args.batch}" if args.batch > 1 else "")
+                         + (f"_p{args.prompt_len}" if args.prompt_len != 128 else ""))
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
 
@@ -113,12 +117,12 @@ def main(argv=None) -> int:
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + args.new_tokens)
     warm_tokens = args.warmup_tokens if _bucket(T + args.warmup_tokens) == max_len else args.new_tokens
-    ekw = dict(max_batch=1, max_seq_len=max_len)
+    ekw = dict(max_batch=args.batch, max_seq_len=max_len)
     prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
 
     t0 = time.perf_counter()
     base = OffloadEngine(model, policy="ondemand", **ekw)
-    fixed = base.fixed_bytes
+    fixed = base.fixed_bytes_for(args.batch, max_len, prefetch=True)  # the largest fixed part of the policies
     mp = profile_model(base)
     hw_error = None
     try:
@@ -142,8 +146,10 @@ def main(argv=None) -> int:
           f"({setup_s:.1f} s)", flush=True)
 
     rng = np.random.default_rng(args.seed + 1)
-    prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
-    warm_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # different: no free LRU hits
+    prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
+    warm_prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # different: no free LRU hits
+                    for _ in range(args.batch)]
+    prompt = prompts[0]
 
     runs = [(p, f) for f in fracs for p in policies if p != "resident"]
     if args.pairs:  # only these (policy, fraction) pairs, e.g. "static:0.1,lru:0.75"
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
                              "window_fraction": hw.window_fraction, "json": hw.to_json()},
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
-                     "batch": 1, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
+                     "batch": args.batch, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
                      "budgets_frac_of_experts": fracs, "policies": list(policies)},
         "notes": [
             f"{C.MODEL_NAMES[args.model]}{' (tiny stand-in)' if args.tiny else ''} config, random weights "
@@ -174,7 +180,8 @@ def main(argv=None) -> int:
             f"budget = fixed part ({fixed / 2**30:.2f} GiB) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
             f"floor = H2D bytes per token / peak H2D bandwidth of this run ({peak_bw / 1e9:.1f} GB/s, "
             f"{h2d['peak_source']}); efficiency = floor / TPOT",
-            "TTFT/TPOT exclude compilation (compile_s is apart); batch 1; warm-up on another prompt first; "
+            f"TTFT/TPOT exclude compilation (compile_s is apart); batch {args.batch} (TPOT = time per decode step, "
+            "one token for every prompt); warm-up on other prompts first; "
             f"decode sampling temperature {args.temperature:g} (a random model's greedy output repeats itself)",
             "peak = process-wide peak_bytes_in_use so far (cannot be reset; rows run in ascending budget order, "
             "resident last)",
@@ -212,8 +219,8 @@ def main(argv=None) -> int:
             if policy != "resident":  # the engine may re-plan in its warm-up if XLA needs more than estimated
                 row["cache_gib_planned"] = eng.cache_bytes() / 2**30
             gkw = dict(model=model, engine=eng, temperature=args.temperature, seed=args.seed)
-            warm = generate([warm_prompt], max_new_tokens=warm_tokens, **gkw)
-            res = generate([prompt], max_new_tokens=args.new_tokens, **gkw)
+            warm = generate(warm_prompts, max_new_tokens=warm_tokens, **gkw)
+            res = generate(prompts, max_new_tokens=args.new_tokens, **gkw)
             s = res.stats
             mem = device_memory_stats() or {}
             floor = s.h2d_bytes_per_token / peak_bw if policy != "resident" else 0.0
@@ -247,7 +254,7 @@ def main(argv=None) -> int:
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))
                 row["prefetch"] = bool(eng.prefetches)
-                if policy in ("ondemand", "static", "moepic"):
+                if policy in ("ondemand", "static", "moepic") and args.batch == 1:  # the cost model is batch 1
                     try:
                         row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
                         # The cost model alone, without the calibration's error on which experts are hot: the

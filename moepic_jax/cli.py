@@ -54,6 +54,8 @@ def _add_engine_args(p, default_policy="moepic", default_budget="40%"):
     p.add_argument("--granule", type=int, default=32, help="split granularity in neurons")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs to spread the experts over (an 'expert' mesh axis; the VRAM budget is then per device)")
+    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
+                   help="next-layer prediction and prefetch: as the plan decides (auto), or forced on/off")
 
 
 def _load(args):
@@ -70,6 +72,8 @@ def _engine_kw(args, model):
         kw["granule"] = args.granule
     if args.devices != 1:
         kw["devices"] = args.devices
+    if args.prefetch != "auto" and args.policy != "resident":
+        kw["prefetch"] = args.prefetch == "on"
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
 

@@ -165,7 +165,7 @@ class OffloadEngine:
         self.stacks = pin_experts(model, self._sharding("pinned_host", expert=True))
         resident_host, _ = split_resident(model.params)
         self.resident = jax.device_put(resident_host, self._sharding())
-        self.fixed_bytes = self._fixed_bytes(self.max_batch, self.max_seq_len)
+        self.fixed_bytes = self.fixed_bytes_for(self.max_batch, self.max_seq_len)
         if self.vram_budget_bytes is not None and self.vram_budget_bytes < self.fixed_bytes:
             raise ValueError(
                 f"VRAM budget {self.vram_budget_bytes / 2**30:.3f} GiB is below the minimum of "
@@ -223,12 +223,15 @@ class OffloadEngine:
         return x if self.mesh is None else jax.lax.psum(x, EXPERT_AXIS)
 
     # ---- budget -------------------------------------------------------------------------------------
-    def _fixed_bytes(self, batch: int, max_len: int) -> int:
-        """Device bytes of everything but the top caches, per device."""
+    def fixed_bytes_for(self, batch: int, max_len: int, prefetch: bool | None = None) -> int:
+        """Device bytes of everything but the top caches, per device, for a KV cache of batch x max_len tokens.
+        prefetch: reserve buffers for the next layer's predicted experts (default: if the policy predicts; the
+        plan, made later, may still turn prediction off)."""
         cfg = self.cfg
         expert = cfg.d_ff * self.row_bytes
         U = min(batch * cfg.top_k, self.e_loc)
-        P = min(batch * self.n_predicted, self.e_loc) if self.spec.prefetch else 0
+        prefetch = self.spec.prefetch if prefetch is None else prefetch
+        P = min(batch * self.n_predicted, self.e_loc) if prefetch else 0
         layer_stack = self.e_loc * expert
         kv = M.kv_cache_bytes(cfg, batch, max_len, self.dtype.itemsize)
         # decode: routed + prefetched buffers of two layers in flight; prefill: two layer stacks.

@@ -25,16 +25,15 @@ from moepic_jax.planner import CachePlan, HardwareProfile, LayerPlan, ModelProfi
 
 log = logging.getLogger(__name__)
 
-# Used when no hardware profile is measured or given: the H200 figures of JAX_NOTES.md §2/§2b
-# (about 48 GB/s for large pinned_host -> device copies, ~0.2 ms fixed cost of a lone small copy,
-# largely hidden when 8-16 copies are in flight, hence a smaller effective latency), and of
-# benchmarks/results/probe_cond_stream.json: a decode layer with a conditional copy step took ~0.22 ms more than
-# a resident one, and copies made inside a conditional did not overlap compute.
-DEFAULT_H2D_LATENCY_S = 5e-5
-DEFAULT_H2D_BANDWIDTH_BPS = 48e9
+# Used when no hardware profile is measured or given: `measure_hardware` on the H200 with Qwen1.5-MoE-A2.7B shapes
+# (benchmarks/results/bench_policies_qwen15_validation2.json): a copy step of 4 experts costs 0.12 ms + bytes at
+# 48.5 GB/s, a conditional copy step 0.087 ms, and a prefetch made inside a conditional hid 8 % of a layer's compute.
+# The layer compute time depends on the model (0.21 ms there); the default is a small model's.
+DEFAULT_H2D_LATENCY_S = 1.2e-4
+DEFAULT_H2D_BANDWIDTH_BPS = 48.5e9
 DEFAULT_LAYER_COMPUTE_S = 1e-4
-DEFAULT_COND_OVERHEAD_S = 2.2e-4
-DEFAULT_COND_WINDOW_FRACTION = 0.0
+DEFAULT_COND_OVERHEAD_S = 8.7e-5
+DEFAULT_COND_WINDOW_FRACTION = 0.08
 
 _DEFAULT_TEXT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""

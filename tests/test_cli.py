@@ -5,11 +5,12 @@ from moepic_jax import cli
 
 def test_generate_streams_and_summarises(capsys):
     rc = cli.main(["generate", "def fibonacci(n):", "--policy", "moepic", "--vram-budget", "80%",
-                   "--max-new-tokens", "6"])
+                   "--max-new-tokens", "6", "--prefetch", "on"])
     out, err = capsys.readouterr()
     assert rc == 0
     assert out.startswith("def fibonacci(n):") and len(out.strip()) > len("def fibonacci(n):")
     assert "policy=moepic" in err and "TPOT=" in err and "H2D=" in err
+    assert "recall=" in err and "recall=nan" not in err  # --prefetch on: the predictor ran and was scored
 
 
 def test_plan_prints_every_layer(capsys):
@@ -17,7 +18,7 @@ def test_plan_prints_every_layer(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 6  # one row per decoder layer of the embedded model
-    assert "predicted TPOT" in out
+    assert "predicted TPOT" in out and "next-layer prefetch o" in out
 
 
 def test_budget_below_minimum_is_a_clean_error(capsys):
