@@ -259,8 +259,10 @@ def main(argv=None) -> int:
                         row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
                         # The cost model alone, without the calibration's error on which experts are hot: the
                         # same prediction from the routing of the very tokens this run decoded.
-                        run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0], np.int32),
-                                               score_from=len(prompt))
+                        # (decode steps fed the prompt's last prediction and all but the last new token; raw
+                        # counts, no smoothing: this is the routing that happened)
+                        run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
+                                               score_from=len(prompt), smoothing=0.0)
                         st = plan_stats(plan, run_mp, hw)
                         row["planner_run_tpot_ms"] = st["tpot_s"] * 1e3
                         moe = np.array(cfg.moe_layers)

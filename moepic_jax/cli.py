@@ -7,6 +7,7 @@ starts (XLA_PYTHON_CLIENT_PREALLOCATE, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -159,6 +160,8 @@ def cmd_plan(args) -> int:
     hw = HardwareProfile.load(args.hardware) if args.hardware else profile.default_hardware(model.cfg.n_layers)
     plan = engine.cache_plan if not (args.profile or args.hardware) else profile.plan_for(
         engine, granule=args.granule, profile=mp, hardware=hw)
+    if args.prefetch != "auto":
+        plan = dataclasses.replace(plan, prefetch=args.prefetch == "on")
     print_plan(plan, mp, hw)
     if args.out:
         plan.save(args.out)

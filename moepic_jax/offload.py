@@ -151,8 +151,11 @@ class OffloadEngine:
         self.max_batch, self.max_seq_len = int(max_batch), int(max_seq_len)
         self.vram_budget_bytes = parse_budget(vram_budget, model.weight_bytes())
         self.compiles = CompileCache()
-        if prefetch not in (None, True, False):
+        if not (prefetch is None or isinstance(prefetch, bool)):
             raise ValueError(f"prefetch must be None, True or False, got {prefetch!r}")
+        if prefetch and not self.spec.prefetch:
+            raise ValueError(f"policy {policy!r} never predicts the next layer's experts; prefetch=True needs lru, "
+                             "static or moepic")
         self._prefetch = prefetch
         self.devices = resolve_devices(devices)
         self.device, self.n_dev = self.devices[0], len(self.devices)
@@ -165,7 +168,8 @@ class OffloadEngine:
         self.stacks = pin_experts(model, self._sharding("pinned_host", expert=True))
         resident_host, _ = split_resident(model.params)
         self.resident = jax.device_put(resident_host, self._sharding())
-        self.fixed_bytes = self.fixed_bytes_for(self.max_batch, self.max_seq_len)
+        self.fixed_bytes = self.fixed_bytes_for(self.max_batch, self.max_seq_len, prefetch=prefetch is not False
+                                                and self.spec.prefetch)
         if self.vram_budget_bytes is not None and self.vram_budget_bytes < self.fixed_bytes:
             raise ValueError(
                 f"VRAM budget {self.vram_budget_bytes / 2**30:.3f} GiB is below the minimum of "

@@ -35,11 +35,11 @@ the expected copies, bytes and copy time per token of layer l's routed experts a
 
     n_l = k - P_l * [s_l == f]                                    (copies)
     b_l = beta * (k * f - s_l * P_l)                               (bytes)
-    t_l = P_l * t_hit_l + (k - P_l) * t_miss + L_c * (1 - [s_l == f] * q_l^k)
+    t_l = P_l * t_hit_l + (k - P_l) * t_miss + L_c * (1 - [s_l == f, N_l >= k] * q_l^k)
         = b_l / B + L_c * P(the step copies anything)              (seconds), q_l = P_l / k
 
 (the k routed experts taken as independent draws). A step whose routed experts are all full hits saves the
-latency; a top-only hit never does.
+latency (possible only with N_l >= k); a top-only hit never does.
 
 Prefetch: during layer l-1 the engine copies the missing segment of each of the k' experts predicted for layer l
 (wrong guesses included: their copies are wasted but use the link). A routed expert was predicted with
@@ -49,8 +49,11 @@ X_h = h * t_hit_l + (k' - h) * t_miss (+ L_c when X_h > 0). The stall is what th
 
     W_{l-1}    = a_l * c_{l-1}                                 (W_{-1} = 0)
     stall_l    = sum_h Binom(h; k', q_l) * max(0, X_h - W_{l-1})  (0 when the layer is not predicted)
-    ondemand_l = (1 - rho_l) * t_l
+    ondemand_l = (1 - rho_l) * b_l / B + L_c * (1 - P(no routed expert needs a copy after routing))
     T_l        = c_l + n_cond_l * o + stall_l + ondemand_l
+
+where a routed expert needs an on-demand copy with probability r_l = (1 - rho_l)(1 - [s_l == f] q_l), so
+P(none) = (1 - r_l)^k with N_l >= k, else rho_l^k (with fewer than k slots only prediction spares them all).
     TPOT       = sum_l T_l + extra_s
 
 Data-dependent copies. How many experts a step copies is data, so the engine copies inside a conditional
@@ -415,7 +418,8 @@ class ModelProfile:
 class HardwareProfile:
     """What the planner needs to know about the machine (measured by profile.py).
 
-    h2d_latency_s: fixed cost per host->device copy (seconds).
+    h2d_latency_s: fixed cost per host->device copy step (seconds): the copies a layer issues together stream back
+      to back and pay it once (`profile.measure_h2d` fits it from steps of top_k copies).
     h2d_bandwidth_Bps: asymptotic host->device bandwidth (bytes / second).
     layer_compute_s: [n_layers] decode compute time per layer at batch 1 with everything resident (seconds); the
       window that hides the next layer's prefetch.
@@ -423,9 +427,10 @@ class HardwareProfile:
     window_fraction: share of layer_compute_s[l-1] that can hide layer l's prefetch (prediction happens after
       attention, so slightly < 1 in practice; a calibration knob).
     extra_s: time per token outside the decoder layers (embedding, final norm, lm head, sampling), seconds.
-    cond_overhead_s: fixed cost of one data-dependent copy step of the decode (a conditional and the assembly of its
+    cond_overhead_s: fixed cost of one data-dependent copy step of top_k experts in the decode (its conditionals:
+      one `lax.switch` per 4 experts, single device, batch 1; and the assembly of its
       buffers), seconds; 0 = free (the ideal). Measured by `profile.measure_hardware`.
-    cond_window_fraction: the share of that window left to a prefetch made inside a conditional (0 on the H200:
+    cond_window_fraction: the share of that window left to a prefetch made inside a conditional (0.08 on the H200:
       those copies do not overlap compute); 1 = like an unconditional copy.
     """
 
@@ -452,7 +457,7 @@ class HardwareProfile:
         _require(isinstance(self.device, str), f"HardwareProfile.device must be a str, got {self.device!r}")
 
     def copy_time_s(self, nbytes):
-        """Time of one host->device copy: h2d_latency_s + nbytes / h2d_bandwidth_Bps (0 bytes -> 0 s).
+        """Time of one host->device copy step of nbytes: h2d_latency_s + nbytes / h2d_bandwidth_Bps (0 bytes -> 0 s).
 
         Args: nbytes: bytes, scalar or array. Returns: seconds, a float for a scalar, else an array like nbytes.
         """
@@ -541,16 +546,17 @@ def _layer_consts(mp: ModelProfile, hw: HardwareProfile):
     return k_l, rho, n_pf, np.concatenate([[0.0], c[:-1]]), c
 
 
-def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile, has_cache=None) -> dict:
-    """Cost model of the module docstring for cached mass p_c and split s (arrays; layers on axis 0, broadcasting).
+def _layer_time(p_c, split, n_cached, mp: ModelProfile, hw: HardwareProfile) -> dict:
+    """Cost model of the module docstring for cached mass p_c, split s and N_l = n_cached experts cached (arrays;
+    layers on axis 0, broadcasting).
 
-    has_cache: where the layer caches experts (N_l > 0); default split > 0 (true of every (s, N) the solver tries).
-    Returns a dict of arrays of the broadcast shape: t (expected routed copy time), stall, ondemand, overhead
-    (n_cond_l * cond_overhead_s), layer (T_l).
+    Returns a dict of arrays of the broadcast shape: t (expected routed copy time without prediction), stall,
+    ondemand, overhead (n_cond_l * cond_overhead_s), layer (T_l).
     """
     p_c, split = np.asarray(p_c, dtype=np.float64), np.asarray(split, dtype=np.float64)
-    has_cache = split > 0 if has_cache is None else np.asarray(has_cache, dtype=bool)
-    nd = max(p_c.ndim, split.ndim, has_cache.ndim, 1)
+    n_cached = np.asarray(n_cached, dtype=np.float64)
+    has_cache = (n_cached > 0) & (split > 0)
+    nd = max(p_c.ndim, split.ndim, n_cached.ndim, 1)
     k_l, rho, n_pf, c_prev, c = (x.reshape((-1,) + (1,) * (nd - 1)) for x in _layer_consts(mp, hw))
     predicted = n_pf > 0
     # a prefetch into a cached layer is a conditional copy, which on some stacks cannot overlap compute
@@ -560,8 +566,14 @@ def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile, has_cache=Non
     t_miss = f * beta / bw  # byte times; the latency is paid once per copy step (below)
     t_hit = np.where(split >= f, 0.0, (f - split) * beta / bw)
     q = np.clip(p_c / mp.top_k, 0.0, 1.0)
-    p_none = np.where(split >= f, q ** k_l, 0.0)  # every routed expert a full hit: the step copies nothing
-    t = p_c * t_hit + (k_l - p_c) * t_miss + lat * np.where(k_l > 0, 1.0 - p_none, 0.0)  # b_l / B + latency
+    full = (split >= f) & (n_cached >= k_l)  # k full hits are possible at all
+    bytes_t = p_c * t_hit + (k_l - p_c) * t_miss  # b_l / B
+    moe = k_l > 0
+    t = bytes_t + lat * np.where(moe, 1.0 - np.where(full, q ** k_l, 0.0), 0.0)
+    # after routing, a routed expert needs a copy unless it was predicted or is a full hit; the step pays the
+    # latency unless none does (fewer than k slots: only prediction can spare every routed expert)
+    r = (1.0 - rho) * (1.0 - np.where(split >= f, q, 0.0))
+    p_none = np.where(full, (1.0 - r) ** k_l, rho ** k_l)
     # prefetch of n_pf predicted experts, h of them cached: h ~ Binomial(n_pf, q), q = P / k
     q = q[..., None]
     h = np.arange(int(n_pf.max()) + 1, dtype=np.float64)
@@ -571,7 +583,7 @@ def _layer_time(p_c, split, mp: ModelProfile, hw: HardwareProfile, has_cache=Non
     x = h * t_hit[..., None] + np.maximum(n - h, 0.0) * t_miss
     x = x + lat * (x > 0)
     stall = np.sum(pmf * np.maximum(0.0, x - window[..., None]), axis=-1)
-    ondemand = (1.0 - rho) * t
+    ondemand = (1.0 - rho) * bytes_t + lat * np.where(moe, 1.0 - p_none, 0.0)
     return {"t": t, "prefetch": n_pf / mp.top_k * t, "stall": stall, "ondemand": ondemand, "overhead": overhead,
             "layer": c + overhead + stall + ondemand}
 
@@ -620,7 +632,7 @@ def plan_stats(plan: CachePlan, mp: ModelProfile, hw: HardwareProfile | None = N
     }
     if hw is None:
         return out
-    cost = _layer_time(p_c, split, mp, hw, has_cache=(split > 0) & (np.array(plan.n_slots()) > 0))
+    cost = _layer_time(p_c, split, np.array(plan.n_slots()), mp, hw)
     _, rho, n_pf, _, _ = _layer_consts(mp, hw)
     out["h2d_bytes"] = (n_pf / k + 1.0 - rho) * b
     out["prefetch_s"] = cost["prefetch"]
@@ -687,7 +699,7 @@ def _frontiers(mp: ModelProfile, hw: HardwareProfile, s_cand: np.ndarray):
     p_cum = np.concatenate([np.zeros((n_layers, 1)), np.cumsum(np.take_along_axis(mp.freq, order, 1), 1)], 1)
     s = s_cand.astype(np.float64)[None, :, None]  # [1, S, 1]
     n_slots = np.arange(n_exp + 1, dtype=np.float64)[None, None, :]  # [1, 1, E+1]
-    time = _layer_time(p_cum[:, None, :], s, mp, hw)["layer"].reshape(n_layers, -1)  # [L, S*(E+1)]
+    time = _layer_time(p_cum[:, None, :], s, n_slots, mp, hw)["layer"].reshape(n_layers, -1)  # [L, S*(E+1)]
     mem = (n_slots * s * beta).reshape(-1)
     valid = (((s > 0) & (n_slots > 0)) | ((s == 0) & (n_slots == 0))).reshape(-1)
     moe = np.array(mp.moe_layers, dtype=bool)

@@ -32,7 +32,11 @@ import moepic_jax  # noqa: E402
 from moepic_jax.engine import ResidentEngine, make_engine  # noqa: E402
 from moepic_jax.offload import OffloadEngine  # noqa: E402
 
-KW = dict(granule=16, max_batch=2, max_seq_len=32, prefetch=True)  # the prefetch path too (default: as planned)
+KW = dict(granule=16, max_batch=2, max_seq_len=32)
+
+
+def kw(policy):  # the prefetch path too (default: as planned); ondemand never predicts
+    return KW if policy == "ondemand" else {**KW, "prefetch": True}
 POLICIES = ("ondemand", "lru", "static", "moepic")
 
 
@@ -60,11 +64,11 @@ def reference(path):
 
 def case(model, fam, policy, n_dev, ref) -> dict:
     frac = 0.3 if n_dev == 2 else 0.6  # of each device's own expert bytes: enough for some slots with 2 experts each
-    base = OffloadEngine(model, policy=policy, devices=n_dev, **KW)  # its fixed part (prefetch buffers included)
+    base = OffloadEngine(model, policy=policy, devices=n_dev, **kw(policy))  # its fixed part (prefetch buffers included)
     budget = base.fixed_bytes + int(frac * model.expert_bytes() / n_dev)  # per device
     del base
     gc.collect()
-    eng = OffloadEngine(model, policy=policy, vram_budget=budget, devices=n_dev, **KW)
+    eng = OffloadEngine(model, policy=policy, vram_budget=budget, devices=n_dev, **kw(policy))
     row = {"family": fam, "policy": policy, "devices": n_dev, "budget": budget}
     for prompts in (SINGLE, BATCH):
         forced, ref_logits, ref_tokens = ref[len(prompts)]

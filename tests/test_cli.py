@@ -14,11 +14,11 @@ def test_generate_streams_and_summarises(capsys):
 
 
 def test_plan_prints_every_layer(capsys):
-    assert cli.main(["plan", "--vram-budget", "80%", "--policy", "moepic"]) == 0
+    assert cli.main(["plan", "--vram-budget", "80%", "--policy", "moepic", "--prefetch", "off"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 6  # one row per decoder layer of the embedded model
-    assert "predicted TPOT" in out and "next-layer prefetch o" in out
+    assert "predicted TPOT" in out and "next-layer prefetch off" in out
 
 
 def test_budget_below_minimum_is_a_clean_error(capsys):

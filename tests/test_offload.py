@@ -20,7 +20,12 @@ SINGLE = [[27, 18, 28, 18, 28, 45, 90, 45]]
 NEW = 6
 # prefetch=True: the prefetch path is tested on every policy that has one (the default follows the plan, which on
 # the default hardware profile drops prediction; test_prefetch_follows_the_plan covers that).
-KW = dict(granule=16, max_batch=2, max_seq_len=32, prefetch=True)
+KW = dict(granule=16, max_batch=2, max_seq_len=32)
+PKW = {**KW, "prefetch": True}
+
+
+def kw(policy):
+    return KW if policy == "ondemand" else PKW  # ondemand never predicts (prefetch=True is refused)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,7 @@ def test_policies_exact(family, policy, frac, offload_models, reference):
     if policy == "ondemand" and frac != 0.1:
         pytest.skip("ondemand caches nothing: one budget is enough")
     m = offload_models[family]
-    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, frac), **KW)
+    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, frac), **kw(policy))
     counters, res = _check(engine, family, reference, m, SINGLE)
     assert engine.cache_bytes() <= engine.cache_budget
     h2d = sum(c["h2d_bytes"].sum() for c in counters)
@@ -107,7 +112,7 @@ def test_explicit_split_plans_exact(family, split, offload_models, reference):
     layers = tuple(LayerPlan(split, tuple(range(0, cfg.n_experts, 2))) if moe else LayerPlan(0, ())
                    for moe in cfg.moe_layers)
     plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
-    engine = OffloadEngine(m, policy="moepic", plan=plan, **KW)
+    engine = OffloadEngine(m, policy="moepic", plan=plan, **PKW)
     counters, _ = _check(engine, family, reference, m, SINGLE)
     assert sum(c["top_hits"].sum() for c in counters) > 0
     assert sum(c["misses"].sum() for c in counters) > 0
@@ -125,7 +130,7 @@ def test_explicit_split_plans_exact(family, split, offload_models, reference):
 def test_batch_of_two_prompts_exact(policy, offload_models, reference):
     """Left-padded batch of two prompts of different lengths; duplicated experts are copied once."""
     m = offload_models["qwen2_moe"]
-    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, 0.3), **KW)
+    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, 0.3), **kw(policy))
     counters, res = _check(engine, "qwen2_moe", reference, m, BATCH)
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
 
@@ -138,7 +143,7 @@ def test_prefetch_follows_the_plan(policy, offload_models, reference):
     m = offload_models["qwen2_moe"]
     cfg = m.cfg
     budget = _budget(m, 0.3)
-    engine = OffloadEngine(m, policy=policy, vram_budget=budget, **{**KW, "prefetch": None})
+    engine = OffloadEngine(m, policy=policy, vram_budget=budget, **KW)
     assert not engine.cache_plan.prefetch and not engine.prefetches
     counters, res = _check(engine, "qwen2_moe", reference, m, SINGLE)
     assert all(c["predicted"].sum() == 0 for c in counters)
@@ -148,7 +153,7 @@ def test_prefetch_follows_the_plan(policy, offload_models, reference):
     for c in counters:
         np.testing.assert_allclose(c["h2d_bytes"], (c["top_hits"] * (F - splits) + c["misses"] * F) * rb)
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
-    forced = OffloadEngine(m, policy=policy, vram_budget=budget, **KW)
+    forced = OffloadEngine(m, policy=policy, vram_budget=budget, **PKW)
     assert forced.prefetches
     counters, _ = _check(forced, "qwen2_moe", reference, m, SINGLE)
     assert sum(c["predicted"].sum() for c in counters) > 0
@@ -156,7 +161,7 @@ def test_prefetch_follows_the_plan(policy, offload_models, reference):
 
 def test_compile_count_is_stable(offload_models, reference):
     m = offload_models["qwen3_moe"]
-    engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.3), **KW)
+    engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.3), **PKW)
     first = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, engine=engine)
     assert 1 <= first.stats.compile_count <= 5  # decode + prefill pre/moe/dense/head: bounded by distinct shapes
     again = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW + 3, engine=engine)
@@ -167,7 +172,7 @@ def test_budget_below_minimum_raises(offload_models):
     m = offload_models["mixtral"]
     base = OffloadEngine(m, policy="ondemand", **KW)
     with pytest.raises(ValueError, match=r"below the minimum of \d+\.\d+ GiB"):
-        OffloadEngine(m, policy="moepic", vram_budget=base.fixed_bytes - 1, **KW)
+        OffloadEngine(m, policy="moepic", vram_budget=base.fixed_bytes - 1, **PKW)
     with pytest.raises(ValueError, match="use an offloading policy"):
         ResidentEngine(m, vram_budget=m.weight_bytes() // 2)
 
@@ -177,27 +182,31 @@ def test_plan_mismatch_raises(offload_models):
     cfg = m.cfg
     short = CachePlan(layers=(LayerPlan(0, ()),) * (cfg.n_layers - 1), budget_bytes=0)
     with pytest.raises(ValueError, match="layer"):
-        OffloadEngine(m, policy="moepic", plan=short, **KW)
+        OffloadEngine(m, policy="moepic", plan=short, **PKW)
     bad = CachePlan(layers=(LayerPlan(16, (cfg.n_experts,)),) + (LayerPlan(0, ()),) * (cfg.n_layers - 1),
                     budget_bytes=0)
     with pytest.raises(ValueError):
-        OffloadEngine(m, policy="moepic", plan=bad, **KW)
+        OffloadEngine(m, policy="moepic", plan=bad, **PKW)
     split = CachePlan(layers=(LayerPlan(16, (0,)),) * cfg.n_layers, budget_bytes=0)
     with pytest.raises(ValueError, match="whole experts"):
-        OffloadEngine(m, policy="static", plan=split, **KW)
+        OffloadEngine(m, policy="static", plan=split, **PKW)
     other = CachePlan(layers=(LayerPlan(0, ()),) * cfg.n_layers, budget_bytes=0, model_id="0123456789abcdef")
     with pytest.raises(ValueError, match="re-plan"):
-        OffloadEngine(m, policy="moepic", plan=other, **KW)
+        OffloadEngine(m, policy="moepic", plan=other, **PKW)
+    with pytest.raises(ValueError, match="never predicts"):
+        OffloadEngine(m, policy="ondemand", prefetch=True, **KW)
+    with pytest.raises(ValueError, match="prefetch must be"):
+        OffloadEngine(m, policy="lru", prefetch=1, **KW)
     big = CachePlan(layers=(LayerPlan(cfg.d_ff, tuple(range(8))),) * cfg.n_layers, budget_bytes=0)
     with pytest.raises(ValueError, match="left for caches"):
-        OffloadEngine(m, policy="moepic", plan=big, vram_budget=_budget(m, 0.1), **KW)
+        OffloadEngine(m, policy="moepic", plan=big, vram_budget=_budget(m, 0.1), **PKW)
 
 
 def test_generate_api_with_policy_and_budget_string(offload_models, reference):
     m = offload_models["olmoe"]
     base = OffloadEngine(m, policy="ondemand", **KW)
     budget = f"{(base.fixed_bytes + m.expert_bytes() // 3) / 2**20:.3f}MiB"
-    res = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, policy="moepic", vram_budget=budget, **KW)
+    res = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, policy="moepic", vram_budget=budget, **PKW)
     assert res.token_ids == reference["olmoe", 2][2]
     s = res.stats
     assert s.policy == "moepic" and s.vram_budget_bytes == int(float(budget[:-3]) * 2**20)

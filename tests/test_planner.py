@@ -221,7 +221,9 @@ def test_cost_model_hand_computed():
     # P = 1.6, n = 2 copies in one copy step (one latency), b = 96 * (2 * 100 - 40 * 1.6) = 13056 bytes
     t = 1e-5 + 13056e-6
     phi, rho, window = 1.0, 0.5, 0.5 * 2e-3  # every prefetch outlasts the window: the stall is linear here
-    expect = 2e-3 + 1e-3 + max(0.0, phi * t - window) + (1 - rho) * t + 1e-4
+    # on demand: half the bytes; the step's latency unless both routed experts were predicted (rho^2 = 1/4; top-only
+    # hits always copy their bottoms)
+    expect = 2e-3 + 1e-3 + max(0.0, phi * t - window) + (1 - rho) * 13056e-6 + 0.75 * 1e-5 + 1e-4
     assert predicted_tpot(plan, mp, hw) == pytest.approx(expect, rel=1e-12)
     st = plan_stats(plan, mp, hw)
     assert st["top_only_hit_rate"][1] == pytest.approx(0.8) and st["miss_rate"][1] == pytest.approx(0.2)
@@ -234,9 +236,12 @@ def test_cost_model_hand_computed():
     st = plan_stats(plan_full, mp, hw)
     assert st["copies"][1] == pytest.approx(1.0) and st["routed_bytes"][1] == pytest.approx(96 * 100)
     assert st["full_hit_rate"][1] == pytest.approx(0.5)
-    # the copy step's latency is saved only when both routed experts are full hits: P(q = 0.5 each) = 1/4
+    # one slot for top_k = 2 routed experts: every step copies something, so it always pays the latency
     no_pf = CachePlan(plan_full.layers, 10_000, prefetch=False)
-    assert predicted_tpot(no_pf, mp, hw) == pytest.approx(3e-3 + 9600e-6 + 0.75 * 1e-5 + 1e-4, rel=1e-12)
+    assert predicted_tpot(no_pf, mp, hw) == pytest.approx(3e-3 + 9600e-6 + 1e-5 + 1e-4, rel=1e-12)
+    # two slots (experts 0, 1 whole: q = 0.8): the step copies nothing when both are hits, P = 0.8^2
+    two = CachePlan((LayerPlan(), LayerPlan(100, (0, 1))), 10_000, prefetch=False)
+    assert predicted_tpot(two, mp, hw) == pytest.approx(3e-3 + 0.4 * 9600e-6 + 0.36 * 1e-5 + 1e-4, rel=1e-12)
 
 
 def test_deterministic_and_ties():
@@ -447,10 +452,12 @@ def test_conditional_copies_hand_computed():
                          cond_window_fraction=0.0)
     t_two_misses = 1e-5 + 2 * 9600e-6  # one copy step: one latency
     # cached (split 40, experts 0 and 1: P = 1.6) and predicted: two conditionals, no window, so the prefetch
-    # (k' = k experts, incl. wrong guesses) is all stall: E[X] = t; the on-demand part is (1 - rho) t
+    # (k' = k experts, incl. wrong guesses) is all stall: E[X] = t; on demand: half the bytes, and the latency
+    # unless both routed experts were predicted (1 - 0.5^2)
     t = 1e-5 + 13056e-6
+    on_demand = 0.5 * 13056e-6 + 0.75 * 1e-5
     plan = CachePlan((LayerPlan(), LayerPlan(40, (0, 1))), 10_000)
-    assert predicted_tpot(plan, mp, hw) == pytest.approx(2e-3 + 1e-3 + 2 * o + t + 0.5 * t, rel=1e-12)
+    assert predicted_tpot(plan, mp, hw) == pytest.approx(2e-3 + 1e-3 + 2 * o + t + on_demand, rel=1e-12)
     st = plan_stats(plan, mp, hw)
     assert st["overhead_s"].tolist() == pytest.approx([0.0, 2 * o]) and st["stall_s"][1] == pytest.approx(t)
     # the same plan without prediction: one conditional (the on-demand copies), every routed copy on demand
@@ -461,7 +468,8 @@ def test_conditional_copies_hand_computed():
     # copies of the mispredicted half need one conditional
     empty = CachePlan.empty(2)
     stall = t_two_misses - 0.5 * 2e-3
-    assert predicted_tpot(empty, mp, hw) == pytest.approx(3e-3 + o + stall + 0.5 * t_two_misses, rel=1e-12)
+    on_demand = 0.5 * 2 * 9600e-6 + 0.75 * 1e-5
+    assert predicted_tpot(empty, mp, hw) == pytest.approx(3e-3 + o + stall + on_demand, rel=1e-12)
     # nothing cached, nothing predicted: the k routed copies are made unconditionally
     assert predicted_tpot(dataclasses.replace(empty, prefetch=False), mp, hw) == pytest.approx(3e-3 + t_two_misses)
     # the solver compares both and keeps the faster; the ideal hardware (defaults) keeps prediction
