@@ -124,7 +124,12 @@ def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: 
     """
     if isinstance(engine_kw.get("devices"), (list, tuple)):
         engine_kw = {**engine_kw, "devices": tuple(engine_kw["devices"])}  # hashable, for the key below
-    key = (policy, str(vram_budget), None if plan is None else plan.to_json(), tuple(sorted(engine_kw.items())))
+
+    def hashable(v):  # profiles (profile=, hardware=) are keyed by their JSON
+        return v.to_json() if hasattr(v, "to_json") else v
+
+    key = (policy, str(vram_budget), None if plan is None else plan.to_json(),
+           tuple(sorted((k, hashable(v)) for k, v in engine_kw.items())))
     engines = model.__dict__.setdefault("_engines", {})
     eng = engines.get(key)
     if eng is not None and policy != "resident" and (eng.max_batch < batch or eng.max_seq_len < max_len):

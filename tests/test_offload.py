@@ -234,3 +234,19 @@ def test_held_engine_reservation_is_enough(offload_models):
     eng = moepic_jax.Engine(m, policy="ondemand", max_batch=1, max_seq_len=24)
     res = moepic_jax.generate(list(range(1, 17)), model=m, max_new_tokens=6, engine=eng)
     assert len(res.token_ids[0]) == 6
+
+
+def test_generate_with_a_profile_of_your_own_text(offload_models, reference):
+    """generate(profile=, hardware=): profiles are accepted as engine keywords (keyed by their JSON), the plan is
+    solved from them, and the result stays exact."""
+    from moepic_jax.profile import default_hardware, profile_model
+
+    m = offload_models["qwen2_moe"]
+    mp = profile_model(OffloadEngine(m, policy="ondemand", **KW), np.array(SINGLE[0] * 3, np.int32))
+    hw = default_hardware(m.cfg.n_layers)
+    kw = dict(model=m, max_new_tokens=NEW, policy="static", vram_budget=_budget(m, 0.3), profile=mp, hardware=hw,
+              **KW)
+    res = moepic_jax.generate(SINGLE, **kw)
+    assert res.token_ids == reference["qwen2_moe", 1][2]
+    again = moepic_jax.generate(SINGLE, **kw)  # the same keywords find the same engine: nothing compiles
+    assert again.stats.compile_count == 0
