@@ -413,21 +413,26 @@ def _plan_for(engine, granule, profile, hardware) -> CachePlan:
             else:
                 layers.append(LayerPlan(0, ()))
         plan = CachePlan(layers=tuple(layers), budget_bytes=int(budget), model_id=cfg.identity())
+        if n_dev > 1:
+            plan = _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget)
         # Predict only where the cost model says it pays (LRU's hit rate is not the static one, but whether a
         # prefetch can hide and what its conditionals cost do not depend on which experts sit in the slots).
-        hw = hardware or default_hardware(cfg.n_layers)
-        plan = dataclasses.replace(plan, prefetch=bool(
-            predicted_tpot(plan, mp, hw) <= predicted_tpot(dataclasses.replace(plan, prefetch=False), mp, hw)))
-        return _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget) if n_dev > 1 else plan
+        return _with_best_prefetch(plan, mp, hardware or default_hardware(cfg.n_layers))
     mp = profile or cached_profile(engine)
     hw = hardware or default_hardware(cfg.n_layers)
     g = granule if F % granule == 0 and granule <= F else _largest_divisor_granule(F, granule)
     plan = solve(mp, hw, int(budget), granule=g, allow_split=engine.spec.allow_split)
-    if n_dev > 1:
-        plan = _balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget)
+    if n_dev > 1:  # balancing changes the cached sets: decide prefetch again for the plan that will run
+        plan = _with_best_prefetch(_balance(plan, mp.freq, n_dev, engine.row_bytes, engine.cache_budget), mp, hw)
     log.info("plan for %s at %.3f GiB of cache (prefetch %s): %s", engine.policy, budget / 2**30,
              "on" if plan.prefetch else "off", [(lp.split, len(lp.cached)) for lp in plan.layers])
     return plan
+
+
+def _with_best_prefetch(plan: CachePlan, mp: ModelProfile, hw: HardwareProfile) -> CachePlan:
+    """`plan` with prediction on or off, whichever the cost model predicts faster (ties: on)."""
+    on, off = (dataclasses.replace(plan, prefetch=p) for p in (True, False))
+    return on if predicted_tpot(on, mp, hw) <= predicted_tpot(off, mp, hw) else off
 
 
 def _largest_divisor_granule(F: int, granule: int) -> int:
