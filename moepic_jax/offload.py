@@ -168,8 +168,7 @@ class OffloadEngine:
         self.stacks = pin_experts(model, self._sharding("pinned_host", expert=True))
         resident_host, _ = split_resident(model.params)
         self.resident = jax.device_put(resident_host, self._sharding())
-        self.fixed_bytes = self.fixed_bytes_for(self.max_batch, self.max_seq_len, prefetch=prefetch is not False
-                                                and self.spec.prefetch)
+        self.fixed_bytes = self.fixed_bytes_for(self.max_batch, self.max_seq_len, prefetch)
         if self.vram_budget_bytes is not None and self.vram_budget_bytes < self.fixed_bytes:
             raise ValueError(
                 f"VRAM budget {self.vram_budget_bytes / 2**30:.3f} GiB is below the minimum of "
@@ -504,7 +503,7 @@ class OffloadEngine:
             h_mid = h[:, 0]
             nxt = l + 1
             next_pred = None
-            if self.prefetches and n_pred > 0 and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
+            if self.prefetches and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
                 next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred)
             x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
             if cfg.moe_layers[l]:

@@ -75,8 +75,7 @@ def default_calibration_tokens(model, n_tokens: int = 256, seed: int = 0) -> np.
 def _route_all(engine, tokens: np.ndarray):
     """Per MoE layer: routed ids [N, K] and predicted ids for that layer [N, k'] (None for the first)."""
     cfg = engine.cfg
-    # On the engine's first device: its replica of the resident weights (no copy), whole stacks one at a time.
-    res = jax.tree_util.tree_map(lambda x: _on_first_device(x, engine.device), engine.resident)
+    res = _first_device_resident(engine)  # whole stacks are copied one at a time below
     t = jnp.asarray(tokens[None])
     mask = jnp.ones(t.shape, bool)
     cache = M.init_kv_cache(cfg, 1, t.shape[1], engine.dtype)
@@ -113,6 +112,11 @@ def _route_all(engine, tokens: np.ndarray):
         if pred is not None and engine.n_predicted > 0:
             predicted[l + 1] = np.asarray(pred)
     return routed, predicted
+
+
+def _first_device_resident(engine):
+    """The resident weights on the engine's first device: its replica (no copy)."""
+    return jax.tree_util.tree_map(lambda x: _on_first_device(x, engine.device), engine.resident)
 
 
 def _on_first_device(x: jax.Array, device) -> jax.Array:
@@ -166,7 +170,7 @@ def profile_model(engine, tokens: np.ndarray | None = None, score_from: int = 0,
 
 
 def default_hardware(n_layers: int) -> HardwareProfile:
-    """The unmeasured default (H200 figures from JAX_NOTES.md); `measure_hardware` measures the real one."""
+    """The unmeasured default (the H200 figures above); `measure_hardware` measures the machine in use."""
     return HardwareProfile(h2d_latency_s=DEFAULT_H2D_LATENCY_S, h2d_bandwidth_Bps=DEFAULT_H2D_BANDWIDTH_BPS,
                            layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device="default (not measured)",
                            cond_overhead_s=DEFAULT_COND_OVERHEAD_S, cond_window_fraction=DEFAULT_COND_WINDOW_FRACTION)
@@ -222,8 +226,7 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
     # copy steps of top_k experts, as a decode layer's misses (the latency fitted is then per step, as in the planner)
     sizes, times = measure_h2d(stack, rows, repeats, per_step=min(cfg.top_k, stack.shape[0]))
     # compute: one decode token through one layer with k experts resident, timed in a loop
-    res = jax.tree_util.tree_map(lambda x: _on_first_device(x, engine.device), engine.resident)
-    lp = res.layers[l0]
+    lp = _first_device_resident(engine).layers[l0]
     ex = jax.device_put(stack, jax.sharding.SingleDeviceSharding(engine.device))
     kv = M.init_kv_cache(cfg, 1, 256, engine.dtype)
     pos = jnp.zeros((1, 1), jnp.int32)
@@ -244,6 +247,7 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
         out = layer(lp, ex, h, kv.k, kv.v)
     jax.block_until_ready(out)
     c = (time.perf_counter() - t0) / (repeats * 4)
+    costs = conditional_costs(engine, stack, ex, lambda h, x_exp: layer(lp, x_exp, h, kv.k, kv.v)[0], h, repeats)
     del ex
     compute = np.full(cfg.n_layers, c)
     try:
@@ -252,16 +256,16 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
         log.warning("%s; using latency = the fastest step, bandwidth = the largest step's bytes / its time", e)
         i = int(np.argmax(sizes))
         hw = HardwareProfile(min(times), sizes[i] / times[i], compute, device=str(engine.device.device_kind))
-    costs = conditional_costs(engine, stack, lambda h, x_exp: layer(lp, x_exp, h, kv.k, kv.v)[0], h, repeats)
     return dataclasses.replace(hw, cond_overhead_s=costs["cond_overhead_s"],
                                cond_window_fraction=costs["cond_window_fraction"])
 
 
-def conditional_costs(engine, stack: jax.Array, layer, h: jax.Array, repeats: int = 5, reps: int = 8) -> dict:
+def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Array, repeats: int = 5,
+                      reps: int = 8) -> dict:
     """What the engine's data-dependent copy step costs on this machine, measured with its own code.
 
-    `layer(h, experts)` is one resident decode layer ([1, 1, d_model] -> same) and `stack` one layer's pinned_host
-    experts [E, F, 3, D]. Four jitted chains of `reps` layers, each layer's output feeding the next:
+    `layer(h, experts)` is one resident decode layer ([1, 1, d_model] -> same), `stack` one layer's pinned_host
+    experts [E, F, 3, D] and `ex` the same experts on the device. Four jitted chains of `reps` layers, each layer's output feeding the next:
       plain: the layers alone;
       hit:   each layer also assembles one routed expert that sits in a one-slot cache (`OffloadEngine._assemble`:
              its `lax.switch` picks "no copy") and applies it to the hidden state;
@@ -280,7 +284,6 @@ def conditional_costs(engine, stack: jax.Array, layer, h: jax.Array, repeats: in
     U = min(cfg.top_k, E)
     tops = jax.jit(lambda st: fetch_rows(st, jnp.int32(0), 0, F)[None], out_shardings=dev)(stack)
     cache = jax.device_put(C.init_layer_cache(tops, [0], E), dev)  # slot 0 holds expert 0 whole
-    ex = jax.device_put(stack, dev)
 
     def ids_for(h, r, hit):  # [U]: one expert (data-dependent, so nothing is hoisted), the rest padding
         e = 0 if hit else 1 + r % (E - 1)
@@ -320,7 +323,7 @@ def conditional_costs(engine, stack: jax.Array, layer, h: jax.Array, repeats: in
             jax.block_until_ready(fn(h, cache, stack, ex))
             ts.append(time.perf_counter() - t0)
         t[mode] = float(np.median(ts)) / reps
-    del ex, cache, tops
+    del cache, tops
     out = {"compute_s": t["plain"], "cond_overhead_s": max(0.0, t["hit"] - t["plain"]),
            "copy_s": t["miss"] - t["hit"], "hidden_s": t["miss"] - t["ahead"]}
     out["cond_window_fraction"] = float(np.clip(out["hidden_s"] / max(out["compute_s"], 1e-12), 0.0, 1.0))
