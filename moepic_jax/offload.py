@@ -18,7 +18,9 @@ Copies are `jax.device_put(lax.dynamic_slice(host_stack, ...), Space.Device)` wi
 id: a DMA of just that slice. Every size comes from the plan (slots N_l, split s_l), so changing which
 expert sits in which slot never recompiles. Which experts need a copy is data: the experts are sorted so
 that misses come first, then top-only hits, and one `lax.switch` per group of COPY_GROUP experts picks how
-many of each to copy (`_copy_rows`), since every conditional costs a host round trip on the GPU.
+many of each to copy (`_copy_step`), since every conditional costs a host round trip on the GPU. Each
+expert's output is computed inside that conditional, where its weights arrive: the assembled weights of a
+layer are never materialised as one [U, F, 3, D] array.
 
 With several devices (`devices=`), device d owns experts [d*E/n, (d+1)*E/n) of every layer: its pinned
 buffer, slots and copies. The step runs under `shard_map` over the `expert` mesh axis with routed ids mapped
@@ -54,7 +56,7 @@ from moepic_jax.weights import Model
 log = logging.getLogger(__name__)
 
 WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below
-COPY_GROUP = 4  # experts per lax.switch in `_copy_rows`: 5 branches (15 with bottoms), at most 20 copies per group
+COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
 
 
 def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
@@ -351,61 +353,28 @@ class OffloadEngine:
         return make()
 
     # ---- decode -------------------------------------------------------------------------------------
-    def _copy_rows(self, stack: jax.Array, sids: jax.Array, n_full: jax.Array, n_any: jax.Array, split: int,
-                   every: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Copy experts sids[0:n_full] whole (rows [0, F)) and the bottoms (rows [split, F)) of
-        sids[n_full:n_any] to the device, one DMA per expert either way; zeros elsewhere.
+    def _copy_step(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
+                   emit, every: bool = False):
+        """One layer's data-dependent copy step: bring experts `ids` to the device and hand each one to `emit`.
 
-        sids: [U] int32 sorted so that whole copies come first, then bottoms; n_full <= n_any: traced counts.
+        ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those that must be assembled; split: the
+        layer's plan split s; every: static, True when every id is known to be valid and needed (batch 1, nothing
+        prefetched). A needed expert costs at most one copy (the planner's cost model): a miss is copied whole, a
+        cached expert's top rows [0, s) come from its slot and, when s < F, its bottom rows [s, F) are copied.
+        `emit(kind, buffer, mask)` maps one expert to a pytree of fixed shape: kind "whole" (copied), "bottom"
+        (slot top + copied bottom), or "rest" (not copied: buffer = its slot's top when s == F, valid where the
+        traced `mask` is true; None when s < F or nothing is cached).
+
         How many copies a step makes depends on the data, so it takes a conditional, and on the GPU every
         conditional costs a host round trip (about 50 us per `lax.cond` on the H200,
-        benchmarks/results/probe_cond_*.json): one `lax.switch` per group of COPY_GROUP experts picks the pair of
-        counts for that group, instead of one `lax.cond` per expert.
-        every: static; True when n_full == U is known at trace time (batch 1, no cache, no prediction): plain copies.
-        Returns (whole [U, F, 3, D], bottoms [U, F - split, 3, D]; [U, 0, 3, D] unless 0 < split < F).
+        benchmarks/results/probe_cond_*.json): experts are sorted so that misses come first, then top-only hits,
+        and one `lax.switch` per group of COPY_GROUP experts picks the counts for that group. `emit` runs inside
+        the branch, so a caller that only needs each expert's output never materialises the [U, F, 3, D] weights.
+        Returns (ids permuted so that copies come first [U], the permutation [U], emit's results stacked [U, ...],
+        H2D bytes (float32)).
         """
-        U, D, F = sids.shape[0], self.cfg.d_model, self.cfg.d_ff
-        has_bot = 0 < split < F
-        b_rows = F - split if has_bot else 0
-        zf, zb = jnp.zeros((F, 3, D), self.dtype), jnp.zeros((b_rows, 3, D), self.dtype)
-        if U == 0:
-            return jnp.zeros((0, F, 3, D), self.dtype), jnp.zeros((0, b_rows, 3, D), self.dtype)
-        if every:
-            return jnp.stack([fetch_rows(stack, sids[u], 0, F) for u in range(U)]), jnp.zeros((U, b_rows, 3, D),
-                                                                                              self.dtype)
-        fulls, bots = [], []
-        for g0 in range(0, U, COPY_GROUP):
-            m = min(COPY_GROUP, U - g0)
-            pairs = [(a, b) for a in range(m + 1) for b in (range(a, m + 1) if has_bot else (a,))]
-            table = np.zeros((m + 1, m + 1), np.int32)
-            for i, (a, b) in enumerate(pairs):
-                table[a, b] = i
-
-            def branch(a, b, g0=g0, m=m):
-                full = [fetch_rows(stack, sids[g0 + i], 0, F) for i in range(a)] + [zf] * (m - a)
-                bot = [zb] * a + [fetch_rows(stack, sids[g0 + i], split, b_rows) for i in range(a, b)] + [zb] * (m - b)
-                return jnp.stack(full), jnp.stack(bot)
-
-            a = jnp.clip(n_full - g0, 0, m)
-            b = jnp.clip(n_any - g0, 0, m) if has_bot else a
-            full, bot = jax.lax.switch(jnp.asarray(table)[a, b], [functools.partial(branch, *p) for p in pairs])
-            fulls.append(full)
-            bots.append(bot)
-        return jnp.concatenate(fulls), jnp.concatenate(bots)
-
-    def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
-                  every: bool = False):
-        """Assemble experts `ids` of one layer (its plan's `split`, host `stack`, top `cache`) on the device.
-
-        ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those to assemble (the others get zeros);
-        every: static, True when every id is known to be valid and needed (batch 1, nothing prefetched).
-        A needed expert costs at most one copy (the planner's cost model): a miss is copied whole, a cached
-        expert's top rows [0, s) come from its slot and, when s < F, its bottom rows [s, F) are copied. Returns
-        (ids permuted so that copies come first [U], their buffers [U, F, 3, D], the permutation [U], H2D bytes
-        (float32)).
-        """
-        cfg = self.cfg
-        F = cfg.d_ff
+        F = self.cfg.d_ff
+        U = ids.shape[0]
         s = split if cache.tops.shape[0] > 0 else 0
         valid = ids >= 0
         need = need & valid
@@ -414,19 +383,74 @@ class OffloadEngine:
         miss, top_hit = need & ~cached, need & cached & (s < F)
         # Misses first, then top-only hits, then the rest: whole copies and bottom copies are consecutive runs.
         order = jnp.argsort(-(2 * miss.astype(jnp.int32) + top_hit.astype(jnp.int32)), stable=True)
-        sids = ids[order]
+        sids, slots, cached = ids[order], jnp.maximum(slot[order], 0), cached[order]
         n_miss, n_top = jnp.sum(miss, dtype=jnp.int32), jnp.sum(top_hit, dtype=jnp.int32)
-        full, bot = self._copy_rows(stack, sids, n_miss, n_miss + n_top, s, every=every and s == 0)
-        bufs = full
-        if s > 0:
-            c = cached[order][:, None, None, None]
-            tops = cache.tops[jnp.maximum(slot[order], 0)]  # [U, s, 3, D]
-            if s < F:
-                bufs = jnp.concatenate([jnp.where(c, tops, full[:, :s]), jnp.where(c, bot, full[:, s:])], axis=1)
-            else:
-                bufs = jnp.where(c, tops, full)
         nbytes = (n_miss * F + n_top * (F - s)).astype(jnp.float32) * self.row_bytes
+
+        def expert(i, kind):
+            if kind == "whole":
+                return emit(kind, fetch_rows(stack, sids[i], 0, F), None)
+            if kind == "bottom":
+                return emit(kind, jnp.concatenate([cache.tops[slots[i]], fetch_rows(stack, sids[i], s, F - s)]), None)
+            return emit(kind, cache.tops[slots[i]], cached[i]) if s == F else emit(kind, None, None)
+
+        def stacked(kinds, g0=0):
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *[expert(g0 + i, k) for i, k in enumerate(kinds)])
+
+        if every and s == 0:
+            return sids, order, stacked(["whole"] * U), nbytes
+        has_bot = 0 < s < F
+        groups = []
+        for g0 in range(0, U, COPY_GROUP):
+            m = min(COPY_GROUP, U - g0)
+            pairs = [(a, b) for a in range(m + 1) for b in (range(a, m + 1) if has_bot else (a,))]
+            table = np.zeros((m + 1, m + 1), np.int32)
+            for i, (a, b) in enumerate(pairs):
+                table[a, b] = i
+            branches = [functools.partial(stacked, ["whole"] * a + ["bottom"] * (b - a) + ["rest"] * (m - b), g0)
+                        for a, b in pairs]
+            a = jnp.clip(n_miss - g0, 0, m)
+            b = jnp.clip(n_miss + n_top - g0, 0, m) if has_bot else a
+            groups.append(jax.lax.switch(jnp.asarray(table)[a, b], branches))
+        return sids, order, jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups), nbytes
+
+    def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
+                  every: bool = False):
+        """The weights of experts `ids` on the device (`_copy_step`; for a prefetch, used a layer later).
+
+        Returns (ids permuted so that copies come first [U], their buffers [U, F, 3, D] (zeros where not needed and
+        not cached whole), the permutation [U], H2D bytes (float32)).
+        """
+        shape = (self.cfg.d_ff, 3, self.cfg.d_model)
+
+        def emit(kind, buf, mask):
+            if buf is None:
+                return jnp.zeros(shape, self.dtype)
+            return buf if mask is None else jnp.where(mask, buf, jnp.zeros((), buf.dtype))
+
+        sids, order, bufs, nbytes = self._copy_step(split, stack, cache, ids, need, emit, every)
         return sids, bufs, order, nbytes
+
+    def _expert_outputs(self, x: jax.Array, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array,
+                        need: jax.Array, admit: bool = False, every: bool = False):
+        """Outputs of experts `ids` for tokens x [B, D], each computed where its weights arrive (`_copy_step`).
+
+        Returns (ids permuted so that copies come first [U], the permutation [U], outputs [U, B, D] float32 (zeros
+        where not needed and not cached whole), rows to admit [U, r, 3, D] (r = the cache's top rows when
+        `admit`, else 0; the first r rows of each whole copy, zeros elsewhere), H2D bytes (float32)).
+        """
+        B, D = x.shape
+        r = cache.tops.shape[1] if admit else 0
+
+        def emit(kind, buf, mask):
+            rows = buf[:r] if kind == "whole" else jnp.zeros((r, 3, D), self.dtype)
+            if buf is None:
+                return jnp.zeros((B, D), jnp.float32), rows
+            out = M.segment_ffn(x, buf).astype(jnp.float32)
+            return (out if mask is None else jnp.where(mask, out, 0.0)), rows
+
+        sids, order, (outs, rows), nbytes = self._copy_step(split, stack, cache, ids, need, emit, every)
+        return sids, order, outs, rows, nbytes
 
     def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
                  P: int):
@@ -458,15 +482,19 @@ class OffloadEngine:
             predicted = jnp.any(ids[..., None] == pred_ids, axis=-1) & (ids >= 0)
             got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
-        sids, bufs, order, nbytes = self._assemble(self.splits[l], stack, cache, uniq, ~got,
-                                                   every=B == 1 and pred is None and self.mesh is None)
+        admit = self.spec.rule == "lru"
+        sids, order, outs, adm, nbytes = self._expert_outputs(
+            x, self.splits[l], stack, cache, uniq, ~got, admit=admit, every=B == 1 and pred is None and self.mesh is None)
         if pred is not None:
             nbytes = nbytes + pred_bytes
             j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
-            bufs = jnp.where(got[order][:, None, None, None], pred_bufs[j], bufs)
-        # Outputs of every distinct expert for every row, then summed in routing order (k = 0..K-1) exactly as
-        # the resident model does, so that bfloat16 results round identically, not just within tolerance.
-        outs = jnp.stack([M.segment_ffn(x, bufs[u]).astype(jnp.float32) for u in range(U)])  # [U, B, D]
+            g = got[order]
+            pred_outs = jnp.stack([M.segment_ffn(x, pred_bufs[p]).astype(jnp.float32) for p in range(len(pred_ids))])
+            outs = jnp.where(g[:, None, None], pred_outs[j], outs)
+            if admit:  # a prefetched miss is admitted with its prefetched rows
+                adm = jnp.where(g[:, None, None, None], pred_bufs[j, :adm.shape[1]], adm)
+        # outs: every distinct expert's output for every row [U, B, D]; summed in routing order (k = 0..K-1)
+        # exactly as the resident model does, so that bfloat16 results round identically, not just within tolerance.
         rows = jnp.arange(B)
         y = jnp.zeros((B, cfg.d_model), jnp.float32)
         for k in range(cfg.top_k):
@@ -474,7 +502,7 @@ class OffloadEngine:
             y = y + jnp.where(ids[:, k, None] >= 0, w[:, k, None] * outs[u, rows], 0.0)
         y = self._psum(y).astype(x.dtype) + M.shared_expert(x, lp.moe)
         if self.spec.rule != "static":  # the static rule never writes its slots
-            cache = C.update(self.spec.rule, cache, sids, bufs, step)
+            cache = C.update(self.spec.rule, cache, sids, adm, step)
         f32 = jnp.float32
         counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                         misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),

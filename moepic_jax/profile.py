@@ -267,10 +267,10 @@ def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Arr
     `layer(h, experts)` is one resident decode layer ([1, 1, d_model] -> same), `stack` one layer's pinned_host
     experts [E, F, 3, D] and `ex` the same experts on the device. Four jitted chains of `reps` layers, each layer's output feeding the next:
       plain: the layers alone;
-      hit:   each layer also assembles one routed expert that sits in a one-slot cache (`OffloadEngine._assemble`:
-             its `lax.switch` picks "no copy") and applies it to the hidden state;
+      hit:   each layer also applies one routed expert that sits in a one-slot cache, through the decode step's
+             own `OffloadEngine._expert_outputs` (its `lax.switch` picks "no copy");
       miss:  the same for an expert that is not cached (one whole copy inside the conditional), used at once;
-      ahead: that copy issued one layer before it is used, as a prefetch is.
+      ahead: that copy issued one layer before it is used, as a prefetch is (`OffloadEngine._assemble`).
     Returns seconds per layer: cond_overhead_s = (hit - plain) / reps, copy_s = (miss - hit) / reps, hidden_s =
     (miss - ahead) / reps, compute_s = plain / reps; and cond_window_fraction = hidden_s / compute_s clipped to
     [0, 1] (0: the copies inside a conditional do not overlap compute at all).
@@ -290,27 +290,31 @@ def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Arr
         first = jnp.where(h[0, 0, 0] > 1e30, -1, e).astype(jnp.int32)
         return jnp.concatenate([first[None], jnp.full((U - 1,), -1, jnp.int32)])
 
-    def assemble(h, r, hit, cache, stack):
-        ids = ids_for(h, r, hit)
-        return engine._assemble(F, stack, cache, ids, ids >= 0)[1][0]  # the expert's [F, 3, D] buffer
+    def assemble(h, r, cache, stack):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
+        ids = ids_for(h, r, False)
+        return engine._assemble(F, stack, cache, ids, ids >= 0)[1][0]
 
     def apply(h, w):
         return h + M.segment_ffn(h[0], w)[None].astype(h.dtype)
 
+    def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
+        ids = ids_for(h, r, hit)
+        return h + engine._expert_outputs(h[0], F, stack, cache, ids, ids >= 0)[2][0][None].astype(h.dtype)
+
     def chain(mode, h, cache, stack, ex):
-        pending = assemble(h, 0, False, cache, stack) if mode == "ahead" else None
+        pending = assemble(h, 0, cache, stack) if mode == "ahead" else None
         for r in range(reps):
             if mode == "ahead":
                 cur = pending
                 if r + 1 < reps:
-                    pending = assemble(h, r + 1, False, cache, stack)  # issued before this layer's compute
+                    pending = assemble(h, r + 1, cache, stack)  # issued before this layer's compute
             h = layer(h, ex)
             if mode == "plain":
                 h = apply(h, ex[r % E])
             elif mode == "ahead":
                 h = apply(h, cur)
             else:
-                h = apply(h, assemble(h, r, mode == "hit", cache, stack))
+                h = routed(h, r, mode == "hit", cache, stack)
         return h
 
     t = {}
