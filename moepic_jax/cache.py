@@ -59,48 +59,49 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
     """LRU admission of the experts used at `step`, in order.
 
     Args:
-      experts: [U] int32 distinct experts used this step (-1 = padding); buffers: [U, >=s, 3, D] their
-        assembled weights on the device (the first s rows are what a slot keeps).
-    A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first,
-    lowest slot among them) and evicts its owner. Within a step the hits (against the cache as the step began)
-    are taken first, then the misses, each in their order in `experts` (time stamp step * E + position), so a
-    miss never evicts an expert the same step uses; the rule is exact LRU over that sequence of uses. The slot
-    bookkeeping ([E] and [N] int32 arrays) runs use by use; the tops are then written by one scatter of the
-    admitted experts only (a write per use would rewrite every hit's slot, and XLA may copy the whole cache
-    for each write that is not the last use of the old array).
+      experts: [U] int32 distinct experts used this step (-1 = padding); buffers: [U, >=s, 3, D] the rows to admit
+        (the first s rows are what a slot keeps; only the misses' rows are read).
+    A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first, lowest slot
+    among them) and evicts its owner. Within a step the hits (against the cache as the step began) are used first,
+    then the misses, each in their order in `experts` (time stamp step * E + use position + 1), so a miss never
+    evicts an expert the same step uses while an older slot is left; the rule is exact LRU over that sequence of
+    uses (tests/test_cache.py replays traces against an OrderedDict).
+
+    The sequence is applied in one vectorised update, not use by use: on the GPU every small op of a per-use loop is
+    a kernel launch, which made LRU's step slower than the static rule's at equal bytes (benchmarks/results,
+    Session 4). After the hits are refreshed, the i-th miss takes the i-th oldest slot (the slots sorted by last use,
+    stable, so empty slots come first, lowest first); with more misses than slots the order wraps around, and an
+    admission that a later miss of the same step overwrites is not written.
     """
     n, s = cache.tops.shape[0], cache.tops.shape[1]
     if n == 0 or s == 0:
         return cache
-    U, E = experts.shape[0], cache.slot_of.shape[0]
-    slot_of, owner, last_use = cache.slot_of, cache.owner, cache.last_use
-    hit0 = (experts >= 0) & (slot_of[jnp.maximum(experts, 0)] >= 0)
-    order = jnp.argsort(~hit0, stable=True)  # hits first
-    targets, admits = [], []
-    for u in range(U):
-        e = experts[order[u]]
-        stamp = step * E + u + 1  # stride E >= U whatever the batch size, so stamps only grow
-        valid = e >= 0
-        slot = slot_of[jnp.maximum(e, 0)]
-        hit = valid & (slot >= 0)
-        victim = jnp.argmin(last_use).astype(jnp.int32)
-        target = jnp.where(hit, slot, victim)
-        admit = valid & ~hit
-        old = owner[target]
-        slot_of = jnp.where(admit & (old >= 0), slot_of.at[jnp.maximum(old, 0)].set(-1), slot_of)
-        slot_of = jnp.where(admit, slot_of.at[jnp.maximum(e, 0)].set(target), slot_of)
-        owner = jnp.where(admit, owner.at[target].set(e), owner)
-        last_use = jnp.where(valid, last_use.at[target].set(stamp), last_use)
-        targets.append(target)
-        admits.append(admit)
-    targets, admits = jnp.stack(targets), jnp.stack(admits)
-    # An admission evicted again later in the same step (more misses than slots) is not written; the remaining
-    # targets are distinct, and the rows not written get distinct out-of-bounds indices (dropped).
-    later = jnp.triu(jnp.ones((U, U), bool), k=1)
-    overwritten = jnp.any(later & admits[None, :] & (targets[None, :] == targets[:, None]), axis=1)
-    idx = jnp.where(admits & ~overwritten, targets, n + jnp.arange(U))
-    idx = jnp.zeros((U,), idx.dtype).at[order].set(idx)  # back to the order of `buffers` (no copy of the buffers)
-    tops = cache.tops.at[idx].set(buffers[:, :s].astype(cache.tops.dtype), mode="drop", unique_indices=True)
+    E = cache.slot_of.shape[0]
+    i32 = jnp.int32
+    valid = experts >= 0
+    slot = cache.slot_of[jnp.maximum(experts, 0)]
+    hit = valid & (slot >= 0)
+    miss = valid & ~hit
+    n_hit, n_miss = jnp.sum(hit, dtype=i32), jnp.sum(miss, dtype=i32)
+    rank = jnp.cumsum(miss, dtype=i32) - 1  # a miss's position among the step's misses
+    pos = jnp.where(hit, jnp.cumsum(hit, dtype=i32) - 1, n_hit + rank)  # use position: hits first
+    stamp = step * E + pos + 1  # stride E >= U whatever the batch size, so stamps only grow
+    last_use = cache.last_use.at[jnp.where(hit, slot, n)].set(stamp, mode="drop")
+    oldest = jnp.argsort(last_use, stable=True).astype(i32)  # [n] victims in order
+    target = oldest[jnp.maximum(rank, 0) % n]
+    final = miss & (rank + n >= n_miss)  # not overwritten by a later miss of this step (rank + n)
+    # The owners of the slots taken this step are evicted (at most min(n_miss, n) slots, each once).
+    taken = jnp.arange(n) < jnp.minimum(n_miss, n)
+    old = cache.owner[oldest]
+    slot_of = cache.slot_of.at[jnp.where(taken & (old >= 0), old, E)].set(-1, mode="drop")
+    slot_of = slot_of.at[jnp.where(final, experts, E)].set(target, mode="drop")
+    idx = jnp.where(final, target, n)
+    owner = cache.owner.at[idx].set(experts, mode="drop")
+    last_use = last_use.at[idx].set(stamp, mode="drop")
+    # The finals' targets are distinct (their ranks are n_miss - n .. n_miss - 1 at most); the rows not written
+    # get distinct out-of-bounds indices (dropped).
+    rows = jnp.where(final, target, n + jnp.arange(experts.shape[0]))
+    tops = cache.tops.at[rows].set(buffers[:, :s].astype(cache.tops.dtype), mode="drop", unique_indices=True)
     return LayerCache(tops=tops, slot_of=slot_of, owner=owner, last_use=last_use)
 
 

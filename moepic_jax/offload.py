@@ -56,6 +56,11 @@ from moepic_jax.weights import Model
 log = logging.getLogger(__name__)
 
 WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below
+# Prefill copies only the rows a layer's cache does not hold once they are at most this share of its stack: one
+# expert alone streams at ~39 GB/s against ~53 GB/s for a whole 1 GB layer stack on the H200
+# (benchmarks/results/bench_policies_qwen15_s4.json, "h2d"), so per-expert copies pay below ~73 % of the bytes;
+# 50 % leaves a margin (the crossover itself is not measured yet).
+PREFILL_PARTIAL_MAX = 0.5
 COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
 
 
@@ -596,8 +601,10 @@ class OffloadEngine:
         return h + y.reshape(B, T, D), k, v
 
     def prefill(self, state: M.KVCache, tokens, mask):
-        """Prefill T tokens: a Python loop over layers of compiled layer steps, each MoE layer's whole
-        expert stack copied one layer ahead (eager `device_put` enqueued before the compute it overlaps)."""
+        """Prefill T tokens: a Python loop over layers of compiled layer steps, each MoE layer's experts brought
+        to the device one layer ahead (enqueued before the compute it overlaps): the whole stack in one copy, or,
+        where the layer's cache holds at least half of its rows, the cached rows from the slots and only the
+        missing ones copied (`_prefill_sources`)."""
         cfg = self.cfg
         res = self.resident
         if self.mesh is not None:
@@ -605,9 +612,9 @@ class OffloadEngine:
         args = (res, state, tokens, mask)
         h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args, fixed=1)(*args)
         k, v = state.k, state.v
-        dev = self._sharding(expert=True)  # each device copies its own experts over its own link
         moe_ids = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
-        pending = {moe_ids[0]: jax.device_put(self.stacks[moe_ids[0]], dev)} if moe_ids else {}
+        sources = self._prefill_sources()
+        pending = {moe_ids[0]: self._prefill_stack(moe_ids[0], sources)} if moe_ids else {}
         h2d = np.zeros(cfg.n_layers)
         experts = None
         for l, lp in enumerate(res.layers):
@@ -619,14 +626,60 @@ class OffloadEngine:
             h.block_until_ready()
             nxt = next((m for m in moe_ids if m > l), None)
             if nxt is not None and nxt not in pending:
-                pending[nxt] = jax.device_put(self.stacks[nxt], dev)  # enqueue before layer l's compute
-            experts = pending.pop(l) if is_moe else None
+                pending[nxt] = self._prefill_stack(nxt, sources)  # enqueued before layer l's compute
+            if is_moe:
+                experts, h2d[l] = pending.pop(l)
             args = (lp, experts, h, k, v, positions, valid, state.length, jnp.int32(l))
             h, k, v = self._prefill_fn(is_moe, args)(*args)
-            if is_moe:
-                h2d[l] = cfg.n_experts * cfg.d_ff * self.row_bytes
         logits = self._head(res, h)
         return logits, new_kv.replace(k=k, v=v), {"h2d_bytes": h2d}
+
+    def _prefill_partial(self, lp: LayerPlan) -> bool:
+        """Whether prefill assembles this layer's stack from its cache plus copies of the missing rows."""
+        n, s = len(lp.cached), lp.split
+        return (self.mesh is None and n > 0 and s > 0
+                and self.e_loc * self.cfg.d_ff - n * s <= PREFILL_PARTIAL_MAX * self.e_loc * self.cfg.d_ff)
+
+    def _prefill_sources(self) -> dict:
+        """Per MoE layer that prefill assembles (`_prefill_partial`): (missing experts [E - N], the expert in each
+        cache slot [N]) as int32 arrays, read from the slot owners (one device read for all layers: LRU moves
+        experts between steps). Every slot of a built cache is filled; a layer with an empty slot is copied whole."""
+        if self.caches is None:
+            self.caches = self._build_caches()
+        layers = [l for l, lp in enumerate(self.cache_plan.layers) if self.cfg.moe_layers[l] and self._prefill_partial(lp)]
+        owners = jax.device_get([self.caches[l].owner for l in layers])
+        out = {}
+        for l, own in zip(layers, owners):
+            own = np.asarray(own, np.int32)
+            if (own >= 0).all():
+                out[l] = (np.setdiff1d(np.arange(self.e_loc, dtype=np.int32), own), own)
+        return out
+
+    def _prefill_stack(self, l: int, sources: dict):
+        """Layer l's expert stack on the device for prefill ([E, F, 3, D]) and the bytes copied for it."""
+        F = self.cfg.d_ff
+        if l not in sources:
+            return jax.device_put(self.stacks[l], self._sharding(expert=True)), self.e_loc * F * self.row_bytes
+        missing, owners = sources[l]
+        tops = self.caches[l].tops
+        args = (self.stacks[l], tops, jnp.asarray(missing), jnp.asarray(owners))
+        stack = self.compiles.get("prefill_gather", self._gather_stack, args)(*args)
+        return stack, (len(missing) * F + len(owners) * (F - tops.shape[1])) * self.row_bytes
+
+    @staticmethod
+    def _gather_stack(stack, tops, missing, owners):
+        """A layer's whole stack [E, F, 3, D] on the device: the missing experts copied whole from the pinned
+        `stack`, each cached expert's top [0, s) from its slot of `tops` [N, s, 3, D] plus, when s < F, its bottom
+        copied. The same rows as the host stack, so prefill's results are unchanged."""
+        F = stack.shape[1]
+        s = tops.shape[1]
+        out = jnp.zeros(stack.shape, stack.dtype)
+        for i in range(missing.shape[0]):
+            out = out.at[missing[i]].set(fetch_rows(stack, missing[i], 0, F))
+        for j in range(owners.shape[0]):
+            row = tops[j] if s == F else jnp.concatenate([tops[j], fetch_rows(stack, owners[j], s, F - s)])
+            out = out.at[owners[j]].set(row)
+        return out
 
     def _prefill_pre(self, res, state, tokens, mask):
         positions, valid, new_kv = M.cache_positions(state, mask)
@@ -668,9 +721,21 @@ class OffloadEngine:
                                                  state.length, jnp.int32(l)))
         last = sds(jax.ShapeDtypeStruct((h.shape[0], 1, h.shape[2]), h.dtype))
         self.compiles.get("head", self._head_fn, (self.resident, last), fixed=1)
+        self._compile_gathers()
         self._check_compiled_budget(state)
+        self._compile_gathers()  # a re-plan may have changed the slots
         if self.caches is None:
             self.caches = self._build_caches()
+
+    def _compile_gathers(self):
+        """Compile prefill's stack assembly (`_gather_stack`) for each (slots, split) of the plan that uses it."""
+        sds = functools.partial(jax.ShapeDtypeStruct, sharding=self._sharding())
+        for l, lp in enumerate(self.cache_plan.layers):
+            if self.cfg.moe_layers[l] and self._prefill_partial(lp):
+                n = len(lp.cached)
+                self.compiles.get("prefill_gather", self._gather_stack, (
+                    self.stacks[l], sds((n, lp.split, 3, self.cfg.d_model), self.dtype),
+                    sds((self.e_loc - n,), jnp.int32), sds((n,), jnp.int32)))
 
     def device_bytes_needed(self, state) -> int:
         """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of prefill (two layer
@@ -678,7 +743,8 @@ class OffloadEngine:
         buffers; `compiled.memory_analysis()`), plus the margin. Prefill and decode never overlap."""
         cfg = self.cfg
         stacks = 2 * self.e_loc * cfg.d_ff * self.row_bytes  # per device
-        temps = max(self.compiles.temp_bytes_of(n) for n in ("prefill_pre", "prefill_moe", "prefill_dense", "head"))
+        temps = max(self.compiles.temp_bytes_of(n)
+                    for n in ("prefill_pre", "prefill_moe", "prefill_dense", "head", "prefill_gather"))
         # Prefill holds the two stacks and a layer step's temporaries at once (on the H200 the max of the two
         # left the peak 0.1 GiB over the budget). On the CPU backend a bfloat16 prefill's temporaries hold a
         # float32 upcast of the whole stack, which the GPU does not make; there the max is kept so that small

@@ -59,9 +59,10 @@ P(none) = (1 - r_l)^k with N_l >= k, else rho_l^k (with fewer than k slots only 
 Data-dependent copies. How many experts a step copies is data, so the engine copies inside a conditional
 (`lax.switch`) unless the count is known when compiling (batch 1, no cache, nothing predicted: the k routed experts,
 or the k' predicted ones of a layer without cache, are always copied). On the H200 a conditional costs a fixed
-`o = cond_overhead_s` (0.087 ms measured: a host round trip plus assembling its buffers) and the copies made inside
-it hardly overlap compute (`cond_window_fraction` 0.08 measured; benchmarks/results/probe_cond_stream.json and
-bench_policies_qwen15_validation2.json). So, with C_l = [N_l > 0] and
+`o = cond_overhead_s` (0.087 ms measured when the step assembled its experts' buffers, 0.036 ms since each expert is
+computed inside the conditional) and the copies made inside it hardly overlap compute (`cond_window_fraction` 0.08,
+then 0-0.02 measured; benchmarks/results/probe_cond_stream.json, bench_policies_qwen15_validation2.json and
+bench_policies_qwen15_s4.json). So, with C_l = [N_l > 0] and
 Q_l = [layer l is predicted]:
 
     n_cond_l = C_l * Q_l + max(C_l, Q_l)   (the prefetch's conditional, the on-demand conditional)

@@ -25,15 +25,17 @@ from moepic_jax.planner import CachePlan, HardwareProfile, LayerPlan, ModelProfi
 
 log = logging.getLogger(__name__)
 
-# Used when no hardware profile is measured or given: `measure_hardware` on the H200 with Qwen1.5-MoE-A2.7B shapes
-# (benchmarks/results/bench_policies_qwen15_validation2.json): a copy step of 4 experts costs 0.12 ms + bytes at
-# 48.5 GB/s, a conditional copy step 0.087 ms, and a prefetch made inside a conditional hid 8 % of a layer's compute.
-# The layer compute time depends on the model (0.21 ms there); the default is a small model's.
-DEFAULT_H2D_LATENCY_S = 1.2e-4
-DEFAULT_H2D_BANDWIDTH_BPS = 48.5e9
+# Used when no hardware profile is measured or given: `measure_hardware` on the H200 with Qwen1.5-MoE-A2.7B shapes,
+# medians of the four runs of the engine that computes each expert inside its copy step
+# (benchmarks/results/bench_policies_qwen15_{s4,zipf1,b4,p1024}.json): a copy step of 4 experts costs 0.14 ms
+# (0.08-0.19 over the runs) + bytes at 49 GB/s, a conditional copy step 0.036 ms, and a prefetch made inside a
+# conditional hid nothing of a layer's compute (0-2 %). The layer compute time depends on the model (0.20 ms
+# there); the default is a small model's.
+DEFAULT_H2D_LATENCY_S = 1.4e-4
+DEFAULT_H2D_BANDWIDTH_BPS = 49e9
 DEFAULT_LAYER_COMPUTE_S = 1e-4
-DEFAULT_COND_OVERHEAD_S = 8.7e-5
-DEFAULT_COND_WINDOW_FRACTION = 0.08
+DEFAULT_COND_OVERHEAD_S = 3.6e-5
+DEFAULT_COND_WINDOW_FRACTION = 0.0
 
 _DEFAULT_TEXT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""

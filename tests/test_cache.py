@@ -32,6 +32,7 @@ def _ref_lru(trace, n):
     od = collections.OrderedDict()
     hits = misses = 0
     for step in trace:
+        step = [e for e in step if e >= 0]
         resident = set(od)
         hits += sum(e in resident for e in step)
         misses += sum(e not in resident for e in step)
@@ -45,14 +46,18 @@ def _ref_lru(trace, n):
     return hits, misses, set(od)
 
 
+@pytest.mark.parametrize("per_step", [2, 4])
 @pytest.mark.parametrize("n_slots", [1, 2, 3, 5])
-def test_lru_matches_reference_on_a_trace(n_slots):
-    rng = np.random.RandomState(n_slots)
-    # skewed trace of 40 steps with 2 distinct experts per step (top-2), some padding (-1)
+def test_lru_matches_reference_on_a_trace(n_slots, per_step):
+    """Steps of 2 (top-2) or 4 distinct experts (batch > 1: more misses in one step than slots), with padding."""
+    rng = np.random.RandomState(n_slots * 10 + per_step)
+    # skewed trace of 40 steps, some padding (-1)
     trace = []
     for _ in range(40):
-        a, b = rng.choice(E, 2, replace=False, p=np.array([8, 6, 5, 3, 2, 1, 1, 1]) / 27)
-        trace.append([int(a), int(b)])
+        step = [int(e) for e in rng.choice(E, per_step, replace=False, p=np.array([8, 6, 5, 3, 2, 1, 1, 1]) / 27)]
+        if rng.rand() < 0.2:
+            step[rng.randint(per_step)] = -1
+        trace.append(step)
     F = 6
     cache = _cache(n_slots, F)
     update = jax.jit(lambda c, ex, bufs, step: C.update("lru", c, ex, bufs, step))

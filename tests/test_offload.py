@@ -126,6 +126,27 @@ def test_explicit_split_plans_exact(family, split, offload_models, reference):
         assert np.all(c["h2d_bytes"] <= need + cfg.top_k * cfg.d_ff * rb)
 
 
+@pytest.mark.parametrize("split", [48, 64])
+def test_prefill_copies_only_what_the_cache_lacks(split, offload_models, reference):
+    """A cache holding at least half of a layer's rows: prefill takes them from the slots and copies the rest
+    (missing experts whole, cached experts' bottoms), with exactly the resident model's logits and tokens."""
+    m = offload_models["qwen2_moe"]
+    cfg = m.cfg
+    E, F = cfg.n_experts, cfg.d_ff
+    cached = tuple(e for e in range(E) if e % 4 != 1)  # 3/4 of the experts, not a contiguous run
+    layers = tuple(LayerPlan(split, cached) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers)
+    plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
+    engine = OffloadEngine(m, policy="moepic", plan=plan, **KW)
+    assert len(cached) * split >= (1 - 0.5) * E * F  # the partial path's condition holds in every MoE layer
+    toks, mask = _batch(SINGLE)
+    _, _, c = engine.prefill(engine.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
+    rb = 3 * cfg.d_model * 4
+    want = ((E - len(cached)) * F + len(cached) * (F - split)) * rb
+    np.testing.assert_array_equal(c["h2d_bytes"], np.where(cfg.moe_layers, want, 0))
+    assert want < E * F * rb
+    _check(engine, "qwen2_moe", reference, m, SINGLE)
+
+
 @pytest.mark.parametrize("policy", ["ondemand", "lru", "static", "moepic"])
 def test_batch_of_two_prompts_exact(policy, offload_models, reference):
     """Left-padded batch of two prompts of different lengths; duplicated experts are copied once."""
