@@ -58,6 +58,8 @@ def parse_args(argv=None):
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
+    ap.add_argument("--adapt", default="on", choices=("on", "off"),
+                    help="static/moepic: refill the cache from each prompt's routing (OffloadEngine adapt_to_prompt)")
     ap.add_argument("--pairs", default=None, help="run only these policy:fraction pairs (comma list)")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
                 eng = make_engine(model, "resident")
             else:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
-                                  prefetch=prefetch, **ekw)
+                                  prefetch=prefetch, adapt_to_prompt=args.adapt == "on", **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
             refs.append(weakref.ref(eng))
             if policy != "resident":  # the engine may re-plan in its warm-up if XLA needs more than estimated
@@ -250,7 +252,8 @@ def main(argv=None) -> int:
                 row["fixed_gib"] = eng.fixed_bytes / 2**30
                 row["cache_gib"] = eng.cache_bytes() / 2**30
                 row["replanned"] = abs(row["cache_gib"] - row["cache_gib_planned"]) > 1e-9
-                plan = dataclasses.replace(eng.cache_plan, prefetch=eng.prefetches)  # as the engine ran it
+                plan = dataclasses.replace(eng.cache_plan, prefetch=eng.prefetches)  # as planned
+                used = eng.plan_in_use()  # as the engine ran it: the slots' experts after the timed prompt's prefill
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))
                 row["prefetch"] = bool(eng.prefetches)
@@ -263,12 +266,12 @@ def main(argv=None) -> int:
                         # counts, no smoothing: this is the routing that happened)
                         run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
                                                score_from=len(prompt), smoothing=0.0)
-                        st = plan_stats(plan, run_mp, hw)
+                        st = plan_stats(used, run_mp, hw)
                         row["planner_run_tpot_ms"] = st["tpot_s"] * 1e3
                         moe = np.array(cfg.moe_layers)
                         row["planner_run_miss_rate"] = float(np.mean(st["miss_rate"][moe]))
                         row["planner_run_h2d_mb"] = float(st["h2d_bytes"].sum()) / 1e6
-                        row["plan_json"], row["run_profile_json"] = plan.to_json(), run_mp.to_json()  # re-evaluable
+                        row["plan_json"], row["run_profile_json"] = used.to_json(), run_mp.to_json()  # re-evaluable
                     except Exception as e:  # noqa: BLE001 - informational only
                         row["planner_error"] = repr(e)
         except Exception as e:  # noqa: BLE001 - record the failure, keep the other rows

@@ -31,6 +31,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="trained,random,zipf", help="comma list of trained, random, zipf")
     ap.add_argument("--policies", default="lru,static,moepic")
+    ap.add_argument("--adapt", default="both", choices=("on", "off", "both"),
+                    help="static/moepic: refill the cache from the prompt's routing (adapt_to_prompt), keep the plan's "
+                         "hot set, or run both")
     ap.add_argument("--budgets", default="0.1,0.25,0.5", help="fractions of the expert bytes added to the fixed part")
     ap.add_argument("--zipf", type=float, default=1.0, help="alpha of the Zipf router bias of the 'zipf' variant")
     ap.add_argument("--calib-tokens", type=int, default=512)
@@ -109,14 +112,16 @@ def main(argv=None) -> int:
               f"top-25% share {s['calibration_top25_share']:.1%} / {s['prompt_top25_share']:.1%}, "
               f"predictor recall {s['profiled_recall']:.1%} / {s['prompt_recall']:.1%}", flush=True)
         expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
+        adapts = {"on": (True,), "off": (False,), "both": (False, True)}[args.adapt]
         for frac in fracs:
-            for policy in policies:
+            for policy, adapt in [(p, a) for p in policies for a in (adapts if p in ("static", "moepic") else (True,))]:
                 eng = make_engine(model, policy, vram_budget=int(fixed + frac * expert_bytes), granule=args.granule,
-                                  profile=mp, hardware=hw, max_batch=1, max_seq_len=max_len)
+                                  profile=mp, hardware=hw, max_batch=1, max_seq_len=max_len, adapt_to_prompt=adapt)
                 res = generate([prompt], model=model, engine=eng, max_new_tokens=args.new_tokens,
                                temperature=args.temperature, seed=args.seed)
                 st = res.stats
                 row = {"variant": variant, "policy": policy, "budget_frac": frac,
+                       "adapt": adapt if policy in ("static", "moepic") else None,
                        "full_hit_rate": st.full_hit_rate, "top_only_hit_rate": st.top_only_hit_rate,
                        "miss_rate": st.miss_rate, "h2d_mb_per_token": st.h2d_bytes_per_token / 1e6,
                        "predictor_recall": None if np.isnan(st.predictor_recall) else st.predictor_recall,
@@ -127,12 +132,13 @@ def main(argv=None) -> int:
                     row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, moe) if m})
                     hit = lambda p: float(np.mean((p["full_hit_rate"] + p["top_only_hit_rate"])[moe]))  # noqa: E731
                     row["planned_hit_rate"] = hit(plan_stats(plan, mp))
-                    # the same plan on the routing this run decoded (raw counts): calibration error apart
+                    # the slots as the decode used them, on the routing this run decoded (raw counts)
                     run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
                                            score_from=len(prompt), smoothing=0.0)
-                    row["run_routing_hit_rate"] = hit(plan_stats(plan, run_mp))
+                    row["run_routing_hit_rate"] = hit(plan_stats(eng.plan_in_use(), run_mp))
                 rows.append(row)
-                print(f"  {policy:>6} @ {frac:.0%}: hit {st.full_hit_rate + st.top_only_hit_rate:.1%} "
+                label = policy + ("+adapt" if row["adapt"] else "")
+                print(f"  {label:>12} @ {frac:.0%}: hit {st.full_hit_rate + st.top_only_hit_rate:.1%} "
                       f"(top-only {st.top_only_hit_rate:.1%}), H2D {row['h2d_mb_per_token']:.3f} MB/tok, "
                       f"prefetch {row['prefetch']}, recall {st.predictor_recall:.1%}, TPOT {row['tpot_ms']:.2f} ms"
                       + (f", planned hit {row['planned_hit_rate']:.1%} (run routing {row['run_routing_hit_rate']:.1%})"
@@ -154,11 +160,12 @@ def main(argv=None) -> int:
                 f"({env['device']}), meaningful on a GPU only",
             ],
             "total_s": round(time.perf_counter() - t_start, 1)}
-    columns = [("variant", "variant", ""), ("policy", "policy", ""), ("budget_frac", "experts in budget", ".0%"),
+    columns = [("variant", "variant", ""), ("policy", "policy", ""), ("adapt", "adapt to prompt", ""),
+               ("budget_frac", "experts in budget", ".0%"),
                ("cache_experts_frac", "cache / expert bytes", ".0%"), ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top-only hit", ".1%"), ("miss_rate", "miss", ".1%"),
                ("planned_hit_rate", "planned hit (calibration)", ".1%"),
-               ("run_routing_hit_rate", "plan's hit on run routing", ".1%"),
+               ("run_routing_hit_rate", "slots' hit on run routing", ".1%"),
                ("h2d_mb_per_token", "H2D MB/tok", ".3f"), ("prefetch", "prefetch", ""),
                ("predictor_recall", "recall", ".1%"), ("tpot_ms", "TPOT ms (this device)", ".2f")]
     paths = C.write_results(args.name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,

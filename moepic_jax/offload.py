@@ -61,6 +61,9 @@ WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator 
 # (benchmarks/results/bench_policies_qwen15_s4.json, "h2d"), so per-expert copies pay below ~73 % of the bytes;
 # 50 % leaves a margin (the crossover itself is not measured yet).
 PREFILL_PARTIAL_MAX = 0.5
+# adapt_to_prompt: weight of the current cache membership, in routed tokens, when the prompt re-picks a layer's hot
+# set; a short prompt then moves only the experts it clearly prefers, and ties keep what is cached.
+PROMPT_PRIOR_TOKENS = 1.0
 COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
 
 
@@ -137,6 +140,12 @@ class OffloadEngine:
         summed over the axis (`shard_map` + `psum`). `vram_budget` is then per device.
       prefetch: None = as the plan says (`CachePlan.prefetch`: the planner keeps next-layer prediction only where
         its cost model says it pays); True / False force it on / off for the policies that predict.
+      adapt_to_prompt: static / moepic: during each prefill, refill every layer's slots with the experts the prompt
+        routes to most (the experts already cached count as PROMPT_PRIOR_TOKENS extra routed tokens), taking their
+        tops from the layer stack that prefill has on the device anyway: no extra H2D bytes, the plan's slot counts
+        and splits unchanged (nothing recompiles). The calibration text only sizes the slots; the prompt picks
+        their experts. False keeps the plan's hot set. Ignored by lru (which adapts by itself) and with several
+        devices.
     Raises:
       ValueError: budget below the fixed part (names the minimum in GiB), a plan that does not match
         the model, a plan bigger than the cache budget.
@@ -144,7 +153,8 @@ class OffloadEngine:
 
     def __init__(self, model: Model, policy: str = "moepic", vram_budget=None, plan: CachePlan | None = None,
                  n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
-                 profile=None, hardware=None, devices=None, prefetch: bool | None = None):
+                 profile=None, hardware=None, devices=None, prefetch: bool | None = None,
+                 adapt_to_prompt: bool = True):
         if policy not in SPECS:
             raise ValueError(f"unknown offloading policy {policy!r}; choose one of {', '.join(SPECS)}")
         self.policy, self.spec = policy, SPECS[policy]
@@ -164,6 +174,9 @@ class OffloadEngine:
             raise ValueError(f"policy {policy!r} never predicts the next layer's experts; prefetch=True needs lru, "
                              "static or moepic")
         self._prefetch = prefetch
+        if not isinstance(adapt_to_prompt, bool):
+            raise ValueError(f"adapt_to_prompt must be True or False, got {adapt_to_prompt!r}")
+        self.adapt_to_prompt = adapt_to_prompt
         self.devices = resolve_devices(devices)
         self.device, self.n_dev = self.devices[0], len(self.devices)
         if cfg.n_experts % self.n_dev:
@@ -197,6 +210,21 @@ class OffloadEngine:
         plan keeps prediction (the planner drops it where it does not pay, `planner.solve(prefetch=None)`)."""
         wanted = self.cache_plan.prefetch if self._prefetch is None else self._prefetch
         return self.spec.prefetch and self.n_predicted > 0 and wanted
+
+    def plan_in_use(self) -> CachePlan:
+        """The plan with each layer's cached experts as the slots hold them now (lru and adapt_to_prompt move them;
+        global expert ids) and prefetch as the engine runs it. Reads the slot owners from the device."""
+        if self.caches is None:
+            return dataclasses.replace(self.cache_plan, prefetch=self.prefetches)
+        layers = []
+        for lp, c in zip(self.cache_plan.layers, self.caches):
+            if c is None or c.owner.shape[0] == 0:
+                layers.append(lp)
+                continue
+            own = np.asarray(jax.device_get(c.owner)).reshape(self.n_dev, -1)
+            glob = np.where(own >= 0, own + self.e_loc * np.arange(self.n_dev)[:, None], -1).ravel()
+            layers.append(dataclasses.replace(lp, cached=tuple(int(e) for e in glob if e >= 0)))
+        return dataclasses.replace(self.cache_plan, layers=tuple(layers), prefetch=self.prefetches)
 
     # ---- devices ------------------------------------------------------------------------------------
     @functools.cached_property
@@ -489,7 +517,8 @@ class OffloadEngine:
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
         admit = self.spec.rule == "lru"
         sids, order, outs, adm, nbytes = self._expert_outputs(
-            x, self.splits[l], stack, cache, uniq, ~got, admit=admit, every=B == 1 and pred is None and self.mesh is None)
+            x, self.splits[l], stack, cache, uniq, ~got, admit=admit,
+            every=B == 1 and pred is None and self.mesh is None)
         if pred is not None:
             nbytes = nbytes + pred_bytes
             j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
@@ -596,8 +625,12 @@ class OffloadEngine:
         if is_moe:
             ids, w = M.route(x, lp.moe.w_router, cfg)
             y = self._psum(M.experts_scan(x, experts, self._local(ids), w)).astype(x.dtype) + M.shared_expert(x, lp.moe)
-        else:
-            y = M.mlp(x, lp.mlp)
+            # valid: [B, S] over the whole KV cache; this step's tokens are [start, start + T). Padding positions
+            # route too: they are not counted.
+            real = jax.lax.dynamic_slice_in_dim(valid, start, T, axis=1).reshape(B * T, 1).astype(jnp.int32)
+            counts = jnp.zeros((cfg.n_experts,), jnp.int32).at[ids].add(jnp.broadcast_to(real, ids.shape))
+            return h + y.reshape(B, T, D), k, v, counts
+        y = M.mlp(x, lp.mlp)
         return h + y.reshape(B, T, D), k, v
 
     def prefill(self, state: M.KVCache, tokens, mask):
@@ -630,7 +663,12 @@ class OffloadEngine:
             if is_moe:
                 experts, h2d[l] = pending.pop(l)
             args = (lp, experts, h, k, v, positions, valid, state.length, jnp.int32(l))
-            h, k, v = self._prefill_fn(is_moe, args)(*args)
+            if is_moe:
+                h, k, v, counts = self._prefill_fn(is_moe, args)(*args)
+                if self._adapts(l):
+                    self._refill_from_prompt(l, experts, counts)
+            else:
+                h, k, v = self._prefill_fn(is_moe, args)(*args)
         logits = self._head(res, h)
         return logits, new_kv.replace(k=k, v=v), {"h2d_bytes": h2d}
 
@@ -646,7 +684,8 @@ class OffloadEngine:
         experts between steps). Every slot of a built cache is filled; a layer with an empty slot is copied whole."""
         if self.caches is None:
             self.caches = self._build_caches()
-        layers = [l for l, lp in enumerate(self.cache_plan.layers) if self.cfg.moe_layers[l] and self._prefill_partial(lp)]
+        layers = [l for l, lp in enumerate(self.cache_plan.layers)
+                  if self.cfg.moe_layers[l] and self._prefill_partial(lp)]
         owners = jax.device_get([self.caches[l].owner for l in layers])
         out = {}
         for l, own in zip(layers, owners):
@@ -665,6 +704,41 @@ class OffloadEngine:
         args = (self.stacks[l], tops, jnp.asarray(missing), jnp.asarray(owners))
         stack = self.compiles.get("prefill_gather", self._gather_stack, args)(*args)
         return stack, (len(missing) * F + len(owners) * (F - tops.shape[1])) * self.row_bytes
+
+    def _adapts(self, l: int) -> bool:
+        lp = self.cache_plan.layers[l]
+        return (self.adapt_to_prompt and self.spec.rule == "static" and self.mesh is None and len(lp.cached) > 0
+                and lp.split > 0 and len(lp.cached) < self.e_loc)
+
+    def _refill_from_prompt(self, l: int, stack, counts):
+        """Re-pick layer l's cached experts from the prompt's routing `counts` [E] (routed tokens per expert) and
+        copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device during prefill). Slots whose
+        expert stays keep it; the others take the newcomers, hottest first."""
+        cache = self.caches[l]
+        n = cache.tops.shape[0]
+        owner = np.asarray(jax.device_get(cache.owner))
+        score = np.asarray(jax.device_get(counts), np.float64)
+        score[owner[owner >= 0]] += PROMPT_PRIOR_TOKENS
+        rank = np.lexsort((np.isin(np.arange(self.e_loc), owner), score))[::-1]  # score, then cached first
+        keep = set(rank[:n].tolist())
+        if keep == set(owner.tolist()):
+            return
+        new = [e for e in rank[:n].tolist() if e not in set(owner.tolist())]
+        owner = np.array([e if e in keep else new.pop(0) for e in owner.tolist()], np.int32)
+        args = (cache.tops, stack, jnp.asarray(owner))
+        tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)
+        new_cache = jax.device_put(C.init_layer_cache(tops, owner.tolist(), self.e_loc), self.device)
+        self.caches = self.caches[:l] + (new_cache,) + self.caches[l + 1:]
+
+    @staticmethod
+    def _refill_tops(tops, stack, owner):
+        """tops [N, s, 3, D] (donated, rewritten in place): slot j <- rows [0, s) of expert owner[j] of `stack`."""
+        s, D = tops.shape[1], tops.shape[3]
+        zero = jnp.zeros((), jnp.int32)
+        for j in range(tops.shape[0]):
+            top = jax.lax.dynamic_slice(stack, (owner[j], zero, zero, zero), (1, s, 3, D))
+            tops = jax.lax.dynamic_update_slice(tops, top, (jnp.int32(j), zero, zero, zero))
+        return tops
 
     @staticmethod
     def _gather_stack(stack, tops, missing, owners):
@@ -690,7 +764,7 @@ class OffloadEngine:
             return self._prefill_layer(lp, experts, h, k, v, positions, valid, start, l, is_moe)
 
         r = P()
-        layer = self._spmd(layer, (r, P(EXPERT_AXIS), r, r, r, r, r, r, r), (r, r, r))
+        layer = self._spmd(layer, (r, P(EXPERT_AXIS), r, r, r, r, r, r, r), (r, r, r, r) if is_moe else (r, r, r))
         return self.compiles.get("prefill_moe" if is_moe else "prefill_dense", layer, args, donate_argnums=(3, 4), fixed=2)
 
     def _head_fn(self, res, h_last):
@@ -728,14 +802,22 @@ class OffloadEngine:
             self.caches = self._build_caches()
 
     def _compile_gathers(self):
-        """Compile prefill's stack assembly (`_gather_stack`) for each (slots, split) of the plan that uses it."""
+        """Compile prefill's stack assembly (`_gather_stack`) and cache refill (`_refill_tops`) for each (slots,
+        split) of the plan that uses them."""
         sds = functools.partial(jax.ShapeDtypeStruct, sharding=self._sharding())
+        D = self.cfg.d_model
         for l, lp in enumerate(self.cache_plan.layers):
-            if self.cfg.moe_layers[l] and self._prefill_partial(lp):
-                n = len(lp.cached)
+            if not self.cfg.moe_layers[l]:
+                continue
+            n = len(lp.cached)
+            if self._prefill_partial(lp):
                 self.compiles.get("prefill_gather", self._gather_stack, (
-                    self.stacks[l], sds((n, lp.split, 3, self.cfg.d_model), self.dtype),
+                    self.stacks[l], sds((n, lp.split, 3, D), self.dtype),
                     sds((self.e_loc - n,), jnp.int32), sds((n,), jnp.int32)))
+            if self._adapts(l):
+                self.compiles.get("cache_refill", self._refill_tops, (
+                    sds((n, lp.split, 3, D), self.dtype), sds(self.stacks[l].shape, self.dtype),
+                    sds((n,), jnp.int32)), donate_argnums=(0,))
 
     def device_bytes_needed(self, state) -> int:
         """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of prefill (two layer

@@ -147,6 +147,45 @@ def test_prefill_copies_only_what_the_cache_lacks(split, offload_models, referen
     _check(engine, "qwen2_moe", reference, m, SINGLE)
 
 
+def test_prefill_refills_the_static_cache_from_the_prompt(offload_models, reference):
+    """adapt_to_prompt (default): after prefill each layer's slots hold the experts the prompt routed to most (the
+    plan's experts count as PROMPT_PRIOR_TOKENS more; ties keep them), with their host rows; tokens stay exact.
+    The reference counts come from the profiler's own forward over the prompt, not from the engine's prefill."""
+    from moepic_jax.offload import PROMPT_PRIOR_TOKENS
+    from moepic_jax.profile import profile_model
+
+    m = offload_models["qwen3_moe"]
+    cfg = m.cfg
+    E = cfg.n_experts
+    layers = tuple(LayerPlan(cfg.d_ff, (0, 1, 2)) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers)
+    plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
+    prompt = BATCH[0]
+    fixed = OffloadEngine(m, policy="static", plan=plan, adapt_to_prompt=False, **KW)
+    toks, mask = _batch([prompt])
+    fixed.prefill(fixed.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
+    assert [np.asarray(c.owner).tolist() for c in fixed.caches if c is not None] == [[0, 1, 2]] * sum(cfg.moe_layers)
+    engine = OffloadEngine(m, policy="static", plan=plan, **KW)
+    engine.prefill(engine.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
+    counts = profile_model(engine, np.asarray(prompt, np.int32), smoothing=0.0).freq * len(prompt)
+    moved = 0
+    for l, c in enumerate(engine.caches):
+        if c is None:
+            continue
+        score = counts[l] + PROMPT_PRIOR_TOKENS * np.isin(np.arange(E), [0, 1, 2])
+        owner = np.asarray(c.owner)
+        assert score[owner].min() >= score[np.setdiff1d(np.arange(E), owner)].max()  # the top 3 by score
+        moved += len(set(owner.tolist()) - {0, 1, 2})
+        host = np.asarray(m.params.layers[l].moe.experts)
+        for j, e in enumerate(owner):
+            np.testing.assert_array_equal(np.asarray(c.tops[j]), host[e])
+            assert int(c.slot_of[e]) == j
+    assert moved > 0, "the prompt must route elsewhere than experts 0-2 for this test to mean something"
+    used = engine.plan_in_use()  # the plan as the slots hold it now
+    assert [lp.cached for lp, c in zip(used.layers, engine.caches) if c is not None] == [
+        tuple(sorted(np.asarray(c.owner).tolist())) for c in engine.caches if c is not None]
+    _check(engine, "qwen3_moe", reference, m, SINGLE)
+
+
 @pytest.mark.parametrize("policy", ["ondemand", "lru", "static", "moepic"])
 def test_batch_of_two_prompts_exact(policy, offload_models, reference):
     """Left-padded batch of two prompts of different lengths; duplicated experts are copied once."""
