@@ -26,10 +26,12 @@ With several devices (`devices=`), device d owns experts [d*E/n, (d+1)*E/n) of e
 buffer, slots and copies. The step runs under `shard_map` over the `expert` mesh axis with routed ids mapped
 to local ids (-1 = another device's expert), and the MoE output is summed over the axis (`psum`).
 
-Prefill (many tokens) uses nearly every expert of a layer, so it copies each MoE layer's whole
-stack (one large copy, the most efficient per byte), enqueued one layer ahead of the compute that
-needs it, and computes all experts densely with a combine matrix (exact). At most two layer stacks
-are on the device at once; they are part of the budget's fixed part.
+Prefill (many tokens) uses nearly every expert of a layer, so it brings each MoE layer's whole stack to the
+device, enqueued one layer ahead of the compute that needs it, and computes all experts with a combine matrix
+(exact): one large copy (the most efficient per byte), or, where the layer's cache holds at least half of its rows,
+the cached rows from the slots and per-expert copies of the rest (`_prefill_sources`). At most two layer stacks are
+on the device at once; they are part of the budget's fixed part. With `adapt_to_prompt`, the static rule's slots
+are then refilled from that on-device stack with the experts the prompt routed to most (`_refill_from_prompt`).
 """
 
 from __future__ import annotations
