@@ -475,7 +475,7 @@ class OffloadEngine:
         `admit`, else 0; the first r rows of each whole copy, zeros elsewhere), H2D bytes (float32)).
         """
         B, D = x.shape
-        r = cache.tops.shape[1] if admit else 0
+        r = cache.tops.shape[1] if admit and cache.tops.shape[0] > 0 else 0
 
         def emit(kind, buf, mask):
             rows = buf[:r] if kind == "whole" else jnp.zeros((r, 3, D), self.dtype)
@@ -700,7 +700,8 @@ class OffloadEngine:
         """Layer l's expert stack on the device for prefill ([E, F, 3, D]) and the bytes copied for it."""
         F = self.cfg.d_ff
         if l not in sources:
-            return jax.device_put(self.stacks[l], self._sharding(expert=True)), self.e_loc * F * self.row_bytes
+            # bytes over all devices, as the decode counters are (each device copies its own experts)
+            return jax.device_put(self.stacks[l], self._sharding(expert=True)), self.cfg.n_experts * F * self.row_bytes
         missing, owners = sources[l]
         tops = self.caches[l].tops
         args = (self.stacks[l], tops, jnp.asarray(missing), jnp.asarray(owners))
@@ -799,7 +800,6 @@ class OffloadEngine:
         self.compiles.get("head", self._head_fn, (self.resident, last), fixed=1)
         self._compile_gathers()
         self._check_compiled_budget(state)
-        self._compile_gathers()  # a re-plan may have changed the slots
         if self.caches is None:
             self.caches = self._build_caches()
 
@@ -855,6 +855,9 @@ class OffloadEngine:
             self.splits = tuple(lp.split for lp in self.cache_plan.layers)
             dec = jnp.zeros((state.pos.shape[0],), jnp.int32)
             self.compiles.forget("decode")
+            for name in ("prefill_gather", "cache_refill"):  # their shapes follow the plan's slots
+                self.compiles.forget(name)
+            self._compile_gathers()
             self._get_decode((self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
                              donate_argnums=(2, 3), fixed=3)
             need = self.device_bytes_needed(state)

@@ -80,6 +80,9 @@ def case(model, fam, policy, n_dev, ref) -> dict:
         row[key + "_h2d"] = float(sum(c["h2d_bytes"].sum() for c in counters))
         routed = sum(c["routed"].sum() for c in counters)
         parts = sum(c["full_hits"].sum() + c["top_hits"].sum() + c["misses"].sum() for c in counters)
+        # prefill copies each layer's whole stack (no layer's cache holds half of it here): bytes over all devices
+        row[key + "_prefill_h2d_ok"] = bool(res.stats.prefill_h2d_bytes == sum(model.cfg.moe_layers)
+                                             * model.cfg.n_experts * model.cfg.d_ff * 3 * model.cfg.d_model * 4)
         row[key + "_counts_partition"] = bool(parts == routed == len(counters) * len(prompts) * model.cfg.top_k
                                               * sum(model.cfg.moe_layers))
     state = eng.new_state(2, KW["max_seq_len"])

@@ -81,6 +81,32 @@ def test_lru_matches_reference_on_a_trace(n_slots, per_step):
     assert int((np.asarray(cache.slot_of) >= 0).sum()) == len(resident)
 
 
+def test_lru_from_a_full_cache_matches_reference():
+    """The engine's real start: every slot filled by the plan, all last uses 0 (ties broken by the lowest slot)."""
+    rng = np.random.RandomState(7)
+    start = (5, 2, 7)
+    cache = _cache(3, 6, cached=start)
+    trace = [[int(e) for e in rng.choice(E, 3, replace=False)] for _ in range(30)]
+    od = collections.OrderedDict((e, True) for e in start)  # slot order = age order at equal stamps
+    hits = misses = 0
+    for t, step in enumerate(trace, start=1):
+        full, _, miss = C.classify(cache, jnp.asarray(step, jnp.int32), 6, 6)
+        want_hits = sum(e in od for e in step)
+        assert (int(full.sum()), int(miss.sum())) == (want_hits, len(step) - want_hits)
+        hits += want_hits
+        for e in [e for e in step if e in od] + [e for e in step if e not in od]:
+            if e in od:
+                od.move_to_end(e)
+            else:
+                od.popitem(last=False)
+                od[e] = True
+        cache = C.update("lru", cache, jnp.asarray(step, jnp.int32), _buffers(step, 6), jnp.int32(t))
+        assert set(int(o) for o in np.asarray(cache.owner)) == set(od)
+    assert hits > 0
+    for slot, e in enumerate(np.asarray(cache.owner)):
+        assert int(cache.slot_of[e]) == slot and np.all(np.asarray(cache.tops[slot]) == e)
+
+
 def test_lru_ignores_padding_and_protects_same_step():
     cache = _cache(2, 4)
     cache = C.update("lru", cache, jnp.asarray([3, -1], jnp.int32), _buffers([3, -1], 4), jnp.int32(1))

@@ -39,6 +39,7 @@ def test_every_family_policy_and_device_count_is_exact(report):
             assert r[b + "_max_abs_err"] <= 1e-5, (name, r[b + "_max_abs_err"])
             assert r[b + "_h2d"] > 0, name  # experts crossed the links: the offload path ran
             assert r[b + "_counts_partition"], name
+            assert r[b + "_prefill_h2d_ok"], name
         assert not r["cached_everything"], name
         assert r["devices_used"] == list(range(r["devices"])), name  # every device holds its part
 
