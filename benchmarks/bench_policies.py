@@ -58,7 +58,7 @@ def parse_args(argv=None):
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
-    ap.add_argument("--adapt", default="on", choices=("on", "off"),
+    ap.add_argument("--adapt", default="off", choices=("on", "off"),
                     help="static/moepic: refill the cache from each prompt's routing (OffloadEngine adapt_to_prompt)")
     ap.add_argument("--pairs", default=None, help="run only these policy:fraction pairs (comma list)")
     ap.add_argument("--time-limit", type=float, default=510.0,

@@ -57,9 +57,9 @@ def _add_engine_args(p, default_policy="moepic", default_budget="40%"):
                    help="GPUs to spread the experts over (an 'expert' mesh axis; the VRAM budget is then per device)")
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="next-layer prediction and prefetch: as the plan decides (auto), or forced on/off")
-    p.add_argument("--keep-hot-set", action="store_true",
-                   help="static/moepic: keep the plan's cached experts instead of refilling the slots with the "
-                        "experts each prompt routes to most (adapt_to_prompt=False)")
+    p.add_argument("--adapt-to-prompt", action="store_true",
+                   help="static/moepic: refill the cache slots with the experts each prompt routes to most "
+                        "(adapt_to_prompt=True; helps when routing follows the prompt, see the README)")
 
 
 def _load(args):
@@ -78,8 +78,8 @@ def _engine_kw(args, model):
         kw["devices"] = args.devices
     if args.prefetch != "auto" and args.policy != "resident":
         kw["prefetch"] = args.prefetch == "on"
-    if args.keep_hot_set and args.policy != "resident":
-        kw["adapt_to_prompt"] = False
+    if args.adapt_to_prompt and args.policy != "resident":
+        kw["adapt_to_prompt"] = True
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
 

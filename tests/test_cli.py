@@ -5,7 +5,7 @@ from moepic_jax import cli
 
 def test_generate_streams_and_summarises(capsys):
     rc = cli.main(["generate", "def fibonacci(n):", "--policy", "moepic", "--vram-budget", "80%",
-                   "--max-new-tokens", "6", "--prefetch", "on"])
+                   "--max-new-tokens", "6", "--prefetch", "on", "--adapt-to-prompt"])
     out, err = capsys.readouterr()
     assert rc == 0
     assert out.startswith("def fibonacci(n):") and len(out.strip()) > len("def fibonacci(n):")
