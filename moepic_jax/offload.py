@@ -218,14 +218,13 @@ class OffloadEngine:
     def plan_in_use(self) -> CachePlan:
         """The plan with each layer's cached experts as the slots hold them now (lru and adapt_to_prompt move them;
         global expert ids) and prefetch as the engine runs it. Reads the slot owners from the device."""
-        if self.caches is None:
-            return dataclasses.replace(self.cache_plan, prefetch=self.prefetches)
+        owners = {} if self.caches is None else self._slot_owners()
         layers = []
-        for lp, c in zip(self.cache_plan.layers, self.caches):
-            if c is None or c.owner.shape[0] == 0:
+        for l, lp in enumerate(self.cache_plan.layers):
+            if l not in owners:
                 layers.append(lp)
                 continue
-            own = np.asarray(jax.device_get(c.owner)).reshape(self.n_dev, -1)
+            own = owners[l].reshape(self.n_dev, -1)  # device d's block holds its local ids
             glob = np.where(own >= 0, own + self.e_loc * np.arange(self.n_dev)[:, None], -1).ravel()
             layers.append(dataclasses.replace(lp, cached=tuple(int(e) for e in glob if e >= 0)))
         return dataclasses.replace(self.cache_plan, layers=tuple(layers), prefetch=self.prefetches)
@@ -455,8 +454,8 @@ class OffloadEngine:
                   every: bool = False):
         """The weights of experts `ids` on the device (`_copy_step`; for a prefetch, used a layer later).
 
-        Returns (ids permuted so that copies come first [U], their buffers [U, F, 3, D] (zeros where not needed and
-        not cached whole), the permutation [U], H2D bytes (float32)).
+        Returns (ids permuted so that copies come first [U], the permutation [U], their buffers [U, F, 3, D] (zeros
+        where not needed and not cached whole), H2D bytes (float32)).
         """
         shape = (self.cfg.d_ff, 3, self.cfg.d_model)
 
@@ -465,8 +464,7 @@ class OffloadEngine:
                 return jnp.zeros(shape, self.dtype)
             return buf if mask is None else jnp.where(mask, buf, jnp.zeros((), buf.dtype))
 
-        sids, order, bufs, nbytes = self._copy_step(split, stack, cache, ids, need, emit, every)
-        return sids, bufs, order, nbytes
+        return self._copy_step(split, stack, cache, ids, need, emit, every)
 
     def _expert_outputs(self, x: jax.Array, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array,
                         need: jax.Array, admit: bool = False, every: bool = False):
@@ -499,7 +497,7 @@ class OffloadEngine:
         pids, _ = M.route(M.rms_norm(h_mid, lp.mlp_norm, self.cfg.rms_eps), lp.moe.w_router, self.cfg,
                           self.n_predicted)
         pred = self._distinct(self._local(pids), P)
-        sids, bufs, _, nbytes = self._assemble(self.splits[l_next], stack, cache, pred, pred >= 0,
+        sids, _, bufs, nbytes = self._assemble(self.splits[l_next], stack, cache, pred, pred >= 0,
                                                every=h_mid.shape[0] == 1 and self.mesh is None)
         return sids, bufs, nbytes
 
@@ -650,7 +648,12 @@ class OffloadEngine:
         h, positions, valid, new_kv = self.compiles.get("prefill_pre", self._prefill_pre, args, fixed=1)(*args)
         k, v = state.k, state.v
         moe_ids = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
-        sources = self._prefill_sources()
+        if self.caches is None:
+            self.caches = self._build_caches()
+        # Slot owners of the layers prefill assembles or refills, read once: decode steps move them, prefill does not.
+        owners = self._slot_owners([l for l in moe_ids
+                                    if self._prefill_partial(self.cache_plan.layers[l]) or self._adapts(l)])
+        sources = self._prefill_sources(owners)
         pending = {moe_ids[0]: self._prefill_stack(moe_ids[0], sources)} if moe_ids else {}
         h2d = np.zeros(cfg.n_layers)
         experts = None
@@ -667,12 +670,9 @@ class OffloadEngine:
             if is_moe:
                 experts, h2d[l] = pending.pop(l)
             args = (lp, experts, h, k, v, positions, valid, state.length, jnp.int32(l))
-            if is_moe:
-                h, k, v, counts = self._prefill_fn(is_moe, args)(*args)
-                if self._adapts(l):
-                    self._refill_from_prompt(l, experts, counts)
-            else:
-                h, k, v = self._prefill_fn(is_moe, args)(*args)
+            h, k, v, *counts = self._prefill_fn(is_moe, args)(*args)
+            if is_moe and self._adapts(l):
+                self._refill_from_prompt(l, experts, counts[0], owners[l])
         logits = self._head(res, h)
         return logits, new_kv.replace(k=k, v=v), {"h2d_bytes": h2d}
 
@@ -682,19 +682,22 @@ class OffloadEngine:
         return (self.mesh is None and n > 0 and s > 0
                 and self.e_loc * self.cfg.d_ff - n * s <= PREFILL_PARTIAL_MAX * self.e_loc * self.cfg.d_ff)
 
-    def _prefill_sources(self) -> dict:
+    def _slot_owners(self, layers=None) -> dict:
+        """{layer: the expert in each of its cache slots [N] int32 (-1 = empty)} for `layers` (default: every layer
+        with slots), in slot order, as the device holds them now (lru and adapt_to_prompt move experts): one device
+        read for all."""
+        if layers is None:
+            layers = [l for l, c in enumerate(self.caches) if c is not None and c.owner.shape[0] > 0]
+        return {l: np.asarray(o, np.int32) for l, o in zip(layers, jax.device_get([self.caches[l].owner
+                                                                                   for l in layers]))}
+
+    def _prefill_sources(self, owners: dict) -> dict:
         """Per MoE layer that prefill assembles (`_prefill_partial`): (missing experts [E - N], the expert in each
-        cache slot [N]) as int32 arrays, read from the slot owners (one device read for all layers: LRU moves
-        experts between steps). Every slot of a built cache is filled; a layer with an empty slot is copied whole."""
-        if self.caches is None:
-            self.caches = self._build_caches()
-        layers = [l for l, lp in enumerate(self.cache_plan.layers)
-                  if self.cfg.moe_layers[l] and self._prefill_partial(lp)]
-        owners = jax.device_get([self.caches[l].owner for l in layers])
+        cache slot [N]) as int32 arrays, from the slot `owners` (`_slot_owners`). Every slot of a built cache is
+        filled; a layer with an empty slot is copied whole."""
         out = {}
-        for l, own in zip(layers, owners):
-            own = np.asarray(own, np.int32)
-            if (own >= 0).all():
+        for l, own in owners.items():
+            if self._prefill_partial(self.cache_plan.layers[l]) and (own >= 0).all():
                 out[l] = (np.setdiff1d(np.arange(self.e_loc, dtype=np.int32), own), own)
         return out
 
@@ -715,20 +718,19 @@ class OffloadEngine:
         return (self.adapt_to_prompt and self.spec.rule == "static" and self.mesh is None and len(lp.cached) > 0
                 and lp.split > 0 and len(lp.cached) < self.e_loc)
 
-    def _refill_from_prompt(self, l: int, stack, counts):
-        """Re-pick layer l's cached experts from the prompt's routing `counts` [E] (routed tokens per expert) and
-        copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device during prefill). Slots whose
-        expert stays keep it; the others take the newcomers, hottest first."""
+    def _refill_from_prompt(self, l: int, stack, counts, owner: np.ndarray):
+        """Re-pick layer l's cached experts (now `owner` [N], slot order) from the prompt's routing `counts` [E]
+        (routed tokens per expert) and copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device
+        during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first."""
         cache = self.caches[l]
         n = cache.tops.shape[0]
-        owner = np.asarray(jax.device_get(cache.owner))
         score = np.asarray(jax.device_get(counts), np.float64)
         score[owner[owner >= 0]] += PROMPT_PRIOR_TOKENS
         rank = np.lexsort((np.isin(np.arange(self.e_loc), owner), score))[::-1]  # score, then cached first
-        keep = set(rank[:n].tolist())
-        if keep == set(owner.tolist()):
+        keep, current = set(rank[:n].tolist()), set(owner.tolist())
+        if keep == current:
             return
-        new = [e for e in rank[:n].tolist() if e not in set(owner.tolist())]
+        new = [e for e in rank[:n].tolist() if e not in current]
         owner = np.array([e if e in keep else new.pop(0) for e in owner.tolist()], np.int32)
         args = (cache.tops, stack, jnp.asarray(owner))
         tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)

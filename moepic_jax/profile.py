@@ -294,7 +294,7 @@ def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Arr
 
     def assemble(h, r, cache, stack):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
         ids = ids_for(h, r, False)
-        return engine._assemble(F, stack, cache, ids, ids >= 0)[1][0]
+        return engine._assemble(F, stack, cache, ids, ids >= 0)[2][0]
 
     def apply(h, w):
         return h + M.segment_ffn(h[0], w)[None].astype(h.dtype)
