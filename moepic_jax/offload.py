@@ -67,6 +67,10 @@ PREFILL_PARTIAL_MAX = 0.5
 # set; a short prompt then moves only the experts it clearly prefers, and ties keep what is cached.
 PROMPT_PRIOR_TOKENS = 1.0
 COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
+# Up to this many groups the switches are unrolled (batch 1 of every supported family: top-k <= 8); beyond, one switch
+# runs in a `lax.scan` over the groups. Unrolled, every branch computes its experts, so the program grew as
+# (groups x branches x COPY_GROUP) FFNs: 235 s to compile Qwen1.5-MoE lru at batch 4 on the H200.
+COPY_UNROLL_GROUPS = 2
 
 
 def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
@@ -423,32 +427,47 @@ class OffloadEngine:
         n_miss, n_top = jnp.sum(miss, dtype=jnp.int32), jnp.sum(top_hit, dtype=jnp.int32)
         nbytes = (n_miss * F + n_top * (F - s)).astype(jnp.float32) * self.row_bytes
 
-        def expert(i, kind):
+        def expert(kind, e, slot, is_cached):
             if kind == "whole":
-                return emit(kind, fetch_rows(stack, sids[i], 0, F), None)
+                return emit(kind, fetch_rows(stack, e, 0, F), None)
             if kind == "bottom":
-                return emit(kind, jnp.concatenate([cache.tops[slots[i]], fetch_rows(stack, sids[i], s, F - s)]), None)
-            return emit(kind, cache.tops[slots[i]], cached[i]) if s == F else emit(kind, None, None)
+                return emit(kind, jnp.concatenate([cache.tops[slot], fetch_rows(stack, e, s, F - s)]), None)
+            return emit(kind, cache.tops[slot], is_cached) if s == F else emit(kind, None, None)
 
-        def stacked(kinds, g0=0):
-            return jax.tree.map(lambda *xs: jnp.stack(xs), *[expert(g0 + i, k) for i, k in enumerate(kinds)])
+        def stacked(kinds, e, slot, is_cached):  # one group: e, slot, is_cached [m]
+            outs = [expert(k, e[i], slot[i], is_cached[i]) for i, k in enumerate(kinds)]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
         if every and s == 0:
-            return sids, order, stacked(["whole"] * U), nbytes
+            return sids, order, stacked(["whole"] * U, sids, slots, cached), nbytes
         has_bot = 0 < s < F
-        groups = []
-        for g0 in range(0, U, COPY_GROUP):
-            m = min(COPY_GROUP, U - g0)
+
+        def group(m, g0, e, slot, is_cached):  # the switch over one group's (whole, bottom) counts
             pairs = [(a, b) for a in range(m + 1) for b in (range(a, m + 1) if has_bot else (a,))]
             table = np.zeros((m + 1, m + 1), np.int32)
             for i, (a, b) in enumerate(pairs):
                 table[a, b] = i
-            branches = [functools.partial(stacked, ["whole"] * a + ["bottom"] * (b - a) + ["rest"] * (m - b), g0)
+            branches = [functools.partial(stacked, ["whole"] * a + ["bottom"] * (b - a) + ["rest"] * (m - b))
                         for a, b in pairs]
             a = jnp.clip(n_miss - g0, 0, m)
             b = jnp.clip(n_miss + n_top - g0, 0, m) if has_bot else a
-            groups.append(jax.lax.switch(jnp.asarray(table)[a, b], branches))
-        return sids, order, jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups), nbytes
+            return jax.lax.switch(jnp.asarray(table)[a, b], branches, e, slot, is_cached)
+
+        n_groups = -(-U // COPY_GROUP)
+        if n_groups <= COPY_UNROLL_GROUPS:
+            groups = [group(min(COPY_GROUP, U - g0), g0, sids[g0:g0 + COPY_GROUP], slots[g0:g0 + COPY_GROUP],
+                            cached[g0:g0 + COPY_GROUP]) for g0 in range(0, U, COPY_GROUP)]
+            return sids, order, jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups), nbytes
+        # Many groups (batch > 1): one switch in a loop, so the program's size does not grow with the batch. Padding
+        # ids (-1, not cached) fall in the "rest" part of the last group and emit zeros.
+        pad = n_groups * COPY_GROUP - U
+        e = jnp.pad(sids, (0, pad), constant_values=-1).reshape(n_groups, COPY_GROUP)
+        slot = jnp.pad(slots, (0, pad)).reshape(n_groups, COPY_GROUP)
+        is_cached = jnp.pad(cached, (0, pad)).reshape(n_groups, COPY_GROUP)
+        g0s = jnp.arange(n_groups, dtype=jnp.int32) * COPY_GROUP
+        _, res = jax.lax.scan(lambda c, xs: (c, group(COPY_GROUP, *xs)), None, (g0s, e, slot, is_cached))
+        res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[:U], res)
+        return sids, order, res, nbytes
 
     def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
                   every: bool = False):

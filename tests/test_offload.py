@@ -196,6 +196,29 @@ def test_batch_of_two_prompts_exact(policy, offload_models, reference):
 
 
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
+def test_copy_groups_in_a_loop_exact(policy, offload_models, reference, monkeypatch):
+    """Batches with more copy groups than COPY_UNROLL_GROUPS run one switch in a `lax.scan` over the groups (padding
+    included: 4 distinct-expert slots in groups of 3). Same logits, tokens and per-layer counters as the unrolled
+    switches, which test_batch_of_two_prompts_exact checks against the resident model."""
+    from moepic_jax import offload
+    m = offload_models["qwen2_moe"]
+    budget = _budget(m, 0.3)
+    unrolled = OffloadEngine(m, policy=policy, vram_budget=budget, **PKW)
+    _, want = teacher_forced(unrolled, reference["qwen2_moe", 2][0], BATCH)
+    monkeypatch.setattr(offload, "COPY_GROUP", 3)
+    monkeypatch.setattr(offload, "COPY_UNROLL_GROUPS", 1)
+    looped = OffloadEngine(m, policy=policy, vram_budget=budget, **PKW)
+    counters, _ = _check(looped, "qwen2_moe", reference, m, BATCH)
+    decode = [exe for key, exe in looped.compiles._fns.items() if key[0] == "decode"]
+    assert decode and all("while" in exe.as_text() for exe in decode)  # the loop path is the one under test
+    assert not any("while" in exe.as_text() for key, exe in unrolled.compiles._fns.items() if key[0] == "decode")
+    for got, exp in zip(counters, want):
+        for k in exp:
+            np.testing.assert_array_equal(got[k], exp[k])
+    assert sum(c["h2d_bytes"].sum() for c in counters) > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "moepic"])
 def test_prefetch_follows_the_plan(policy, offload_models, reference):
     """prefetch=None: the engine predicts only where its plan keeps prediction. With the default hardware profile
     (H200: copies inside a conditional do not overlap compute) the planner drops it; then every copied byte is a
