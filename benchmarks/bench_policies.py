@@ -18,6 +18,7 @@ Usage (from the repo root):
   PYTHONPATH=. python benchmarks/bench_policies.py --zipf 1.0            # with the Zipf router bias
   PYTHONPATH=. python benchmarks/bench_policies.py --tiny                # CPU smoke test (tiny config)
   PYTHONPATH=. python benchmarks/bench_policies.py --policies lru,moepic --batch 4      # batch 4
+  PYTHONPATH=. python benchmarks/bench_policies.py --pairs lru:0.5:b4,moepic:0.5:b16,static:0.25:adapt  # one model
   PYTHONPATH=. python benchmarks/bench_policies.py --policies lru,moepic --prompt-len 1024  # TTFT of long prompts
 """
 
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warm-up call (compiles)")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (issue 6 item 4: 4 and 16)")
+    ap.add_argument("--batch", default="1", help="prompts decoded together, a comma list (issue 6 item 4: 4 and 16)")
     ap.add_argument("--zipf", type=float, default=None, help="alpha of the Zipf router bias (default: own routing)")
     ap.add_argument("--tiny", action="store_true", help="tiny config of the same family (CPU smoke test)")
     ap.add_argument("--temperature", type=float, default=1.0,
@@ -60,7 +61,9 @@ def parse_args(argv=None):
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
     ap.add_argument("--adapt", default="off", choices=("on", "off"),
                     help="static/moepic: refill the cache from each prompt's routing (OffloadEngine adapt_to_prompt)")
-    ap.add_argument("--pairs", default=None, help="run only these policy:fraction pairs (comma list)")
+    ap.add_argument("--pairs", default=None,
+                    help="run only these policy:fraction[:bN][:adapt] runs (comma list), e.g. lru:0.5:b4,static:0.25:adapt;"
+                         " bN = batch N (default: each --batch), adapt = --adapt on for that run")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--name", default=None, help="result file name (default bench_policies_<model>[_zipf..])")
@@ -93,9 +96,10 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"unknown policies {bad}; choose from {', '.join(ALL_POLICIES)}")
     fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
+    batches = sorted(int(x) for x in args.batch.split(",") if x.strip())
     granule = args.granule or (16 if args.tiny else 128)
     name = args.name or ("bench_policies_" + args.model + ("_tiny" if args.tiny else "")
-                         + (f"_zipf{args.zipf:g}" if args.zipf else "") + (f"_b{args.batch}" if args.batch > 1 else "")
+                         + (f"_zipf{args.zipf:g}" if args.zipf else "") + "".join(f"_b{b}" for b in batches if b > 1)
                          + (f"_p{args.prompt_len}" if args.prompt_len != 128 else ""))
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
@@ -119,12 +123,27 @@ def main(argv=None) -> int:
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + args.new_tokens)
     warm_tokens = args.warmup_tokens if _bucket(T + args.warmup_tokens) == max_len else args.new_tokens
-    ekw = dict(max_batch=args.batch, max_seq_len=max_len)
+    runs = [(p, f, b, args.adapt == "on") for b in batches for f in fracs for p in policies if p != "resident"]
+    if args.pairs:  # only these runs, e.g. "static:0.1,lru:0.75:b4,static:0.25:adapt"
+        runs = []
+        for item in args.pairs.split(","):
+            p, f, *opts = item.strip().split(":")
+            bs = [int(o[1:]) for o in opts if o.startswith("b")] or batches
+            runs += [(p, float(f), b, "adapt" in opts or args.adapt == "on") for b in bs]
+    if "resident" in policies:
+        runs.append(("resident", None, batches[0], False))
+    max_batch = max(r[2] for r in runs)
+    ekw = dict(max_seq_len=max_len)
     prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
 
     t0 = time.perf_counter()
-    base = OffloadEngine(model, policy="ondemand", **ekw)
-    fixed = base.fixed_bytes_for(args.batch, max_len, prefetch=True)  # the largest fixed part of the policies
+    base = OffloadEngine(model, policy="ondemand", max_batch=max_batch, **ekw)
+    # The largest fixed part of the policies, per batch size: budgets are fixed(batch) + frac x expert bytes.
+    expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
+    fixed_of = {b: base.fixed_bytes_for(b, max_len, prefetch=True) for b in sorted({r[2] for r in runs})}
+    fixed = fixed_of[min(fixed_of)]
+    # Ascending budgets, resident last: each row's peak is the process-wide running maximum (it cannot be reset).
+    runs.sort(key=lambda r: (r[0] == "resident", 0 if r[1] is None else fixed_of[r[2]] + r[1] * expert_bytes))
     mp = profile_model(base)
     hw_error = None
     try:
@@ -139,7 +158,6 @@ def main(argv=None) -> int:
     del base
     freed = C.release_engine(model, ref)
     setup_s = time.perf_counter() - t0
-    expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
     print(f"fixed part {fixed / 2**30:.2f} GiB; routing: normalised entropy {routing['norm_entropy_mean']:.3f} "
           f"(1 = uniform), top-25% experts take {routing.get('top25pct_share_mean', float('nan')):.1%} of routed pairs; "
           f"profiled recall {recall_prof:.1%}; hardware fit: latency {hw.h2d_latency_s * 1e6:.0f} us, "
@@ -148,22 +166,15 @@ def main(argv=None) -> int:
           f"({setup_s:.1f} s)", flush=True)
 
     rng = np.random.default_rng(args.seed + 1)
-    prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
-    warm_prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # different: no free LRU hits
-                    for _ in range(args.batch)]
-    prompt = prompts[0]
-
-    runs = [(p, f) for f in fracs for p in policies if p != "resident"]
-    if args.pairs:  # only these (policy, fraction) pairs, e.g. "static:0.1,lru:0.75"
-        keep = {(p, float(f)) for p, f in (x.split(":") for x in args.pairs.split(","))}
-        runs = [(p, f) for p, f in runs if (p, f) in keep]
-    if "resident" in policies:
-        runs.append(("resident", None))
+    all_prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(max_batch)]
+    all_warm = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # different: no free LRU hits
+                for _ in range(max_batch)]
+    prompt = all_prompts[0]
     rows: list[dict] = []
     meta = {
         "benchmark": "policies x VRAM budgets (issue 3 item 8)", "model": C.MODEL_NAMES[args.model],
         "tiny": args.tiny, "config": cfg.to_hf_dict(), "random_model": info, "env": env, "h2d": h2d,
-        "fixed_bytes": fixed, "expert_bytes": expert_bytes, "routing_profile": routing,
+        "fixed_bytes": fixed, "fixed_bytes_per_batch": fixed_of, "expert_bytes": expert_bytes, "routing_profile": routing,
         "profiled_recall_mean": recall_prof,
         "hardware_profile": {"source": args.hw if hw_error is None else "default (measure failed)",
                              "error": hw_error, "h2d_latency_s": hw.h2d_latency_s,
@@ -173,13 +184,13 @@ def main(argv=None) -> int:
                              "window_fraction": hw.window_fraction, "json": hw.to_json()},
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
-                     "batch": args.batch, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
+                     "batch": batches, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
                      "budgets_frac_of_experts": fracs, "policies": list(policies)},
         "notes": [
             f"{C.MODEL_NAMES[args.model]}{' (tiny stand-in)' if args.tiny else ''} config, random weights "
             f"({info['routing']}); routing normalised entropy {routing['norm_entropy_mean']:.3f}, "
             f"top-25% experts' share {routing.get('top25pct_share_mean', float('nan')):.1%}",
-            f"budget = fixed part ({fixed / 2**30:.2f} GiB) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
+            f"budget = fixed part ({fixed / 2**30:.2f} GiB at batch {min(fixed_of)}) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
             f"floor = H2D bytes per token / peak H2D bandwidth of this run ({peak_bw / 1e9:.1f} GB/s, "
             f"{h2d['peak_source']}); efficiency = floor / TPOT",
             f"TTFT/TPOT exclude compilation (compile_s is apart); batch {args.batch} (TPOT = time per decode step, "
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
         "setup_s": round(setup_s, 2), "free_check_after_setup": freed,
         "device_memory_after_setup": device_memory_stats(),
     }
-    columns = [("policy", "policy", ""), ("budget_frac", "experts in budget", ".0%"),
+    columns = [("policy", "policy", ""), ("batch", "batch", ""), ("adapt", "adapt", ""), ("budget_frac", "experts in budget", ".0%"),
                ("budget_gib", "budget GiB", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
                ("tpot_p90_ms", "p90 ms", ".2f"), ("floor_ms", "floor ms", ".2f"), ("efficiency", "floor/TPOT", ".2f"),
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
@@ -205,9 +216,11 @@ def main(argv=None) -> int:
     def save():
         return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, title=title)
 
-    def measure(policy, frac, budget, refs) -> dict:
+    def measure(policy, frac, budget, batch, adapt, refs) -> dict:
         """Build one engine, warm up, run the timed generate, and return the row (the engine dies on return)."""
-        row = {"policy": policy, "budget_frac": frac, "budget_gib": None if budget is None else budget / 2**30}
+        row = {"policy": policy, "batch": batch, "adapt": adapt, "budget_frac": frac,
+               "budget_gib": None if budget is None else budget / 2**30}
+        prompts, warm_prompts = all_prompts[:batch], all_warm[:batch]
         eng = None
         try:
             tb = time.perf_counter()
@@ -215,7 +228,7 @@ def main(argv=None) -> int:
                 eng = make_engine(model, "resident")
             else:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
-                                  prefetch=prefetch, adapt_to_prompt=args.adapt == "on", **ekw)
+                                  prefetch=prefetch, adapt_to_prompt=adapt, max_batch=batch, **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
             refs.append(weakref.ref(eng))
             if policy != "resident":  # the engine may re-plan in its warm-up if XLA needs more than estimated
@@ -257,7 +270,7 @@ def main(argv=None) -> int:
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))
                 row["prefetch"] = bool(eng.prefetches)
-                if policy in ("ondemand", "static", "moepic") and args.batch == 1:  # the cost model is batch 1
+                if policy in ("ondemand", "static", "moepic") and batch == 1:  # the cost model is batch 1
                     try:
                         row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
                         # The cost model alone, without the calibration's error on which experts are hot: the
@@ -282,17 +295,17 @@ def main(argv=None) -> int:
         return row
 
     longest = 0.0
-    for policy, frac in runs:
+    for policy, frac, batch, adapt in runs:
         elapsed = time.perf_counter() - t_start
         if rows and elapsed + 1.2 * longest > args.time_limit:
             print(f"skip {policy} @ {frac}: {elapsed:.0f} s elapsed, a run takes up to {longest:.0f} s "
                   f"(--time-limit {args.time_limit:.0f})", flush=True)
-            rows.append({"policy": policy, "budget_frac": frac, "skipped": "time limit"})
+            rows.append({"policy": policy, "batch": batch, "adapt": adapt, "budget_frac": frac, "skipped": "time limit"})
             continue
         t_run = time.perf_counter()
-        budget = None if frac is None else int(fixed + frac * expert_bytes)
+        budget = None if frac is None else int(fixed_of[batch] + frac * expert_bytes)
         refs: list = []
-        row = measure(policy, frac, budget, refs)  # the engine lives only inside measure()
+        row = measure(policy, frac, budget, batch, adapt, refs)  # the engine lives only inside measure()
         row.update(C.release_engine(model, refs[0] if refs else None))
         row["run_s"] = time.perf_counter() - t_run
         longest = max(longest, row["run_s"])
@@ -300,7 +313,7 @@ def main(argv=None) -> int:
         if "error" in row:
             print(f"{policy} @ {frac}: ERROR {row['error']}", flush=True)
         else:
-            print(f"{policy:>8} @ {'-' if frac is None else format(frac, '.0%')}: TTFT {row['ttft_ms']:.1f} ms, "
+            print(f"{policy:>8} @ {'-' if frac is None else format(frac, '.0%')} b{batch}{' adapt' if adapt else ''}: TTFT {row['ttft_ms']:.1f} ms, "
                   f"TPOT {row['tpot_ms']:.2f} ms (p90 {row['tpot_p90_ms']:.2f}), H2D {row['h2d_mb_per_token']:.1f} MB/tok, "
                   f"floor {row['floor_ms'] if row['floor_ms'] is not None else float('nan'):.2f} ms, "
                   f"compile {row['compile_s']:.1f} s, run {row['run_s']:.1f} s, engine freed {row['engine_freed']}",
