@@ -67,10 +67,12 @@ PREFILL_PARTIAL_MAX = 0.5
 # set; a short prompt then moves only the experts it clearly prefers, and ties keep what is cached.
 PROMPT_PRIOR_TOKENS = 1.0
 COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
-# Up to this many groups the switches are unrolled (batch 1 of every supported family: top-k <= 8); beyond, one switch
-# runs in a `lax.scan` over the groups. Unrolled, every branch computes its experts, so the program grew as
-# (groups x branches x COPY_GROUP) FFNs: 235 s to compile Qwen1.5-MoE lru at batch 4 on the H200.
-COPY_UNROLL_GROUPS = 2
+# Up to this many groups the switches are unrolled; beyond, one switch runs in a `lax.scan` over the groups. Unrolled,
+# every branch computes its experts, so the program grows as (groups x branches x COPY_GROUP) FFNs: 235 s to compile
+# Qwen1.5-MoE lru at batch 4 (4 groups) on the H200, 67 s with the loop at the same TPOT (55.1 vs 54.5 ms,
+# benchmarks/results/bench_policies_qwen15_s5.json); Qwen3-30B-A3B (top-8, 2 groups, 48 layers) compiled for over
+# 250 s unrolled.
+COPY_UNROLL_GROUPS = 1
 
 
 def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
