@@ -808,10 +808,12 @@ class OffloadEngine:
         return self.compiles.get("head", self._head_fn, args, fixed=1)(*args)
 
     def warmup(self, state, tokens, mask, dec_tokens):
-        """Compile the prefill layer steps and the decode step for these shapes (kept out of TTFT/TPOT)."""
+        """Compile the prefill layer steps and the decode step for these shapes (kept out of TTFT/TPOT).
+
+        Prefill's programs come first and the budget is checked on them before the decode step is compiled: where
+        prefill is what does not fit (two layer stacks and their temporaries), the re-plan then costs no second
+        compile of the decode step, the most expensive one (25-35 s for Qwen1.5-MoE on the H200)."""
         cfg, dev = self.cfg, self._sharding()
-        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
-                         donate_argnums=(2, 3), fixed=3)
         pre = (self.resident, state, tokens, mask)
         h, positions, valid, _ = jax.eval_shape(self._prefill_pre, *pre)
         self.compiles.get("prefill_pre", self._prefill_pre, pre, fixed=1)
@@ -829,6 +831,9 @@ class OffloadEngine:
         last = sds(jax.ShapeDtypeStruct((h.shape[0], 1, h.shape[2]), h.dtype))
         self.compiles.get("head", self._head_fn, (self.resident, last), fixed=1)
         self._compile_gathers()
+        self._check_compiled_budget(state, decode=False)
+        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
+                         donate_argnums=(2, 3), fixed=3)
         self._check_compiled_budget(state)
         if self.caches is None:
             self.caches = self._build_caches()
@@ -867,7 +872,10 @@ class OffloadEngine:
         return (tree_bytes(self.resident) + tree_bytes(state) + self.cache_bytes()
                 + max(prefill, self.compiles.temp_bytes_of("decode")) + WORKSPACE_MARGIN_BYTES)
 
-    def _check_compiled_budget(self, state) -> None:
+    def _check_compiled_budget(self, state, decode: bool = True) -> None:
+        """Re-plan the caches (at most 3 times) while the compiled steps need more than the budget; raise if they
+        still do. decode=False: before the decode step is compiled (its temporaries count as 0 and it is not
+        recompiled)."""
         need = self.device_bytes_needed(state)
         auto, granule, profile, hardware = self._plan_args
         for _ in range(3):
@@ -888,8 +896,9 @@ class OffloadEngine:
             for name in ("prefill_gather", "cache_refill"):  # their shapes follow the plan's slots
                 self.compiles.forget(name)
             self._compile_gathers()
-            self._get_decode((self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
-                             donate_argnums=(2, 3), fixed=3)
+            if decode:
+                self._get_decode((self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
+                                 donate_argnums=(2, 3), fixed=3)
             need = self.device_bytes_needed(state)
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(

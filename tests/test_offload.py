@@ -10,7 +10,7 @@ import pytest
 from conftest import FAMILIES
 
 import moepic_jax
-from moepic_jax.engine import ResidentEngine
+from moepic_jax.engine import CompileCache, ResidentEngine
 from moepic_jax.generate import _bucket
 from moepic_jax.offload import OffloadEngine
 from moepic_jax.planner import CachePlan, LayerPlan
@@ -240,6 +240,40 @@ def test_prefetch_follows_the_plan(policy, offload_models, reference):
     assert forced.prefetches
     counters, _ = _check(forced, "qwen2_moe", reference, m, SINGLE)
     assert sum(c["predicted"].sum() for c in counters) > 0
+
+
+def test_replan_for_prefill_costs_no_second_decode_compile(offload_models, reference, monkeypatch):
+    """Where prefill's temporaries exceed the estimated fixed part (as on the H200, where a layer stack's
+    assembly for a partial prefill needs ~0.5 GiB), warm-up re-plans the caches before it compiles the decode step:
+    the same decode compiles as an engine that fits, a smaller cache, the need within the budget, exact tokens."""
+    m = offload_models["qwen2_moe"]
+    budget = _budget(m, 0.6)
+    compiled = []
+    real_get = CompileCache.get
+
+    def get(self, name, *a, **k):  # record which programs are compiled
+        n = self.count
+        exe = real_get(self, name, *a, **k)
+        if self.count > n:
+            compiled.append(name)
+        return exe
+
+    monkeypatch.setattr(CompileCache, "get", get)
+    fits = OffloadEngine(m, policy="static", vram_budget=budget, **KW)
+    tokens = reference["qwen2_moe", 1][2]
+    assert moepic_jax.generate(SINGLE, model=m, max_new_tokens=NEW, engine=fits).token_ids == tokens
+    want = compiled.count("decode")
+    compiled.clear()
+    # Prefill's temporaries: two layer stacks plus half the expert bytes (more than the fixed part holds).
+    extra = 2 * fits.e_loc * m.cfg.d_ff * fits.row_bytes + m.expert_bytes() // 2
+    real_temps = CompileCache.temp_bytes_of
+    monkeypatch.setattr(CompileCache, "temp_bytes_of",
+                        lambda self, name: max(real_temps(self, name), extra if name == "prefill_moe" else 0))
+    tight = OffloadEngine(m, policy="static", vram_budget=budget, **KW)
+    assert moepic_jax.generate(SINGLE, model=m, max_new_tokens=NEW, engine=tight).token_ids == tokens
+    assert want >= 1 and compiled.count("decode") == want
+    assert tight.cache_bytes() < fits.cache_bytes()
+    assert tight.device_bytes_needed(tight.new_state(1, 16)) <= budget
 
 
 def test_compile_count_is_stable(offload_models, reference):
