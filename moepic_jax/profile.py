@@ -249,7 +249,8 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
         out = layer(lp, ex, h, kv.k, kv.v)
     jax.block_until_ready(out)
     c = (time.perf_counter() - t0) / (repeats * 4)
-    costs = conditional_costs(engine, stack, ex, lambda h, x_exp: layer(lp, x_exp, h, kv.k, kv.v)[0], h, repeats)
+    costs = conditional_costs(engine, stack, ex, lambda h, x_exp, w: layer(w[0], x_exp, h, w[1], w[2])[0], h, repeats,
+                              weights=(lp, kv.k, kv.v))
     del ex
     compute = np.full(cfg.n_layers, c)
     try:
@@ -263,10 +264,12 @@ def measure_hardware(engine, repeats: int = 5) -> HardwareProfile:
 
 
 def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Array, repeats: int = 5,
-                      reps: int = 8) -> dict:
+                      reps: int = 8, weights=()) -> dict:
     """What the engine's data-dependent copy step costs on this machine, measured with its own code.
 
-    `layer(h, experts)` is one resident decode layer ([1, 1, d_model] -> same), `stack` one layer's pinned_host
+    `layer(h, experts, weights)` is one resident decode layer ([1, 1, d_model] -> same; `weights` is passed to the
+    jitted chains as an argument: closed over, they were constants that XLA folded, over 1 s per op for
+    Mixtral-8x7B's attention on the H200), `stack` one layer's pinned_host
     experts [E, F, 3, D] and `ex` the same experts on the device. Four jitted chains of `reps` layers, each layer's output feeding the next:
       plain: the layers alone;
       hit:   each layer also applies one routed expert that sits in a one-slot cache, through the decode step's
@@ -303,14 +306,14 @@ def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Arr
         ids = ids_for(h, r, hit)
         return h + engine._expert_outputs(h[0], F, stack, cache, ids, ids >= 0)[2][0][None].astype(h.dtype)
 
-    def chain(mode, h, cache, stack, ex):
+    def chain(mode, h, cache, stack, ex, weights):
         pending = assemble(h, 0, cache, stack) if mode == "ahead" else None
         for r in range(reps):
             if mode == "ahead":
                 cur = pending
                 if r + 1 < reps:
                     pending = assemble(h, r + 1, cache, stack)  # issued before this layer's compute
-            h = layer(h, ex)
+            h = layer(h, ex, weights)
             if mode == "plain":
                 h = apply(h, ex[r % E])
             elif mode == "ahead":
@@ -322,11 +325,11 @@ def conditional_costs(engine, stack: jax.Array, ex: jax.Array, layer, h: jax.Arr
     t = {}
     for mode in ("plain", "hit", "miss", "ahead"):
         fn = jax.jit(functools.partial(chain, mode))
-        jax.block_until_ready(fn(h, cache, stack, ex))
+        jax.block_until_ready(fn(h, cache, stack, ex, weights))
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(h, cache, stack, ex))
+            jax.block_until_ready(fn(h, cache, stack, ex, weights))
             ts.append(time.perf_counter() - t0)
         t[mode] = float(np.median(ts)) / reps
     del cache, tops
