@@ -71,6 +71,25 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
+    """One --pairs item "policy:fraction[:bN][:adapt]" -> runs (policy, fraction, batch, adapt). Raises SystemExit on
+    a bad item."""
+    parts = item.split(":")
+    if len(parts) < 2 or parts[0] not in ALL_POLICIES or parts[0] == "resident":
+        raise SystemExit(f"--pairs item {item!r}: want policy:fraction[:bN][:adapt] with a policy of "
+                         f"{', '.join(p for p in ALL_POLICIES if p != 'resident')} (resident: add it to --policies)")
+    try:
+        frac = float(parts[1])
+        bs = [int(o[1:]) for o in parts[2:] if o.startswith("b")] or batches
+    except ValueError:
+        raise SystemExit(f"--pairs item {item!r}: the fraction must be a number and a batch bN an integer") from None
+    bad = [o for o in parts[2:] if not (o == "adapt" or (o.startswith("b") and o[1:].isdigit()))]
+    adapt = "adapt" in parts[2:] or args.adapt == "on"
+    if bad or min(bs) < 1 or (adapt and "adapt" in parts[2:] and parts[0] not in ("static", "moepic")):
+        raise SystemExit(f"--pairs item {item!r}: options are bN (batch N >= 1) and adapt (static/moepic only)")
+    return [(parts[0], frac, b, adapt and parts[0] in ("static", "moepic")) for b in bs]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -98,8 +117,17 @@ def main(argv=None) -> int:
     fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
     batches = sorted(int(x) for x in args.batch.split(",") if x.strip())
     granule = args.granule or (16 if args.tiny else 128)
+    runs = [(p, f, b, args.adapt == "on" and p in ("static", "moepic"))
+            for b in batches for f in fracs for p in policies if p != "resident"]
+    if args.pairs:  # only these runs, e.g. "static:0.1,lru:0.75:b4,static:0.25:adapt"
+        runs = [r for item in args.pairs.split(",") if item.strip() for r in parse_pair(item.strip(), batches, args)]
+    if "resident" in policies:
+        runs += [("resident", None, b, False) for b in sorted({r[2] for r in runs} or set(batches))]
+    if not runs:
+        raise SystemExit("nothing to run: give --policies and --budgets (or --pairs)")
+    run_batches = sorted({r[2] for r in runs})
     name = args.name or ("bench_policies_" + args.model + ("_tiny" if args.tiny else "")
-                         + (f"_zipf{args.zipf:g}" if args.zipf else "") + "".join(f"_b{b}" for b in batches if b > 1)
+                         + (f"_zipf{args.zipf:g}" if args.zipf else "") + "".join(f"_b{b}" for b in run_batches if b > 1)
                          + (f"_p{args.prompt_len}" if args.prompt_len != 128 else ""))
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
@@ -123,15 +151,6 @@ def main(argv=None) -> int:
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + args.new_tokens)
     warm_tokens = args.warmup_tokens if _bucket(T + args.warmup_tokens) == max_len else args.new_tokens
-    runs = [(p, f, b, args.adapt == "on") for b in batches for f in fracs for p in policies if p != "resident"]
-    if args.pairs:  # only these runs, e.g. "static:0.1,lru:0.75:b4,static:0.25:adapt"
-        runs = []
-        for item in args.pairs.split(","):
-            p, f, *opts = item.strip().split(":")
-            bs = [int(o[1:]) for o in opts if o.startswith("b")] or batches
-            runs += [(p, float(f), b, "adapt" in opts or args.adapt == "on") for b in bs]
-    if "resident" in policies:
-        runs.append(("resident", None, batches[0], False))
     max_batch = max(r[2] for r in runs)
     ekw = dict(max_seq_len=max_len)
     prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
@@ -184,7 +203,7 @@ def main(argv=None) -> int:
                              "window_fraction": hw.window_fraction, "json": hw.to_json()},
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
-                     "batch": batches, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
+                     "batch": run_batches, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
                      "budgets_frac_of_experts": fracs, "policies": list(policies)},
         "notes": [
             f"{C.MODEL_NAMES[args.model]}{' (tiny stand-in)' if args.tiny else ''} config, random weights "
@@ -193,7 +212,7 @@ def main(argv=None) -> int:
             f"budget = fixed part ({fixed / 2**30:.2f} GiB at batch {min(fixed_of)}) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
             f"floor = H2D bytes per token / peak H2D bandwidth of this run ({peak_bw / 1e9:.1f} GB/s, "
             f"{h2d['peak_source']}); efficiency = floor / TPOT",
-            f"TTFT/TPOT exclude compilation (compile_s is apart); batch {args.batch} (TPOT = time per decode step, "
+            f"TTFT/TPOT exclude compilation (compile_s is apart); batch {', '.join(map(str, run_batches))} (TPOT = time per decode step, "
             "one token for every prompt); warm-up on other prompts first; "
             f"decode sampling temperature {args.temperature:g} (a random model's greedy output repeats itself)",
             "peak = process-wide peak_bytes_in_use so far (cannot be reset; rows run in ascending budget order, "
@@ -219,7 +238,8 @@ def main(argv=None) -> int:
     def measure(policy, frac, budget, batch, adapt, refs) -> dict:
         """Build one engine, warm up, run the timed generate, and return the row (the engine dies on return)."""
         row = {"policy": policy, "batch": batch, "adapt": adapt, "budget_frac": frac,
-               "budget_gib": None if budget is None else budget / 2**30}
+               "budget_gib": None if budget is None else budget / 2**30,
+               "series": policy + (f" b{batch}" if len(run_batches) > 1 else "") + (" +adapt" if adapt else "")}
         prompts, warm_prompts = all_prompts[:batch], all_warm[:batch]
         eng = None
         try:

@@ -588,8 +588,9 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 
 
 def plot_tpot(rows: Sequence[dict], path: pathlib.Path, title: str = "") -> bool:
-    """TPOT (ms) against the VRAM budget (GiB), one line per policy, its floor dashed in the same colour;
-    policies without a budget (resident) as a horizontal dotted line. Returns False without matplotlib/data."""
+    """TPOT (ms) against the VRAM budget (GiB), one line per series (a row's "series", default its policy), its
+    floor dashed in the same colour; series without a budget (resident) as a horizontal dotted line. Returns False
+    without matplotlib/data."""
     try:
         import matplotlib
 
@@ -601,11 +602,12 @@ def plot_tpot(rows: Sequence[dict], path: pathlib.Path, title: str = "") -> bool
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    policies = list(dict.fromkeys(r["policy"] for r in pts))
+    series = lambda r: r.get("series") or r["policy"]  # noqa: E731
+    policies = list(dict.fromkeys(series(r) for r in pts))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, pol in enumerate(policies):
         c = colors[i % len(colors)]
-        rs = sorted((r for r in pts if r["policy"] == pol), key=lambda r: r.get("budget_gib") or 0)
+        rs = sorted((r for r in pts if series(r) == pol), key=lambda r: r.get("budget_gib") or 0)
         with_b = [r for r in rs if r.get("budget_gib") is not None]
         if not with_b:
             for r in rs:

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                     if rule is None or not len(owner):
                         keep = owner.tolist()
                     elif rule[0] == "prior":
-                        keep = pick_by_prior(pm.freq[l] * T, owner, rule[1])
+                        keep = pick_by_prior(np.rint(pm.freq[l] * T), owner, rule[1])  # integer counts, as prefill's
                     else:  # shares of routed pairs: (1 - b) x the prompt's + b x the calibration profile's
                         score = (1 - rule[1]) * pm.freq[l] / k + rule[1] * mp.freq[l] / k
                         keep = np.argsort(-score, kind="stable")[:len(owner)].tolist()

@@ -460,7 +460,8 @@ class OffloadEngine:
             groups = [group(min(COPY_GROUP, U - g0), g0, sids[g0:g0 + COPY_GROUP], slots[g0:g0 + COPY_GROUP],
                             cached[g0:g0 + COPY_GROUP]) for g0 in range(0, U, COPY_GROUP)]
             return sids, order, jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups), nbytes
-        # Many groups (batch > 1): one switch in a loop, so the program's size does not grow with the batch. Padding
+        # Several groups (batch > 1, or top-k > COPY_GROUP): one switch in a loop, so the program's size does not grow
+        # with the batch. Padding
         # ids (-1, not cached) fall in the "rest" part of the last group and emit zeros.
         pad = n_groups * COPY_GROUP - U
         e = jnp.pad(sids, (0, pad), constant_values=-1).reshape(n_groups, COPY_GROUP)
