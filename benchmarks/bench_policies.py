@@ -250,11 +250,16 @@ def main(argv=None) -> int:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
                                   prefetch=prefetch, adapt_to_prompt=adapt, max_batch=batch, **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
+            print(f"  {row['series']} @ {frac}: engine built in {row['engine_build_s']:.1f} s", flush=True)
             refs.append(weakref.ref(eng))
             if policy != "resident":  # the engine may re-plan in its warm-up if XLA needs more than estimated
                 row["cache_gib_planned"] = eng.cache_bytes() / 2**30
             gkw = dict(model=model, engine=eng, temperature=args.temperature, seed=args.seed)
+            tw = time.perf_counter()
             warm = generate(warm_prompts, max_new_tokens=warm_tokens, **gkw)
+            # a row that runs out of time still leaves where its time went in the log
+            print(f"  warm-up {time.perf_counter() - tw:.1f} s, compile s by program: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in eng.compiles.seconds_by_name.items()), flush=True)
             res = generate(prompts, max_new_tokens=args.new_tokens, **gkw)
             s = res.stats
             mem = device_memory_stats() or {}
@@ -281,6 +286,7 @@ def main(argv=None) -> int:
                                 h2d_mb=p.h2d_bytes_per_token / 1e6, recall=p.predictor_recall) for p in s.per_layer],
             )
             row["xla_temp_gib"] = getattr(eng.compiles, "temp_bytes", 0) / 2**30
+            row["compile_s_by_program"] = dict(eng.compiles.seconds_by_name)
             if policy != "resident":
                 row["fixed_gib"] = eng.fixed_bytes / 2**30
                 row["cache_gib"] = eng.cache_bytes() / 2**30

@@ -48,6 +48,7 @@ class CompileCache:
         self._fns: dict[Any, Any] = {}
         self.count = 0
         self.seconds = 0.0
+        self.seconds_by_name: dict[str, float] = {}  # compile seconds per program name (where compile time goes)
         self._temps: dict[Any, int] = {}  # XLA temporary bytes of each compiled step (memory_analysis)
 
     def get(self, name: str, fn: Callable, args: tuple, donate_argnums=(), fixed: int = 0, out_shardings=None) -> Any:
@@ -64,7 +65,9 @@ class CompileCache:
             t0 = time.perf_counter()
             jit_kw = {} if out_shardings is None else {"out_shardings": out_shardings}
             exe = jax.jit(fn, donate_argnums=donate_argnums, **jit_kw).lower(*args).compile()
-            self.seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.seconds += dt
+            self.seconds_by_name[name] = self.seconds_by_name.get(name, 0.0) + dt
             self.count += 1
             try:
                 self._temps[key] = int(exe.memory_analysis().temp_size_in_bytes)

@@ -283,6 +283,10 @@ def test_compile_count_is_stable(offload_models, reference):
     assert 1 <= first.stats.compile_count <= 5  # decode + prefill pre/moe/dense/head: bounded by distinct shapes
     again = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW + 3, engine=engine)
     assert again.stats.compile_count == 0
+    # where the compile seconds went, per program: they add up to the total that the stats report
+    by_name = engine.compiles.seconds_by_name
+    assert {"decode", "prefill_pre", "prefill_moe", "head"} <= set(by_name)
+    assert sum(by_name.values()) == pytest.approx(first.stats.compile_s)
 
 
 def test_budget_below_minimum_raises(offload_models):
