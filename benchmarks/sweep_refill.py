@@ -3,8 +3,9 @@
 The engine is exact, so the tokens a decode produces, and therefore the routing it sees, do not depend on the
 policy: one resident `generate` gives every rule's decode routing. For each variant ("trained": the embedded
 checkpoint; "random" / "zipf": random weights of its config, zipf with the labelled router bias), each budget and
-each rule, this script picks each layer's slots from the prompt's routing the way `OffloadEngine._refill_from_prompt`
-does (or by the rule under test) and reports the hit rate of those slots on the decode's routing. The rule
+each rule, this script picks each layer's slots from the prompt's routing with the engine's rule
+(`offload.prompt_refill`, the one `OffloadEngine._refill_from_prompt` applies) at the prior under test, or by a
+blend with the calibration profile, and reports the hit rate of those slots on the decode's routing. The rule
 "prompt, prior 1 token" is the engine's (PROMPT_PRIOR_TOKENS = 1) and "plan" is the static cache without refill;
 both reproduce the engine's measured hit rates (`bench_routing_embedded.md`). Hit rates only; CPU is enough.
 
@@ -32,16 +33,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def pick_by_prior(counts, owner, prior: float) -> list[int]:
-    """The engine's rule: score = the prompt's routed tokens + `prior` for the experts cached now; ties keep them."""
-    import numpy as np
-
-    score = np.asarray(counts, float).copy()
-    score[owner] += prior
-    rank = np.lexsort((np.isin(np.arange(len(score)), owner), score))[::-1]
-    return sorted(int(e) for e in rank[:len(owner)])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -54,7 +45,7 @@ def main(argv=None) -> int:
     from moepic_jax.checkpoint import default_checkpoint_dir
     from moepic_jax.engine import make_engine
     from moepic_jax.generate import _bucket, generate
-    from moepic_jax.offload import PROMPT_PRIOR_TOKENS, OffloadEngine
+    from moepic_jax.offload import PROMPT_PRIOR_TOKENS, OffloadEngine, prompt_refill
     from moepic_jax.profile import default_hardware, profile_model
 
     trained = moepic_jax.load(dtype="float32")
@@ -92,7 +83,7 @@ def main(argv=None) -> int:
                     if rule is None or not len(owner):
                         keep = owner.tolist()
                     elif rule[0] == "prior":
-                        keep = pick_by_prior(np.rint(pm.freq[l] * T), owner, rule[1])  # integer counts, as prefill's
+                        keep = prompt_refill(np.rint(pm.freq[l] * T), owner, rule[1]).tolist()  # the engine's rule
                     else:  # shares of routed pairs: (1 - b) x the prompt's + b x the calibration profile's
                         score = (1 - rule[1]) * pm.freq[l] / k + rule[1] * mp.freq[l] / k
                         keep = np.argsort(-score, kind="stable")[:len(owner)].tolist()

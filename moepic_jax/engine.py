@@ -47,7 +47,6 @@ class CompileCache:
     def __init__(self):
         self._fns: dict[Any, Any] = {}
         self.count = 0
-        self.seconds = 0.0
         self.seconds_by_name: dict[str, float] = {}  # compile seconds per program name (where compile time goes)
         self._temps: dict[Any, int] = {}  # XLA temporary bytes of each compiled step (memory_analysis)
 
@@ -65,9 +64,7 @@ class CompileCache:
             t0 = time.perf_counter()
             jit_kw = {} if out_shardings is None else {"out_shardings": out_shardings}
             exe = jax.jit(fn, donate_argnums=donate_argnums, **jit_kw).lower(*args).compile()
-            dt = time.perf_counter() - t0
-            self.seconds += dt
-            self.seconds_by_name[name] = self.seconds_by_name.get(name, 0.0) + dt
+            self.seconds_by_name[name] = self.seconds_by_name.get(name, 0.0) + time.perf_counter() - t0
             self.count += 1
             try:
                 self._temps[key] = int(exe.memory_analysis().temp_size_in_bytes)
@@ -76,6 +73,11 @@ class CompileCache:
             self._fns[key] = exe
         return exe
 
+
+    @property
+    def seconds(self) -> float:
+        """Compile seconds of every program so far."""
+        return sum(self.seconds_by_name.values())
 
     @property
     def temp_bytes(self) -> int:

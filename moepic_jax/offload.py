@@ -115,6 +115,21 @@ def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Arr
     return jax.device_put(sl, jax.memory.Space.Device)[0]
 
 
+def prompt_refill(counts: np.ndarray, owner: np.ndarray, prior: float = PROMPT_PRIOR_TOKENS) -> np.ndarray:
+    """`adapt_to_prompt`'s rule: the experts one layer's slots hold after a prompt, in slot order [N] int32.
+
+    counts: [E] routed tokens per expert in the prompt; owner: [N] the expert in each slot now (-1 = empty). Score =
+    counts, plus `prior` for the experts cached now; the N best are kept (ties: cached first, then the higher id).
+    Slots whose expert stays keep it; the others take the newcomers, best first.
+    """
+    score = np.asarray(counts, np.float64).copy()
+    score[owner[owner >= 0]] += prior
+    best = np.lexsort((np.isin(np.arange(len(score)), owner), score))[::-1][:len(owner)].tolist()
+    keep = set(best)
+    new = [e for e in best if e not in set(owner.tolist())]
+    return np.array([e if e in keep else new.pop(0) for e in owner.tolist()], np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicySpec:
     rule: str  # cache replacement rule
@@ -461,8 +476,7 @@ class OffloadEngine:
                             cached[g0:g0 + COPY_GROUP]) for g0 in range(0, U, COPY_GROUP)]
             return sids, order, jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups), nbytes
         # Several groups (batch > 1, or top-k > COPY_GROUP): one switch in a loop, so the program's size does not grow
-        # with the batch. Padding
-        # ids (-1, not cached) fall in the "rest" part of the last group and emit zeros.
+        # with the batch. Padding ids (-1, not cached) fall in the "rest" part of the last group and emit zeros.
         pad = n_groups * COPY_GROUP - U
         e = jnp.pad(sids, (0, pad), constant_values=-1).reshape(n_groups, COPY_GROUP)
         slot = jnp.pad(slots, (0, pad)).reshape(n_groups, COPY_GROUP)
@@ -639,6 +653,11 @@ class OffloadEngine:
         rep, exp = self._sharding(), self._sharding(expert=True)
         return fn, (rep, exp, rep, rep)
 
+    def _compile_decode(self, state, dec_tokens):
+        """Compile the decode step for this KV cache and batch (against the caches' shapes when not built yet)."""
+        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
+                         donate_argnums=(2, 3), fixed=3)
+
     def _get_decode(self, args, donate_argnums, fixed):
         fn, out = self._decode_program
         return self.compiles.get("decode", fn, args, donate_argnums=donate_argnums, fixed=fixed, out_shardings=out)
@@ -750,15 +769,10 @@ class OffloadEngine:
         (routed tokens per expert) and copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device
         during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first."""
         cache = self.caches[l]
-        n = cache.tops.shape[0]
-        score = np.asarray(jax.device_get(counts), np.float64)
-        score[owner[owner >= 0]] += PROMPT_PRIOR_TOKENS
-        rank = np.lexsort((np.isin(np.arange(self.e_loc), owner), score))[::-1]  # score, then cached first
-        keep, current = set(rank[:n].tolist()), set(owner.tolist())
-        if keep == current:
+        new_owner = prompt_refill(np.asarray(jax.device_get(counts)), owner)
+        if np.array_equal(new_owner, owner):
             return
-        new = [e for e in rank[:n].tolist() if e not in current]
-        owner = np.array([e if e in keep else new.pop(0) for e in owner.tolist()], np.int32)
+        owner = new_owner
         args = (cache.tops, stack, jnp.asarray(owner))
         tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)
         new_cache = jax.device_put(C.init_layer_cache(tops, owner.tolist(), self.e_loc), self.device)
@@ -833,8 +847,7 @@ class OffloadEngine:
         self.compiles.get("head", self._head_fn, (self.resident, last), fixed=1)
         self._compile_gathers()
         self._check_compiled_budget(state, decode=False)
-        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)),
-                         donate_argnums=(2, 3), fixed=3)
+        self._compile_decode(state, dec_tokens)
         self._check_compiled_budget(state)
         if self.caches is None:
             self.caches = self._build_caches()
@@ -892,14 +905,12 @@ class OffloadEngine:
             self.caches = None  # rebuilt for the new plan (after the compile) by the caller
             self.cache_plan = self._resolve_plan(None, granule, profile, hardware)
             self.splits = tuple(lp.split for lp in self.cache_plan.layers)
-            dec = jnp.zeros((state.pos.shape[0],), jnp.int32)
             self.compiles.forget("decode")
             for name in ("prefill_gather", "cache_refill"):  # their shapes follow the plan's slots
                 self.compiles.forget(name)
             self._compile_gathers()
             if decode:
-                self._get_decode((self.resident, self.stacks, self._abstract_caches(), state, dec, jnp.int32(0)),
-                                 donate_argnums=(2, 3), fixed=3)
+                self._compile_decode(state, jnp.zeros((state.pos.shape[0],), jnp.int32))
             need = self.device_bytes_needed(state)
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(
