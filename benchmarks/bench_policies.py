@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -92,6 +93,9 @@ def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # the engine logs its warm-up re-plans (how far the compiled steps were over the estimated fixed part)
+    logging.basicConfig(format="  %(name)s: %(message)s")
+    logging.getLogger("moepic_jax").setLevel(logging.INFO)
     t_start = time.perf_counter()
     # Before JAX starts: no preallocation (so peak_bytes_in_use means something); Mixtral needs > 64 GiB pinned.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -258,8 +262,9 @@ def main(argv=None) -> int:
             tw = time.perf_counter()
             warm = generate(warm_prompts, max_new_tokens=warm_tokens, **gkw)
             # a row that runs out of time still leaves where its time went in the log
-            print(f"  warm-up {time.perf_counter() - tw:.1f} s, compile s by program: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in eng.compiles.seconds_by_name.items()), flush=True)
+            print(f"  warm-up {time.perf_counter() - tw:.1f} s, compile s (XLA temp GiB) by program: "
+                  + ", ".join(f"{k} {v:.1f} ({eng.compiles.temp_bytes_of(k) / 2**30:.2f})"
+                              for k, v in eng.compiles.seconds_by_name.items()), flush=True)
             res = generate(prompts, max_new_tokens=args.new_tokens, **gkw)
             s = res.stats
             mem = device_memory_stats() or {}
@@ -287,6 +292,7 @@ def main(argv=None) -> int:
             )
             row["xla_temp_gib"] = getattr(eng.compiles, "temp_bytes", 0) / 2**30
             row["compile_s_by_program"] = dict(eng.compiles.seconds_by_name)
+            row["temp_gib_by_program"] = {k: eng.compiles.temp_bytes_of(k) / 2**30 for k in eng.compiles.seconds_by_name}
             if policy != "resident":
                 row["fixed_gib"] = eng.fixed_bytes / 2**30
                 row["cache_gib"] = eng.cache_bytes() / 2**30
