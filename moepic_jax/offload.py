@@ -66,8 +66,10 @@ PREFILL_PARTIAL_MAX = 0.5
 # adapt_to_prompt: weight of the current cache membership, in routed tokens, when the prompt re-picks a layer's hot
 # set; a short prompt then moves only the experts it clearly prefers, and ties keep what is cached.
 PROMPT_PRIOR_TOKENS = 1.0
-# Experts per loop iteration of prefill's stack assembly and cache refill (`_gather_stack`, `_refill_tops`).
-GATHER_UNROLL = 8
+# Bytes copied per loop iteration of prefill's stack assembly and cache refill (`_gather_stack`, `_refill_tops`):
+# an iteration's copies are alive together (XLA starts them all before writing any), so this bounds their temporaries
+# (7 experts of Qwen1.5-MoE, 13 of Qwen3-30B-A3B, 1 of Mixtral-8x7B) and keeps each program small to compile.
+GATHER_UNROLL_BYTES = 128 * 2**20
 COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
 # Up to this many groups the switches are unrolled; beyond, one switch runs in a `lax.scan` over the groups. Unrolled,
 # every branch computes its experts, so the program grows as (groups x branches x COPY_GROUP) FFNs: 235 s to compile
@@ -115,6 +117,11 @@ def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Arr
     zero = jnp.zeros((), jnp.int32)
     sl = jax.lax.dynamic_slice(stack, (jnp.maximum(e, 0), jnp.int32(start), zero, zero), (1, size, 3, D))
     return jax.device_put(sl, jax.memory.Space.Device)[0]
+
+
+def _unroll(n: int, one: jax.Array) -> int:
+    """Iterations unrolled in a copy loop of n items of `one`'s size (GATHER_UNROLL_BYTES at most, 1 at least)."""
+    return max(1, min(n, GATHER_UNROLL_BYTES // max(1, one.size * one.dtype.itemsize)))
 
 
 def prompt_refill(counts: np.ndarray, owner: np.ndarray, prior: float = PROMPT_PRIOR_TOKENS) -> np.ndarray:
@@ -791,15 +798,16 @@ class OffloadEngine:
             return jax.lax.dynamic_update_slice(tops, top, (j, zero, zero, zero))
 
         n = tops.shape[0]
-        return jax.lax.fori_loop(0, n, slot, tops, unroll=min(GATHER_UNROLL, n)) if n else tops
+        return jax.lax.fori_loop(0, n, slot, tops, unroll=_unroll(n, tops[0])) if n else tops
 
     @staticmethod
     def _gather_stack(stack, tops, missing, owners):
         """A layer's whole stack [E, F, 3, D] on the device: the missing experts copied whole from the pinned
         `stack`, each cached expert's top [0, s) from its slot of `tops` [N, s, 3, D] plus, when s < F, its bottom
         copied. The same rows as the host stack, so prefill's results are unchanged. Loops over the experts
-        (GATHER_UNROLL per iteration): unrolled over all 128 experts of Qwen3-30B-A3B, one program per slot count
-        took seconds to compile and a plan has one per layer."""
+        (GATHER_UNROLL_BYTES per iteration): unrolled over all 128 experts of Qwen3-30B-A3B, one program per slot
+        count took seconds to compile (and a plan has one per layer), and on the H200 all the copies of a layer
+        were alive at once (0.47 GiB of temporaries for Qwen1.5-MoE at 50 %, enough to force a re-plan)."""
         F, s = stack.shape[1], tops.shape[1]
         zero = jnp.zeros((), jnp.int32)
 
@@ -814,7 +822,7 @@ class OffloadEngine:
             return put(out, owners[j], row)
 
         def loop(n, body, out):
-            return jax.lax.fori_loop(0, n, body, out, unroll=min(GATHER_UNROLL, n)) if n else out
+            return jax.lax.fori_loop(0, n, body, out, unroll=_unroll(n, out[0])) if n else out
 
         out = loop(missing.shape[0], whole, jnp.zeros(stack.shape, stack.dtype))
         return loop(owners.shape[0], cached, out)
