@@ -639,6 +639,7 @@ def write_results(name: str, rows: Sequence[dict], meta: dict, out_dir: str | os
     dirs = [pathlib.Path(out_dir) if out_dir else RESULTS_DIR]
     if os.environ.get("OUT"):
         dirs.append(pathlib.Path(os.environ["OUT"]))
+    dirs = list(dict.fromkeys(d.resolve() for d in dirs))  # --out-dir $OUT: written (and listed) once
     if columns is None:
         keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
         columns = [(k, k, ".4g") for k in keys]

@@ -420,7 +420,7 @@ class OffloadEngine:
 
     # ---- decode -------------------------------------------------------------------------------------
     def _copy_step(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
-                   emit, every: bool = False):
+                   emit, every: bool = False, scratch: dict | None = None):
         """One layer's data-dependent copy step: bring experts `ids` to the device and hand each one to `emit`.
 
         ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those that must be assembled; split: the
@@ -491,12 +491,28 @@ class OffloadEngine:
         slot = jnp.pad(slots, (0, pad)).reshape(n_groups, COPY_GROUP)
         is_cached = jnp.pad(cached, (0, pad)).reshape(n_groups, COPY_GROUP)
         g0s = jnp.arange(n_groups, dtype=jnp.int32) * COPY_GROUP
-        _, res = jax.lax.scan(lambda c, xs: (c, group(COPY_GROUP, *xs)), None, (g0s, e, slot, is_cached))
+        xs = (g0s, e, slot, is_cached)
+
+        def body(buf, x):  # the group's results written into the carried buffer, not stacked as scan outputs
+            return jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(b, o, x[0] // COPY_GROUP, 0),
+                                buf, group(COPY_GROUP, *x)), None
+
+        # XLA gives every while loop's state an allocation of its own for the whole step, so results stacked per
+        # layer would all stay alive (3.45 GiB for Qwen3-30B-A3B lru on the H200: every layer's admitted rows). One
+        # buffer per shape, handed from layer to layer through `scratch`, makes the loops share one allocation.
+        one = jax.eval_shape(lambda x: group(COPY_GROUP, *x), jax.tree.map(lambda a: a[0], xs))
+        key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(one))
+        buf = scratch.get(key) if scratch is not None else None
+        if buf is None:
+            buf = jax.tree.map(lambda a: jnp.zeros((n_groups,) + a.shape, a.dtype), one)
+        res, _ = jax.lax.scan(body, buf, xs)
+        if scratch is not None:
+            scratch[key] = res
         res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[:U], res)
         return sids, order, res, nbytes
 
     def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
-                  every: bool = False):
+                  every: bool = False, scratch: dict | None = None):
         """The weights of experts `ids` on the device (`_copy_step`; for a prefetch, used a layer later).
 
         Returns (ids permuted so that copies come first [U], the permutation [U], their buffers [U, F, 3, D] (zeros
@@ -509,10 +525,10 @@ class OffloadEngine:
                 return jnp.zeros(shape, self.dtype)
             return buf if mask is None else jnp.where(mask, buf, jnp.zeros((), buf.dtype))
 
-        return self._copy_step(split, stack, cache, ids, need, emit, every)
+        return self._copy_step(split, stack, cache, ids, need, emit, every, scratch)
 
     def _expert_outputs(self, x: jax.Array, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array,
-                        need: jax.Array, admit: bool = False, every: bool = False):
+                        need: jax.Array, admit: bool = False, every: bool = False, scratch: dict | None = None):
         """Outputs of experts `ids` for tokens x [B, D], each computed where its weights arrive (`_copy_step`).
 
         Returns (ids permuted so that copies come first [U], the permutation [U], outputs [U, B, D] float32 (zeros
@@ -529,11 +545,11 @@ class OffloadEngine:
             out = M.segment_ffn(x, buf).astype(jnp.float32)
             return (out if mask is None else jnp.where(mask, out, 0.0)), rows
 
-        sids, order, (outs, rows), nbytes = self._copy_step(split, stack, cache, ids, need, emit, every)
+        sids, order, (outs, rows), nbytes = self._copy_step(split, stack, cache, ids, need, emit, every, scratch)
         return sids, order, outs, rows, nbytes
 
     def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
-                 P: int):
+                 P: int, scratch: dict | None = None):
         """Predict layer l_next's experts from the current residual stream and start their copies.
 
         DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]),
@@ -543,11 +559,12 @@ class OffloadEngine:
                           self.n_predicted)
         pred = self._distinct(self._local(pids), P)
         sids, _, bufs, nbytes = self._assemble(self.splits[l_next], stack, cache, pred, pred >= 0,
-                                               every=h_mid.shape[0] == 1 and self.mesh is None)
+                                               every=h_mid.shape[0] == 1 and self.mesh is None, scratch=scratch)
         return sids, bufs, nbytes
 
-    def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step):
-        """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l)."""
+    def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step, scratch: dict):
+        """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l). scratch: the copy
+        loops' buffers, handed from layer to layer (`_copy_step`)."""
         cfg = self.cfg
         B = x.shape[0]
         gids, w = M.route(x, lp.moe.w_router, cfg)  # [B, K] global ids
@@ -565,7 +582,7 @@ class OffloadEngine:
         admit = self.spec.rule == "lru"
         sids, order, outs, adm, nbytes = self._expert_outputs(
             x, self.splits[l], stack, cache, uniq, ~got, admit=admit,
-            every=B == 1 and pred is None and self.mesh is None)
+            every=B == 1 and pred is None and self.mesh is None, scratch=scratch)
         if pred is not None:
             nbytes = nbytes + pred_bytes
             j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
@@ -605,6 +622,9 @@ class OffloadEngine:
         cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in names}
         pred = None
         n_pred = min(B * self.n_predicted, self.e_loc)
+        scratch = {}  # the copy loops' result buffers, one per shape, shared by all layers (`_copy_step`)
+        # a prefetch is used a layer after it is made, when the next one is already made: two buffers, in turn
+        pred_scratch = ({}, {})
         for l, lp in enumerate(resident.layers):
             a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
                                   kv.length, cfg)
@@ -613,10 +633,11 @@ class OffloadEngine:
             nxt = l + 1
             next_pred = None
             if self.prefetches and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
-                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred)
+                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred,
+                                          pred_scratch[nxt % 2])
             x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
             if cfg.moe_layers[l]:
-                y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step)
+                y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step, scratch)
                 for n in names:
                     cnt[n][l] = c[n]
             else:

@@ -218,6 +218,30 @@ def test_copy_groups_in_a_loop_exact(policy, offload_models, reference, monkeypa
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
 
 
+def test_copy_loops_share_one_buffer_across_layers(tmp_path, monkeypatch):
+    """The copy-group loops of all layers write into one buffer (`_copy_step`'s scratch): the decode step's XLA
+    temporaries must not grow with the layer count. XLA gives each while loop's state its own allocation for the
+    whole step, so results stacked per layer grew by one layer's results (lru: the admitted rows) per MoE layer:
+    3.45 GiB for Qwen3-30B-A3B lru at batch 1 on the H200."""
+    from conftest import build_hf_model
+
+    from moepic_jax import offload
+    monkeypatch.setattr(offload, "COPY_GROUP", 3)  # batch 2 x top-2: 4 distinct experts -> 2 groups, in a loop
+    monkeypatch.setattr(offload, "COPY_UNROLL_GROUPS", 1)
+    temps = {}
+    for layers in (2, 6):
+        d = tmp_path / str(layers)
+        build_hf_model("qwen3_moe", num_hidden_layers=layers).save_pretrained(d)
+        m = moepic_jax.load(d, dtype="float32")
+        engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.5), prefetch=False, **KW)
+        moepic_jax.generate(BATCH, model=m, max_new_tokens=2, engine=engine)
+        assert all(c is not None and c.tops.shape[0] > 0 for c in engine.caches)  # every layer admits
+        temps[layers] = engine.compiles.temp_bytes_of("decode")
+    cfg = m.cfg
+    per_layer = 4 * cfg.d_ff * 3 * cfg.d_model * 4  # one layer's admitted rows: 4 experts, float32
+    assert temps[6] - temps[2] < per_layer, (temps, per_layer)
+
+
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
 def test_prefetch_follows_the_plan(policy, offload_models, reference):
     """prefetch=None: the engine predicts only where its plan keeps prediction. With the default hardware profile
