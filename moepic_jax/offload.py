@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ PREFILL_PARTIAL_MAX = 0.5
 PROMPT_PRIOR_TOKENS = 1.0
 # Bytes copied per loop iteration of prefill's stack assembly and cache refill (`_gather_stack`, `_refill_tops`):
 # an iteration's copies are alive together (XLA starts them all before writing any), so this bounds their temporaries
-# (7 experts of Qwen1.5-MoE, 13 of Qwen3-30B-A3B, 1 of Mixtral-8x7B) and keeps each program small to compile.
+# (7 experts of Qwen1.5-MoE, 14 of Qwen3-30B-A3B, 1 of Mixtral-8x7B) and keeps each program small to compile.
 GATHER_UNROLL_BYTES = 128 * 2**20
 COPY_GROUP = 4  # experts per lax.switch in `_copy_step`: 5 branches (15 with bottoms), at most 20 copies per group
 # Up to this many groups the switches are unrolled; beyond, one switch runs in a `lax.scan` over the groups. Unrolled,
@@ -119,9 +120,10 @@ def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Arr
     return jax.device_put(sl, jax.memory.Space.Device)[0]
 
 
-def _unroll(n: int, one: jax.Array) -> int:
-    """Iterations unrolled in a copy loop of n items of `one`'s size (GATHER_UNROLL_BYTES at most, 1 at least)."""
-    return max(1, min(n, GATHER_UNROLL_BYTES // max(1, one.size * one.dtype.itemsize)))
+def _unroll(n: int, rows: jax.Array) -> int:
+    """Iterations unrolled in a loop of n copies of one row of `rows` [_, ...]: GATHER_UNROLL_BYTES, 1 at least."""
+    item = math.prod(rows.shape[1:]) * rows.dtype.itemsize
+    return max(1, min(n, GATHER_UNROLL_BYTES // max(1, item)))
 
 
 def prompt_refill(counts: np.ndarray, owner: np.ndarray, prior: float = PROMPT_PRIOR_TOKENS) -> np.ndarray:
@@ -437,7 +439,8 @@ class OffloadEngine:
         and one `lax.switch` per group of COPY_GROUP experts picks the counts for that group. `emit` runs inside
         the branch, so a caller that only needs each expert's output never materialises the [U, F, 3, D] weights.
         Returns (ids permuted so that copies come first [U], the permutation [U], emit's results stacked [U, ...],
-        H2D bytes (float32)).
+        H2D bytes (float32)). scratch: {shape key: buffer}, the loop's result buffer shared with other layers'
+        loops (read and replaced here; None = a fresh one).
         """
         F = self.cfg.d_ff
         U = ids.shape[0]
@@ -497,9 +500,10 @@ class OffloadEngine:
             return jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(b, o, x[0] // COPY_GROUP, 0),
                                 buf, group(COPY_GROUP, *x)), None
 
-        # XLA gives every while loop's state an allocation of its own for the whole step, so results stacked per
-        # layer would all stay alive (3.45 GiB for Qwen3-30B-A3B lru on the H200: every layer's admitted rows). One
-        # buffer per shape, handed from layer to layer through `scratch`, makes the loops share one allocation.
+        # Results stacked as each layer's loop output all stayed alive to the end of the step (3.45 GiB for
+        # Qwen3-30B-A3B lru on the H200: every layer's admitted rows; on the CPU the temporaries grew by one layer's
+        # results per layer): XLA did not reuse one loop's state for another. One buffer per shape, handed from
+        # layer to layer through `scratch`, is the loops' common state instead.
         one = jax.eval_shape(lambda x: group(COPY_GROUP, *x), jax.tree.map(lambda a: a[0], xs))
         key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(one))
         buf = scratch.get(key) if scratch is not None else None
@@ -819,7 +823,7 @@ class OffloadEngine:
             return jax.lax.dynamic_update_slice(tops, top, (j, zero, zero, zero))
 
         n = tops.shape[0]
-        return jax.lax.fori_loop(0, n, slot, tops, unroll=_unroll(n, tops[0])) if n else tops
+        return jax.lax.fori_loop(0, n, slot, tops, unroll=_unroll(n, tops)) if n else tops
 
     @staticmethod
     def _gather_stack(stack, tops, missing, owners):
@@ -843,7 +847,7 @@ class OffloadEngine:
             return put(out, owners[j], row)
 
         def loop(n, body, out):
-            return jax.lax.fori_loop(0, n, body, out, unroll=_unroll(n, out[0])) if n else out
+            return jax.lax.fori_loop(0, n, body, out, unroll=_unroll(n, out)) if n else out
 
         out = loop(missing.shape[0], whole, jnp.zeros(stack.shape, stack.dtype))
         return loop(owners.shape[0], cached, out)
