@@ -292,7 +292,8 @@ def main(argv=None) -> int:
             )
             row["xla_temp_gib"] = getattr(eng.compiles, "temp_bytes", 0) / 2**30
             row["compile_s_by_program"] = dict(eng.compiles.seconds_by_name)
-            row["temp_gib_by_program"] = {k: eng.compiles.temp_bytes_of(k) / 2**30 for k in eng.compiles.seconds_by_name}
+            row["temp_gib_by_program"] = {k: eng.compiles.temp_bytes_of(k) / 2**30
+                                          for k in eng.compiles.seconds_by_name}
             if policy != "resident":
                 row["fixed_gib"] = eng.fixed_bytes / 2**30
                 row["cache_gib"] = eng.cache_bytes() / 2**30

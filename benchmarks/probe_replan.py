@@ -1,12 +1,14 @@
 """Does a warm-up re-plan slow the decode? bench_policies.py with every `moepic` engine forced to re-plan once.
 
 Session 5 and 6 saw `static`/`moepic` + adapt_to_prompt at 25 % decode at 17-25 ms per token after a warm-up
-re-plan against 9.7 ms without one, at about the same hits and bytes (benchmarks/results/README.md). With the same
-plan shape, `moepic` runs as `static` (all splits whole, prediction off), so this probe compares the two: its
-first budget check sees --extra-gib more than the compiled steps need, and the engine re-plans its caches with about
-that much less, as a real overshoot would. Everything else is bench_policies.py (same arguments, same output).
+re-plan against 9.7 ms without one, at about the same hits and bytes (benchmarks/results/README.md). Where the
+planner picks whole experts and no prediction (Qwen1.5-MoE on the H200), `moepic` runs as `static`, so this probe
+compares the two: a `moepic` engine's first budget check sees --extra-gib more than the compiled steps need, and
+the engine re-plans its caches with about that much less, as a real overshoot would. Everything else is
+bench_policies.py (same arguments, same output).
 
-Usage (GPU): PYTHONPATH=. python benchmarks/probe_replan.py --extra-gib 0.43 -- --pairs static:0.25:adapt,moepic:0.25:adapt
+Usage (GPU):
+  PYTHONPATH=. python benchmarks/probe_replan.py --extra-gib 0.43 -- --pairs static:0.25:adapt,moepic:0.25:adapt
 """
 
 import argparse
@@ -26,12 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: bench_policies.py's arguments")
     args = ap.parse_args(argv)
     real = OffloadEngine.device_bytes_needed
-    forced = set()
 
     def need(self, state):
         n = real(self, state)
-        if self.policy == "moepic" and id(self) not in forced:
-            forced.add(id(self))  # once per engine: the first check re-plans, the next ones see the real need
+        if self.policy == "moepic" and not self.__dict__.get("_probe_forced"):
+            self._probe_forced = True  # once per engine: the first check re-plans, the next ones see the real need
             return n + int(args.extra_gib * 2**30)
         return n
 

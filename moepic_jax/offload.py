@@ -67,7 +67,8 @@ PREFILL_PARTIAL_MAX = 0.5
 # adapt_to_prompt: weight of the current cache membership, in routed tokens, when the prompt re-picks a layer's hot
 # set; a short prompt then moves only the experts it clearly prefers, and ties keep what is cached.
 PROMPT_PRIOR_TOKENS = 1.0
-# Bytes copied per loop iteration of prefill's stack assembly and cache refill (`_gather_stack`, `_refill_tops`):
+# Bytes per loop iteration of prefill's stack assembly and cache refill (`_gather_stack`, `_refill_tops`), counted
+# as whole experts (a cached expert's iteration copies only its bottom rows):
 # an iteration's copies are alive together (XLA starts them all before writing any), so this bounds their temporaries
 # (7 experts of Qwen1.5-MoE, 14 of Qwen3-30B-A3B, 1 of Mixtral-8x7B) and keeps each program small to compile.
 GATHER_UNROLL_BYTES = 128 * 2**20
@@ -504,11 +505,12 @@ class OffloadEngine:
         # Qwen3-30B-A3B lru on the H200: every layer's admitted rows; on the CPU the temporaries grew by one layer's
         # results per layer): XLA did not reuse one loop's state for another. One buffer per shape, handed from
         # layer to layer through `scratch`, is the loops' common state instead.
-        one = jax.eval_shape(lambda x: group(COPY_GROUP, *x), jax.tree.map(lambda a: a[0], xs))
-        key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(one))
+        # one expert's results (a copied one: every kind emits the same shapes); traced once, not the whole switch
+        one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c), sids[0], slots[0], cached[0])
+        key = (n_groups, jax.tree.structure(one), tuple((a.shape, a.dtype) for a in jax.tree.leaves(one)))
         buf = scratch.get(key) if scratch is not None else None
         if buf is None:
-            buf = jax.tree.map(lambda a: jnp.zeros((n_groups,) + a.shape, a.dtype), one)
+            buf = jax.tree.map(lambda a: jnp.zeros((n_groups, COPY_GROUP) + a.shape, a.dtype), one)
         res, _ = jax.lax.scan(body, buf, xs)
         if scratch is not None:
             scratch[key] = res
