@@ -34,6 +34,7 @@ import weakref
 from pathlib import Path
 
 ALL_POLICIES = ("ondemand", "lru", "static", "moepic", "resident")
+ADAPTS = ("static", "moepic")  # the policies that take adapt_to_prompt
 DEFAULT_POLICIES = {"qwen15": ALL_POLICIES, "olmoe": ("lru", "static", "moepic"), "qwen3": ("lru", "static", "moepic"),
                     "mixtral": ("static", "moepic")}
 
@@ -86,9 +87,9 @@ def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
         raise SystemExit(f"--pairs item {item!r}: the fraction must be a number and a batch bN an integer") from None
     bad = [o for o in parts[2:] if not (o == "adapt" or (o.startswith("b") and o[1:].isdigit()))]
     adapt = "adapt" in parts[2:] or args.adapt == "on"
-    if bad or min(bs) < 1 or (adapt and "adapt" in parts[2:] and parts[0] not in ("static", "moepic")):
+    if bad or min(bs) < 1 or ("adapt" in parts[2:] and parts[0] not in ADAPTS):
         raise SystemExit(f"--pairs item {item!r}: options are bN (batch N >= 1) and adapt (static/moepic only)")
-    return [(parts[0], frac, b, adapt and parts[0] in ("static", "moepic")) for b in bs]
+    return [(parts[0], frac, b, adapt and parts[0] in ADAPTS) for b in bs]
 
 
 def main(argv=None) -> int:
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
     batches = sorted(int(x) for x in args.batch.split(",") if x.strip())
     granule = args.granule or (16 if args.tiny else 128)
-    runs = [(p, f, b, args.adapt == "on" and p in ("static", "moepic"))
+    runs = [(p, f, b, args.adapt == "on" and p in ADAPTS)
             for b in batches for f in fracs for p in policies if p != "resident"]
     if args.pairs:  # only these runs, e.g. "static:0.1,lru:0.75:b4,static:0.25:adapt"
         runs = [r for item in args.pairs.split(",") if item.strip() for r in parse_pair(item.strip(), batches, args)]

@@ -504,16 +504,14 @@ class OffloadEngine:
         # Results stacked as each layer's loop output all stayed alive to the end of the step (3.45 GiB for
         # Qwen3-30B-A3B lru on the H200: every layer's admitted rows; on the CPU the temporaries grew by one layer's
         # results per layer): XLA did not reuse one loop's state for another. One buffer per shape, handed from
-        # layer to layer through `scratch`, is the loops' common state instead.
-        # one expert's results (a copied one: every kind emits the same shapes); traced once, not the whole switch
+        # layer to layer through `scratch`, is the loops' common state instead. Its shapes are one expert's results
+        # (a copied one: every kind emits the same shapes), traced once rather than the whole switch again.
+        scratch = {} if scratch is None else scratch
         one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c), sids[0], slots[0], cached[0])
         key = (n_groups, jax.tree.structure(one), tuple((a.shape, a.dtype) for a in jax.tree.leaves(one)))
-        buf = scratch.get(key) if scratch is not None else None
-        if buf is None:
-            buf = jax.tree.map(lambda a: jnp.zeros((n_groups, COPY_GROUP) + a.shape, a.dtype), one)
-        res, _ = jax.lax.scan(body, buf, xs)
-        if scratch is not None:
-            scratch[key] = res
+        if key not in scratch:
+            scratch[key] = jax.tree.map(lambda a: jnp.zeros((n_groups, COPY_GROUP) + a.shape, a.dtype), one)
+        res = scratch[key] = jax.lax.scan(body, scratch[key], xs)[0]
         res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[:U], res)
         return sids, order, res, nbytes
 
