@@ -134,8 +134,9 @@ TINY_OVERRIDES = {
 }
 
 
-def get_config(name: str, tiny: bool = False) -> MoEConfig:
-    """`MoEConfig` of a real model ("qwen15", "olmoe", "qwen3", "mixtral"), or of its tiny CPU stand-in."""
+def get_config(name: str, tiny: bool = False, n_layers: int | None = None) -> MoEConfig:
+    """`MoEConfig` of a real model ("qwen15", "olmoe", "qwen3", "mixtral"), or of its tiny CPU stand-in; n_layers:
+    keep only the first n layers (a probe of per-layer costs that compiles faster)."""
     if name not in REAL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REAL_CONFIGS)}")
     d = dict(REAL_CONFIGS[name])
@@ -143,6 +144,8 @@ def get_config(name: str, tiny: bool = False) -> MoEConfig:
         d.update(TINY_OVERRIDES[name])
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             d[k] = None  # ids of the real vocabulary would be outside the tiny one
+    if n_layers is not None:
+        d["num_hidden_layers"] = n_layers
     return from_hf_config(d)
 
 

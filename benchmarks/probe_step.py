@@ -1,0 +1,256 @@
+"""Where does a decode step's time go? TPOT per engine variant, then a device profile of a few decode steps.
+
+Questions from session 6 (benchmarks/results/README.md): why Qwen3-30B-A3B `lru` decoded at 59.6 ms with the shared
+copy-loop buffer against 43.0 ms before, why `static` + adapt_to_prompt is either ~10 ms or 17-25 ms per token at
+the same hits and bytes, and why the byte-bound `static` rows reach only 0.75-0.78 of the PCIe floor. All variants
+run in one process on one model build, so machine-to-machine spread is out of the comparison.
+
+A variant is `policy:fraction[:option...]`, options:
+  adapt     static/moepic refill the cache from the prompt (adapt_to_prompt)
+  noshare   every layer's copy loop gets its own result buffer (`_copy_step` as if called with scratch=None):
+            the form before the shared buffer, apart from how the loop hands its results out
+  unrollN   `offload.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
+
+The profile: after the timed `generate`, a prefill and 3 untraced decode steps, then --steps decode steps, each
+waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
+(step wall - busy: the device waits for the host, e.g. for a conditional's predicate), H2D / D2H copies, kernels.
+
+Usage (GPU):
+  PYTHONPATH=. python3 benchmarks/probe_step.py --model qwen3 --layers 24 \
+      --variants lru:0.25,lru:0.25:noshare,static:0.25,static:0.25:unroll2 --out-dir $OUT
+"""
+
+import argparse
+import collections
+import glob
+import inspect
+import os
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+OPTIONS = ("adapt", "noshare")
+
+
+def parse_variant(item: str) -> dict:
+    parts = item.split(":")
+    try:
+        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, noshare=False, unroll=None, label=item)
+    except (IndexError, ValueError):
+        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:noshare][:unrollN]") from None
+    for o in parts[2:]:
+        if o in OPTIONS:
+            v[o] = True
+        elif o.startswith("unroll") and o[6:].isdigit():
+            v["unroll"] = int(o[6:])
+        else:
+            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, noshare, unrollN")
+    return v
+
+
+def summarize_trace(log_dir: str, steps: int) -> dict:
+    """Per-step device activity from the newest xplane.pb under log_dir: GPU stream lines only (the derived
+    "XLA Ops"/"XLA Modules" lines repeat them). Times in ms per step."""
+    import jax
+
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return {"error": "no xplane.pb written"}
+    pd = jax.profiler.ProfileData.from_file(files[-1])
+    spans, by_name = [], collections.Counter()
+    out = collections.Counter()
+    lines = {}
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.lower().startswith("stream"):
+                continue
+            n = t = 0
+            for ev in line.events:
+                name = ev.name
+                low = name.lower().replace(" ", "")
+                kind = ("h2d" if any(s in low for s in ("htod", "h2d")) else
+                        "d2h" if any(s in low for s in ("dtoh", "d2h")) else
+                        "d2d" if any(s in low for s in ("dtod", "d2d")) else
+                        "memset" if "memset" in low else "kernel")
+                out[kind + "_n"] += 1
+                out[kind + "_ms"] += ev.duration_ns / 1e6
+                by_name[name[:90]] += ev.duration_ns / 1e6
+                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                n, t = n + 1, t + ev.duration_ns / 1e6
+            lines[f"{plane.name} {line.name}"] = {"events_per_step": n / steps, "ms_per_step": t / steps}
+    if not spans:
+        return {"error": "no GPU stream events (CPU run?)", "planes": [p.name for p in pd.planes]}
+    spans.sort()
+    busy, (a, b) = 0.0, spans[0]
+    for s, e in spans[1:]:  # union of the intervals: time with any stream active
+        if s > b:
+            busy, a, b = busy + (b - a), s, e
+        else:
+            b = max(b, e)
+    busy += b - a
+    res = {k: v / steps for k, v in out.items()}
+    res["busy_ms"] = busy / 1e6 / steps
+    res["lines"] = lines
+    res["top_ops_ms_per_step"] = {k: v / steps for k, v in by_name.most_common(15)}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen3", choices=("qwen15", "olmoe", "qwen3", "mixtral"))
+    ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (faster compiles)")
+    ap.add_argument("--variants", required=True, help="comma list of policy:fraction[:adapt][:noshare][:unrollN]")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps traced per variant")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test: no device plane)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-limit", type=float, default=540.0, help="skip variants after this many seconds")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]
+    t_start = time.perf_counter()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.model == "mixtral" and not args.tiny:
+        os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "112")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import common as C
+    from moepic_jax import offload
+    from moepic_jax.engine import make_engine
+    from moepic_jax.generate import _bucket, generate
+    from moepic_jax.offload import OffloadEngine
+    from moepic_jax.profile import measure_hardware, profile_model
+
+    name = args.name or f"probe_step_{args.model}" + (f"_l{args.layers}" if args.layers else "")
+    env = C.env_info()
+    print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
+    cfg = C.get_config(args.model, tiny=args.tiny, n_layers=args.layers)
+    model = C.random_model(cfg, seed=args.seed, progress=not args.tiny)
+    granule = 16 if args.tiny else 128
+    T = _bucket(args.prompt_len)
+    max_len = _bucket(T + args.new_tokens)
+    base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+    fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
+    expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
+    mp, hw = profile_model(base), measure_hardware(base)
+    ref = weakref.ref(base)
+    del base
+    C.release_engine(model, ref)
+    h2d = C.measure_peak_h2d(model.params.layers[cfg.moe_layer_ids[0]].moe.experts, split=cfg.d_ff // 2,
+                             k=cfg.top_k)
+    print(f"model {C.MODEL_NAMES[args.model]}, {cfg.n_layers} layers: experts {expert_bytes / 2**30:.2f} GiB, fixed "
+          f"{fixed / 2**30:.2f} GiB; H2D peak {h2d['peak_Bps'] / 1e9:.1f} GB/s; conditional copy step "
+          f"{hw.cond_overhead_s * 1e3:.3f} ms ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    rng = np.random.default_rng(args.seed + 1)
+    prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    warm_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    rows = []
+    real_copy_step, real_unroll = OffloadEngine._copy_step, offload.COPY_UNROLL_GROUPS
+
+    def copy_step_noshare(self, *a, **kw):  # the same call with scratch=None, however the caller passed it
+        bound = inspect.signature(real_copy_step).bind(self, *a, **kw)
+        bound.arguments["scratch"] = None
+        return real_copy_step(*bound.args, **bound.kwargs)
+
+    meta = {"benchmark": "probe_step: decode step time by variant, with a device profile", "env": env,
+            "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
+            "fixed_bytes": fixed, "expert_bytes": expert_bytes, "cond_overhead_s": hw.cond_overhead_s,
+            "notes": ["TPOT from generate (steps queued ahead); step wall = one traced decode step waited for; "
+                      "busy = union of the GPU streams' activity per step; idle = wall - busy"]}
+    columns = [("variant", "variant", ""), ("tpot_ms", "TPOT ms", ".2f"), ("floor_ms", "floor ms", ".2f"),
+               ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
+               ("step_wall_ms", "traced step ms", ".2f"), ("busy_ms", "busy ms", ".2f"),
+               ("idle_ms", "idle ms", ".2f"), ("h2d_n", "H2D copies", ".1f"), ("h2d_ms", "H2D ms", ".2f"),
+               ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "kernels", ".0f"), ("kernel_ms", "kernel ms", ".2f"),
+               ("decode_temp_gib", "decode temp GiB", ".2f"), ("cache_gib", "cache GiB", ".2f")]
+    paths = []
+    for v in variants:
+        if time.perf_counter() - t_start > args.time_limit:
+            print(f"  {v['label']}: skipped (time limit)", flush=True)
+            rows.append({"variant": v["label"], "error": "skipped: time limit"})
+            continue
+        row = {"variant": v["label"], "policy": v["policy"], "budget_frac": v["frac"]}
+        budget = fixed + v["frac"] * expert_bytes
+        try:
+            if v["noshare"]:
+                OffloadEngine._copy_step = copy_step_noshare
+            if v["unroll"] is not None:
+                offload.COPY_UNROLL_GROUPS = v["unroll"]
+            eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
+                              adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len)
+            gkw = dict(model=model, engine=eng, temperature=1.0, seed=args.seed)
+            generate([warm_prompt], max_new_tokens=8, **gkw)  # compiles every program
+            res = generate([prompt], max_new_tokens=args.new_tokens, **gkw)
+            s = res.stats
+            row.update(tpot_ms=s.tpot_s * 1e3, h2d_mb_per_token=s.h2d_bytes_per_token / 1e6,
+                       floor_ms=s.h2d_bytes_per_token / h2d["peak_Bps"] * 1e3, full_hit_rate=s.full_hit_rate,
+                       top_only_hit_rate=s.top_only_hit_rate, cache_gib=eng.cache_bytes() / 2**30,
+                       compile_s_by_program=dict(eng.compiles.seconds_by_name),
+                       decode_temp_gib=eng.compiles.temp_bytes_of("decode") / 2**30,
+                       splits=sorted({lp.split for lp in eng.cache_plan.layers}))
+            state = eng.new_state(1, max_len)
+            tokens = np.zeros((1, T), np.int32)
+            tokens[0, T - len(prompt):] = prompt
+            mask = np.zeros((1, T), bool)
+            mask[0, T - len(prompt):] = True
+            logits, state, _ = eng.prefill(state, jnp.asarray(tokens), jnp.asarray(mask))
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            for _ in range(3):
+                logits, state, _ = eng.decode(state, tok)
+                tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            tok.block_until_ready()
+            log_dir = tempfile.mkdtemp(prefix="probe_step_")
+            walls = []
+            jax.profiler.start_trace(log_dir)
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                logits, state, _ = eng.decode(state, tok)
+                tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                tok.block_until_ready()
+                walls.append((time.perf_counter() - t0) * 1e3)
+            jax.profiler.stop_trace()
+            row["step_wall_ms"] = float(np.median(walls))
+            prof = summarize_trace(log_dir, args.steps)
+            row["profile"] = prof
+            for k in ("busy_ms", "kernel_n", "kernel_ms", "h2d_n", "h2d_ms", "d2h_n", "d2d_n", "d2d_ms"):
+                row[k] = prof.get(k, 0.0) if "error" not in prof else None
+            if row["busy_ms"] is not None:
+                row["idle_ms"] = row["step_wall_ms"] - row["busy_ms"]
+            print(f"  {v['label']}: TPOT {row['tpot_ms']:.2f} ms, floor {row['floor_ms']:.2f}, hits "
+                  f"{s.full_hit_rate:.1%}, traced step {row['step_wall_ms']:.2f} ms, busy {row['busy_ms']} ms, "
+                  f"H2D {row['h2d_n']} copies {row['h2d_ms']} ms, D2H {row['d2h_n']}, kernels {row['kernel_n']} "
+                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+            if "error" not in prof:
+                for k, ms in list(prof["top_ops_ms_per_step"].items())[:8]:
+                    print(f"      {ms:8.3f} ms  {k}", flush=True)
+            ref = weakref.ref(eng)
+            del eng, state, logits, tok
+            row["engine_freed"] = C.release_engine(model, ref)["engine_freed"]
+        except Exception as e:  # noqa: BLE001 - record the failure, keep the other variants
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            OffloadEngine._copy_step, offload.COPY_UNROLL_GROUPS = real_copy_step, real_unroll
+        rows.append(row)
+        paths = C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
+                                title=f"{C.MODEL_NAMES[args.model]} ({cfg.n_layers} layers): decode step by variant")
+    print(f"\nwrote {', '.join(paths)}; total {time.perf_counter() - t_start:.0f} s\n")
+    print(C.markdown_table(rows, columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
