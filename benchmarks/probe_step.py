@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     import common as C
     from moepic_jax import offload
-    from moepic_jax.engine import make_engine
+    from moepic_jax.engine import device_memory_stats, make_engine
     from moepic_jax.generate import _bucket, generate
     from moepic_jax.offload import OffloadEngine
     from moepic_jax.profile import measure_hardware, profile_model
@@ -156,6 +156,10 @@ def main(argv=None) -> int:
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
     warm_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
     rows = []
+
+    def peak():
+        return (device_memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+
     real_copy_step, real_unroll = OffloadEngine._copy_step, offload.COPY_UNROLL_GROUPS
 
     def copy_step_noshare(self, *a, **kw):  # the same call with scratch=None, however the caller passed it
@@ -173,7 +177,9 @@ def main(argv=None) -> int:
                ("step_wall_ms", "traced step ms", ".2f"), ("busy_ms", "busy ms", ".2f"),
                ("idle_ms", "idle ms", ".2f"), ("h2d_n", "H2D copies", ".1f"), ("h2d_ms", "H2D ms", ".2f"),
                ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "kernels", ".0f"), ("kernel_ms", "kernel ms", ".2f"),
-               ("decode_temp_gib", "decode temp GiB", ".2f"), ("cache_gib", "cache GiB", ".2f")]
+               ("decode_temp_gib", "decode temp GiB", ".2f"), ("cache_gib", "cache GiB", ".2f"),
+               ("needed_gib", "needed GiB", ".3f"), ("budget_gib", "budget GiB", ".3f"),
+               ("peaks", "peak GiB after warm-up / prefill / decode", "")]
     paths = []
     for v in variants:
         if time.perf_counter() - t_start > args.time_limit:
@@ -189,27 +195,44 @@ def main(argv=None) -> int:
                 offload.COPY_UNROLL_GROUPS = v["unroll"]
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
                               adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len)
-            gkw = dict(model=model, engine=eng, temperature=1.0, seed=args.seed)
-            generate([warm_prompt], max_new_tokens=8, **gkw)  # compiles every program
-            res = generate([prompt], max_new_tokens=args.new_tokens, **gkw)
+            row["cache_gib_planned"] = eng.cache_bytes() / 2**30
+
+            def start(p):  # a fresh KV cache with prompt p prefilled; the device's peak so far after each phase
+                state = eng.new_state(1, max_len)
+                tokens, mask = np.zeros((1, T), np.int32), np.zeros((1, T), bool)
+                tokens[0, T - len(p):], mask[0, T - len(p):] = p, True
+                tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+                eng.warmup(state, tokens, mask, jnp.zeros((1,), jnp.int32))  # compiles, once per engine
+                peaks = {"warmup": peak()}
+                logits, state, _ = eng.prefill(state, tokens, mask)
+                tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                tok.block_until_ready()
+                peaks["prefill"] = peak()
+                for _ in range(3):
+                    logits, state, _ = eng.decode(state, tok)
+                    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                tok.block_until_ready()
+                peaks["decode"] = peak()
+                return state, tok, peaks
+
+            # The warm-up on another prompt (no free LRU hits). The device peak cannot be reset: only the first
+            # variant's phase peaks are its own.
+            *_, pk = start(warm_prompt)
+            row["peak_gib_after"], row["peaks"] = pk, " / ".join(f"{x:.3f}" for x in pk.values())
+            res = generate([prompt], max_new_tokens=args.new_tokens, model=model, engine=eng, temperature=1.0,
+                           seed=args.seed)
             s = res.stats
             row.update(tpot_ms=s.tpot_s * 1e3, h2d_mb_per_token=s.h2d_bytes_per_token / 1e6,
                        floor_ms=s.h2d_bytes_per_token / h2d["peak_Bps"] * 1e3, full_hit_rate=s.full_hit_rate,
                        top_only_hit_rate=s.top_only_hit_rate, cache_gib=eng.cache_bytes() / 2**30,
+                       budget_gib=budget / 2**30, fixed_gib=eng.fixed_bytes / 2**30,
+                       needed_gib=eng.device_bytes_needed(eng.new_state(1, max_len)) / 2**30,
                        compile_s_by_program=dict(eng.compiles.seconds_by_name),
+                       temp_gib_by_program={k: eng.compiles.temp_bytes_of(k) / 2**30
+                                            for k in eng.compiles.seconds_by_name},
                        decode_temp_gib=eng.compiles.temp_bytes_of("decode") / 2**30,
                        splits=sorted({lp.split for lp in eng.cache_plan.layers}))
-            state = eng.new_state(1, max_len)
-            tokens = np.zeros((1, T), np.int32)
-            tokens[0, T - len(prompt):] = prompt
-            mask = np.zeros((1, T), bool)
-            mask[0, T - len(prompt):] = True
-            logits, state, _ = eng.prefill(state, jnp.asarray(tokens), jnp.asarray(mask))
-            tok = jnp.argmax(logits, -1).astype(jnp.int32)
-            for _ in range(3):
-                logits, state, _ = eng.decode(state, tok)
-                tok = jnp.argmax(logits, -1).astype(jnp.int32)
-            tok.block_until_ready()
+            state, tok, _ = start(prompt)
             log_dir = tempfile.mkdtemp(prefix="probe_step_")
             walls = []
             jax.profiler.start_trace(log_dir)
