@@ -510,7 +510,11 @@ class OffloadEngine:
         one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c), sids[0], slots[0], cached[0])
         key = (n_groups, jax.tree.structure(one), tuple((a.shape, a.dtype) for a in jax.tree.leaves(one)))
         if key not in scratch:
-            scratch[key] = jax.tree.map(lambda a: jnp.zeros((n_groups, COPY_GROUP) + a.shape, a.dtype), one)
+            # Filled from this layer's ids (the loop overwrites every value): a constant buffer has no inputs, so
+            # XLA may allocate it at the start of the step and keep it alive through every layer.
+            fill = ids[0].astype(jnp.float32) * 0.0
+            scratch[key] = jax.tree.map(
+                lambda a: jnp.broadcast_to(fill.astype(a.dtype), (n_groups, COPY_GROUP) + a.shape), one)
         res = scratch[key] = jax.lax.scan(body, scratch[key], xs)[0]
         res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[:U], res)
         return sids, order, res, nbytes
