@@ -7,23 +7,24 @@ run in one process on one model build, so machine-to-machine spread is out of th
 
 A variant is `policy:fraction[:option...]`, options:
   adapt     static/moepic refill the cache from the prompt (adapt_to_prompt)
-  noshare   every layer's copy loop gets its own result buffer (`_copy_step` as if called with scratch=None):
-            the form before the shared buffer, apart from how the loop hands its results out
   unrollN   `offload.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
 
-The profile: after the timed `generate`, a prefill and 3 untraced decode steps, then --steps decode steps, each
-waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
+Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase,
+which only the process's first variant has to itself), the timed `generate`, then a prefill and 3 untraced decode
+steps and --steps decode steps, each waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
 (step wall - busy: the device waits for the host, e.g. for a conditional's predicate), H2D / D2H copies, kernels.
 
 Usage (GPU):
   PYTHONPATH=. python3 benchmarks/probe_step.py --model qwen3 --layers 24 \
-      --variants lru:0.25,lru:0.25:noshare,static:0.25,static:0.25:unroll2 --out-dir $OUT
+      --variants lru:0.25,static:0.25,static:0.25:unroll2 --out-dir $OUT
+
+(The `noshare` rows of probe_step_qwen3_l24*.json come from an option of commits 2ed5836-6a2f5d5, when the
+copy loops of all layers shared one result buffer: it gave each layer its own. The engine now does that.)
 """
 
 import argparse
 import collections
 import glob
-import inspect
 import os
 import sys
 import tempfile
@@ -31,22 +32,22 @@ import time
 import weakref
 from pathlib import Path
 
-OPTIONS = ("adapt", "noshare")
+OPTIONS = ("adapt",)
 
 
 def parse_variant(item: str) -> dict:
     parts = item.split(":")
     try:
-        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, noshare=False, unroll=None, label=item)
+        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, label=item)
     except (IndexError, ValueError):
-        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:noshare][:unrollN]") from None
+        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN]") from None
     for o in parts[2:]:
         if o in OPTIONS:
             v[o] = True
         elif o.startswith("unroll") and o[6:].isdigit():
             v["unroll"] = int(o[6:])
         else:
-            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, noshare, unrollN")
+            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN")
     return v
 
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen3", choices=("qwen15", "olmoe", "qwen3", "mixtral"))
     ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (faster compiles)")
-    ap.add_argument("--variants", required=True, help="comma list of policy:fraction[:adapt][:noshare][:unrollN]")
+    ap.add_argument("--variants", required=True, help="comma list of policy:fraction[:adapt][:unrollN]")
     ap.add_argument("--steps", type=int, default=5, help="decode steps traced per variant")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -160,12 +161,7 @@ def main(argv=None) -> int:
     def peak():
         return (device_memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
-    real_copy_step, real_unroll = OffloadEngine._copy_step, offload.COPY_UNROLL_GROUPS
-
-    def copy_step_noshare(self, *a, **kw):  # the same call with scratch=None, however the caller passed it
-        bound = inspect.signature(real_copy_step).bind(self, *a, **kw)
-        bound.arguments["scratch"] = None
-        return real_copy_step(*bound.args, **bound.kwargs)
+    real_unroll = offload.COPY_UNROLL_GROUPS
 
     meta = {"benchmark": "probe_step: decode step time by variant, with a device profile", "env": env,
             "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
@@ -189,8 +185,6 @@ def main(argv=None) -> int:
         row = {"variant": v["label"], "policy": v["policy"], "budget_frac": v["frac"]}
         budget = fixed + v["frac"] * expert_bytes
         try:
-            if v["noshare"]:
-                OffloadEngine._copy_step = copy_step_noshare
             if v["unroll"] is not None:
                 offload.COPY_UNROLL_GROUPS = v["unroll"]
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
@@ -266,7 +260,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
         finally:
-            OffloadEngine._copy_step, offload.COPY_UNROLL_GROUPS = real_copy_step, real_unroll
+            offload.COPY_UNROLL_GROUPS = real_unroll
         rows.append(row)
         paths = C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
                                 title=f"{C.MODEL_NAMES[args.model]} ({cfg.n_layers} layers): decode step by variant")

@@ -423,7 +423,7 @@ class OffloadEngine:
 
     # ---- decode -------------------------------------------------------------------------------------
     def _copy_step(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
-                   emit, every: bool = False, scratch: dict | None = None):
+                   emit, every: bool = False):
         """One layer's data-dependent copy step: bring experts `ids` to the device and hand each one to `emit`.
 
         ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those that must be assembled; split: the
@@ -440,8 +440,7 @@ class OffloadEngine:
         and one `lax.switch` per group of COPY_GROUP experts picks the counts for that group. `emit` runs inside
         the branch, so a caller that only needs each expert's output never materialises the [U, F, 3, D] weights.
         Returns (ids permuted so that copies come first [U], the permutation [U], emit's results stacked [U, ...],
-        H2D bytes (float32)). scratch: {shape key: buffer}, the loop's result buffer shared with other layers'
-        loops (read and replaced here; None = a fresh one).
+        H2D bytes (float32)).
         """
         F = self.cfg.d_ff
         U = ids.shape[0]
@@ -501,26 +500,20 @@ class OffloadEngine:
             return jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(b, o, x[0] // COPY_GROUP, 0),
                                 buf, group(COPY_GROUP, *x)), None
 
-        # Results stacked as each layer's loop output all stayed alive to the end of the step (3.45 GiB for
-        # Qwen3-30B-A3B lru on the H200: every layer's admitted rows; on the CPU the temporaries grew by one layer's
-        # results per layer): XLA did not reuse one loop's state for another. One buffer per shape, handed from
-        # layer to layer through `scratch`, is the loops' common state instead. Its shapes are one expert's results
-        # (a copied one: every kind emits the same shapes), traced once rather than the whole switch again.
-        scratch = {} if scratch is None else scratch
+        # The loop's result buffer is filled from this layer's ids (the loop overwrites every value). A constant
+        # buffer has no inputs, so XLA allocated every layer's at the start of the step and kept them all alive:
+        # 3.45 GiB for Qwen3-30B-A3B lru on the H200 (every layer's admitted rows), 0.14 GiB with the fill
+        # (benchmarks/results/probe_step_qwen3_l24_tied.json). Its shapes are one copied expert's results (every
+        # kind emits the same shapes), traced once rather than the whole switch again.
         one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c), sids[0], slots[0], cached[0])
-        key = (n_groups, jax.tree.structure(one), tuple((a.shape, a.dtype) for a in jax.tree.leaves(one)))
-        if key not in scratch:
-            # Filled from this layer's ids (the loop overwrites every value): a constant buffer has no inputs, so
-            # XLA may allocate it at the start of the step and keep it alive through every layer.
-            fill = ids[0].astype(jnp.float32) * 0.0
-            scratch[key] = jax.tree.map(
-                lambda a: jnp.broadcast_to(fill.astype(a.dtype), (n_groups, COPY_GROUP) + a.shape), one)
-        res = scratch[key] = jax.lax.scan(body, scratch[key], xs)[0]
+        fill = ids[0].astype(jnp.float32) * 0.0
+        buf = jax.tree.map(lambda a: jnp.broadcast_to(fill.astype(a.dtype), (n_groups, COPY_GROUP) + a.shape), one)
+        res = jax.lax.scan(body, buf, xs)[0]
         res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[:U], res)
         return sids, order, res, nbytes
 
     def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
-                  every: bool = False, scratch: dict | None = None):
+                  every: bool = False):
         """The weights of experts `ids` on the device (`_copy_step`; for a prefetch, used a layer later).
 
         Returns (ids permuted so that copies come first [U], the permutation [U], their buffers [U, F, 3, D] (zeros
@@ -533,10 +526,10 @@ class OffloadEngine:
                 return jnp.zeros(shape, self.dtype)
             return buf if mask is None else jnp.where(mask, buf, jnp.zeros((), buf.dtype))
 
-        return self._copy_step(split, stack, cache, ids, need, emit, every, scratch)
+        return self._copy_step(split, stack, cache, ids, need, emit, every)
 
     def _expert_outputs(self, x: jax.Array, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array,
-                        need: jax.Array, admit: bool = False, every: bool = False, scratch: dict | None = None):
+                        need: jax.Array, admit: bool = False, every: bool = False):
         """Outputs of experts `ids` for tokens x [B, D], each computed where its weights arrive (`_copy_step`).
 
         Returns (ids permuted so that copies come first [U], the permutation [U], outputs [U, B, D] float32 (zeros
@@ -553,11 +546,11 @@ class OffloadEngine:
             out = M.segment_ffn(x, buf).astype(jnp.float32)
             return (out if mask is None else jnp.where(mask, out, 0.0)), rows
 
-        sids, order, (outs, rows), nbytes = self._copy_step(split, stack, cache, ids, need, emit, every, scratch)
+        sids, order, (outs, rows), nbytes = self._copy_step(split, stack, cache, ids, need, emit, every)
         return sids, order, outs, rows, nbytes
 
     def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
-                 P: int, scratch: dict | None = None):
+                 P: int):
         """Predict layer l_next's experts from the current residual stream and start their copies.
 
         DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]),
@@ -567,12 +560,11 @@ class OffloadEngine:
                           self.n_predicted)
         pred = self._distinct(self._local(pids), P)
         sids, _, bufs, nbytes = self._assemble(self.splits[l_next], stack, cache, pred, pred >= 0,
-                                               every=h_mid.shape[0] == 1 and self.mesh is None, scratch=scratch)
+                                               every=h_mid.shape[0] == 1 and self.mesh is None)
         return sids, bufs, nbytes
 
-    def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step, scratch: dict):
-        """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l). scratch: the copy
-        loops' buffers, handed from layer to layer (`_copy_step`)."""
+    def _moe_decode(self, l, lp: M.LayerParams, stack, x, cache, pred, step):
+        """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l)."""
         cfg = self.cfg
         B = x.shape[0]
         gids, w = M.route(x, lp.moe.w_router, cfg)  # [B, K] global ids
@@ -590,7 +582,7 @@ class OffloadEngine:
         admit = self.spec.rule == "lru"
         sids, order, outs, adm, nbytes = self._expert_outputs(
             x, self.splits[l], stack, cache, uniq, ~got, admit=admit,
-            every=B == 1 and pred is None and self.mesh is None, scratch=scratch)
+            every=B == 1 and pred is None and self.mesh is None)
         if pred is not None:
             nbytes = nbytes + pred_bytes
             j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
@@ -630,9 +622,6 @@ class OffloadEngine:
         cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in names}
         pred = None
         n_pred = min(B * self.n_predicted, self.e_loc)
-        scratch = {}  # the copy loops' result buffers, one per shape, shared by all layers (`_copy_step`)
-        # a prefetch is used a layer after it is made, when the next one is already made: two buffers, in turn
-        pred_scratch = ({}, {})
         for l, lp in enumerate(resident.layers):
             a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
                                   kv.length, cfg)
@@ -641,11 +630,10 @@ class OffloadEngine:
             nxt = l + 1
             next_pred = None
             if self.prefetches and nxt < cfg.n_layers and cfg.moe_layers[nxt]:
-                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred,
-                                          pred_scratch[nxt % 2])
+                next_pred = self._predict(nxt, resident.layers[nxt], stacks[nxt], h_mid, caches[nxt], n_pred)
             x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)
             if cfg.moe_layers[l]:
-                y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step, scratch)
+                y, caches[l], c = self._moe_decode(l, lp, stacks[l], x, caches[l], pred, step)
                 for n in names:
                     cnt[n][l] = c[n]
             else:
