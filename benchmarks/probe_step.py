@@ -12,7 +12,8 @@ A variant is `policy:fraction[:option...]`, options:
 Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase,
 which only the process's first variant has to itself), the timed `generate`, then a prefill and 3 untraced decode
 steps and --steps decode steps, each waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
-(step wall - busy: the device waits for the host, e.g. for a conditional's predicate), H2D / D2H copies, kernels.
+(step wall - busy: the device waits for the host, e.g. for a conditional's predicate), dynamic-slice kernels (on
+this stack the H2D copies of routed experts: kernels that read pinned host memory), memcpys, other kernels.
 
 Usage (GPU):
   PYTHONPATH=. python3 benchmarks/probe_step.py --model qwen3 --layers 24 \
@@ -76,7 +77,9 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
                 kind = ("h2d" if any(s in low for s in ("htod", "h2d")) else
                         "d2h" if any(s in low for s in ("dtoh", "d2h")) else
                         "d2d" if any(s in low for s in ("dtod", "d2d")) else
-                        "memset" if "memset" in low else "kernel")
+                        "memset" if "memset" in low else
+                        # a data-dependent slice of a pinned_host stack: a kernel that reads host memory (session 7)
+                        "slice" if "dynamic_slice" in low else "kernel")
                 out[kind + "_n"] += 1
                 out[kind + "_ms"] += ev.duration_ns / 1e6
                 by_name[name[:90]] += ev.duration_ns / 1e6
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
     columns = [("variant", "variant", ""), ("tpot_ms", "TPOT ms", ".2f"), ("floor_ms", "floor ms", ".2f"),
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
                ("step_wall_ms", "traced step ms", ".2f"), ("busy_ms", "busy ms", ".2f"),
-               ("idle_ms", "idle ms", ".2f"), ("h2d_n", "H2D copies", ".1f"), ("h2d_ms", "H2D ms", ".2f"),
+               ("idle_ms", "idle ms", ".2f"), ("slice_n", "dynamic-slice kernels", ".1f"),
+               ("slice_ms", "dynamic-slice ms", ".2f"), ("h2d_n", "H2D memcpys", ".1f"), ("h2d_ms", "H2D memcpy ms", ".2f"),
                ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "kernels", ".0f"), ("kernel_ms", "kernel ms", ".2f"),
                ("decode_temp_gib", "decode temp GiB", ".2f"), ("cache_gib", "cache GiB", ".2f"),
                ("needed_gib", "needed GiB", ".3f"), ("budget_gib", "budget GiB", ".3f"),
@@ -240,13 +244,15 @@ def main(argv=None) -> int:
             row["step_wall_ms"] = float(np.median(walls))
             prof = summarize_trace(log_dir, args.steps)
             row["profile"] = prof
-            for k in ("busy_ms", "kernel_n", "kernel_ms", "h2d_n", "h2d_ms", "d2h_n", "d2d_n", "d2d_ms"):
+            for k in ("busy_ms", "kernel_n", "kernel_ms", "slice_n", "slice_ms", "h2d_n", "h2d_ms", "d2h_n", "d2d_n",
+                      "d2d_ms"):
                 row[k] = prof.get(k, 0.0) if "error" not in prof else None
             if row["busy_ms"] is not None:
                 row["idle_ms"] = row["step_wall_ms"] - row["busy_ms"]
             print(f"  {v['label']}: TPOT {row['tpot_ms']:.2f} ms, floor {row['floor_ms']:.2f}, hits "
                   f"{s.full_hit_rate:.1%}, traced step {row['step_wall_ms']:.2f} ms, busy {row['busy_ms']} ms, "
-                  f"H2D {row['h2d_n']} copies {row['h2d_ms']} ms, D2H {row['d2h_n']}, kernels {row['kernel_n']} "
+                  f"dynamic-slice kernels {row['slice_n']} ({row['slice_ms']} ms), H2D memcpys {row['h2d_n']}, "
+                  f"D2H {row['d2h_n']}, other kernels {row['kernel_n']} "
                   f"({time.perf_counter() - t_start:.0f} s)", flush=True)
             if "error" not in prof:
                 for k, ms in list(prof["top_ops_ms_per_step"].items())[:8]:
