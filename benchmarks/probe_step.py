@@ -10,10 +10,11 @@ A variant is `policy:fraction[:option...]`, options:
   unrollN   `offload.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
 
 Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase,
-which only the process's first variant has to itself), the timed `generate`, then a prefill and 3 untraced decode
-steps and --steps decode steps, each waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
-(step wall - busy: the device waits for the host, e.g. for a conditional's predicate), dynamic-slice kernels (on
-this stack the H2D copies of routed experts: kernels that read pinned host memory), memcpys, other kernels.
+which only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3
+untraced decode steps (greedy) and --steps decode steps, each waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
+(mean step wall - busy: the device waits for the host, e.g. for a conditional's predicate), dynamic-slice kernels
+(on this stack the H2D copies of routed experts run as kernels that read pinned host memory; the count includes
+dynamic slices of device arrays too, so it is an upper bound), memcpys, other kernels.
 
 Usage (GPU):
   PYTHONPATH=. python3 benchmarks/probe_step.py --model qwen3 --layers 24 \
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed + 1)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
     warm_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    trace_prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()  # no LRU hits left by `generate`
     rows = []
 
     def peak():
@@ -176,11 +178,15 @@ def main(argv=None) -> int:
                ("step_wall_ms", "traced step ms", ".2f"), ("busy_ms", "busy ms", ".2f"),
                ("idle_ms", "idle ms", ".2f"), ("slice_n", "dynamic-slice kernels", ".1f"),
                ("slice_ms", "dynamic-slice ms", ".2f"), ("h2d_n", "H2D memcpys", ".1f"), ("h2d_ms", "H2D memcpy ms", ".2f"),
-               ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "kernels", ".0f"), ("kernel_ms", "kernel ms", ".2f"),
+               ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "other kernels", ".0f"),
+               ("kernel_ms", "other kernel ms", ".2f"),
                ("decode_temp_gib", "decode temp GiB", ".2f"), ("cache_gib", "cache GiB", ".2f"),
                ("needed_gib", "needed GiB", ".3f"), ("budget_gib", "budget GiB", ".3f"),
-               ("peaks", "peak GiB after warm-up / prefill / decode", "")]
-    paths = []
+               ("peaks", "peak GiB after warm-up / prefill / decode", ""), ("error", "error", "")]
+    def save():
+        return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
+                               title=f"{C.MODEL_NAMES[args.model]} ({cfg.n_layers} layers): decode step by variant")
+
     for v in variants:
         if time.perf_counter() - t_start > args.time_limit:
             print(f"  {v['label']}: skipped (time limit)", flush=True)
@@ -188,6 +194,7 @@ def main(argv=None) -> int:
             continue
         row = {"variant": v["label"], "policy": v["policy"], "budget_frac": v["frac"]}
         budget = fixed + v["frac"] * expert_bytes
+        eng = state = logits = tok = None
         try:
             if v["unroll"] is not None:
                 offload.COPY_UNROLL_GROUPS = v["unroll"]
@@ -215,7 +222,7 @@ def main(argv=None) -> int:
 
             # The warm-up on another prompt (no free LRU hits). The device peak cannot be reset: only the first
             # variant's phase peaks are its own.
-            *_, pk = start(warm_prompt)
+            pk = start(warm_prompt)[2]
             row["peak_gib_after"], row["peaks"] = pk, " / ".join(f"{x:.3f}" for x in pk.values())
             res = generate([prompt], max_new_tokens=args.new_tokens, model=model, engine=eng, temperature=1.0,
                            seed=args.seed)
@@ -230,7 +237,7 @@ def main(argv=None) -> int:
                                             for k in eng.compiles.seconds_by_name},
                        decode_temp_gib=eng.compiles.temp_bytes_of("decode") / 2**30,
                        splits=sorted({lp.split for lp in eng.cache_plan.layers}))
-            state, tok, _ = start(prompt)
+            state, tok, _ = start(trace_prompt)
             log_dir = tempfile.mkdtemp(prefix="probe_step_")
             walls = []
             jax.profiler.start_trace(log_dir)
@@ -241,7 +248,7 @@ def main(argv=None) -> int:
                 tok.block_until_ready()
                 walls.append((time.perf_counter() - t0) * 1e3)
             jax.profiler.stop_trace()
-            row["step_wall_ms"] = float(np.median(walls))
+            row["step_wall_ms"] = float(np.mean(walls))
             prof = summarize_trace(log_dir, args.steps)
             row["profile"] = prof
             for k in ("busy_ms", "kernel_n", "kernel_ms", "slice_n", "slice_ms", "h2d_n", "h2d_ms", "d2h_n", "d2d_n",
@@ -257,19 +264,19 @@ def main(argv=None) -> int:
             if "error" not in prof:
                 for k, ms in list(prof["top_ops_ms_per_step"].items())[:8]:
                     print(f"      {ms:8.3f} ms  {k}", flush=True)
-            ref = weakref.ref(eng)
-            del eng, state, logits, tok
-            row["engine_freed"] = C.release_engine(model, ref)["engine_freed"]
         except Exception as e:  # noqa: BLE001 - record the failure, keep the other variants
             import traceback
 
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
-        finally:
+        finally:  # a failed engine too: its caches would skew the next variants' memory
             offload.COPY_UNROLL_GROUPS = real_unroll
+            ref = weakref.ref(eng) if eng is not None else None
+            eng = state = logits = tok = None
+            row["engine_freed"] = C.release_engine(model, ref)["engine_freed"]
         rows.append(row)
-        paths = C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
-                                title=f"{C.MODEL_NAMES[args.model]} ({cfg.n_layers} layers): decode step by variant")
+        paths = save()
+    paths = save()  # also when every variant was skipped
     print(f"\nwrote {', '.join(paths)}; total {time.perf_counter() - t_start:.0f} s\n")
     print(C.markdown_table(rows, columns))
     return 0

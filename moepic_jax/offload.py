@@ -501,10 +501,11 @@ class OffloadEngine:
                                 buf, group(COPY_GROUP, *x)), None
 
         # The loop's result buffer is filled from this layer's ids (the loop overwrites every value). A constant
-        # buffer has no inputs, so XLA allocated every layer's at the start of the step and kept them all alive:
-        # 3.45 GiB for Qwen3-30B-A3B lru on the H200 (every layer's admitted rows), 0.14 GiB with the fill
-        # (benchmarks/results/probe_step_qwen3_l24_tied.json). Its shapes are one copied expert's results (every
-        # kind emits the same shapes), traced once rather than the whole switch again.
+        # buffer has no inputs, so XLA allocated every layer's at the start of the step and kept them all alive
+        # (every layer's admitted rows): for Qwen3-30B-A3B lru on the H200, 3.45 GiB at 48 layers (session 6) and
+        # 1.76 GiB at 24 (benchmarks/results/probe_step_qwen3_l24.json), against 0.14 GiB with the fill
+        # (probe_step_qwen3_l24_tied.json). Its shapes are one copied expert's results (every kind emits the same
+        # shapes), traced once rather than the whole switch again.
         one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c), sids[0], slots[0], cached[0])
         fill = ids[0].astype(jnp.float32) * 0.0
         buf = jax.tree.map(lambda a: jnp.broadcast_to(fill.astype(a.dtype), (n_groups, COPY_GROUP) + a.shape), one)

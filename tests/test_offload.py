@@ -220,26 +220,29 @@ def test_copy_groups_in_a_loop_exact(policy, offload_models, reference, monkeypa
 
 def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
     """The decode step's XLA temporaries must not grow with the layer count: each layer's copy-group loop result
-    has to be dead before the next layer's is allocated. Loop results stacked as scan outputs grew by one layer's
-    results (lru: the admitted rows) per MoE layer, on the CPU too; on the H200, constant result buffers were all
-    allocated at the start of the step (3.45 GiB for Qwen3-30B-A3B lru at batch 1), which the CPU does not show
-    (benchmarks/results/probe_step_qwen3_l24*.json)."""
+    has to be dead before the next layer's is allocated. Loop results stacked as scan outputs, and constant result
+    buffers (XLA allocates them at the start of the step), grew by one layer's results (lru: the admitted rows)
+    per MoE layer, on the CPU as on the H200 (3.45 GiB for Qwen3-30B-A3B lru at batch 1;
+    benchmarks/results/probe_step_qwen3_l24*.json). The budget leaves room, so that the extra temporaries do not
+    make the planner shrink the caches instead."""
     from conftest import build_hf_model
 
     from moepic_jax import offload
     monkeypatch.setattr(offload, "COPY_GROUP", 3)  # batch 2 x top-2: 4 distinct experts -> 2 groups, in a loop
     monkeypatch.setattr(offload, "COPY_UNROLL_GROUPS", 1)
-    temps = {}
+    temps, shapes = {}, {}
     for layers in (2, 6):
         d = tmp_path / str(layers)
         build_hf_model("qwen3_moe", num_hidden_layers=layers).save_pretrained(d)
         m = moepic_jax.load(d, dtype="float32")
-        engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.5), prefetch=False, **KW)
+        engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.5) + 4 * 2**20, prefetch=False, **KW)
         moepic_jax.generate(BATCH, model=m, max_new_tokens=2, engine=engine)
         assert all(c is not None and c.tops.shape[0] > 0 for c in engine.caches)  # every layer admits
         decode = [exe for key, exe in engine.compiles._fns.items() if key[0] == "decode"]
         assert decode and all("while" in exe.as_text() for exe in decode)  # the loop path is the one under test
         temps[layers] = engine.compiles.temp_bytes_of("decode")
+        shapes[layers] = {c.tops.shape for c in engine.caches}
+    assert shapes[2] == shapes[6]  # the same caches per layer: the temporaries alone differ
     cfg = m.cfg
     # a layer's loop results: admitted rows (at most d_ff each) of 4 distinct experts, float32 (padding aside)
     per_layer = 4 * cfg.d_ff * 3 * cfg.d_model * 4
