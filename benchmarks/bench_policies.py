@@ -98,16 +98,13 @@ def main(argv=None) -> int:
     logging.basicConfig(format="  %(name)s: %(message)s")
     logging.getLogger("moepic_jax").setLevel(logging.INFO)
     t_start = time.perf_counter()
-    # Before JAX starts: no preallocation (so peak_bytes_in_use means something); Mixtral needs > 64 GiB pinned.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if args.model == "mixtral" and not args.tiny:
-        os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "100")  # 84 GiB of experts; 112 let the pinned pool grow until the 128 GiB host OOM-killed the run
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     import numpy as np
 
     import common as C
+    C.set_gpu_env(args.model, args.tiny)  # before the first device use
     from moepic_jax.engine import device_memory_stats, make_engine
     from moepic_jax.generate import _bucket, generate
     from moepic_jax.offload import OffloadEngine

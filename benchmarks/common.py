@@ -118,6 +118,16 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+def set_gpu_env(model: str, tiny: bool = False) -> None:
+    """Settings read when JAX starts its backend (call before the first device use; importing jax is fine): no
+    preallocation, so that peak_bytes_in_use means something; Mixtral-8x7B's 84 GiB of experts need a pinned host
+    pool above the 64 GiB default, and 112 GiB let the pool grow until the 128 GiB H200 host OOM-killed the
+    process (benchmarks/results/README.md, session 7). Values already in the environment win."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if model == "mixtral" and not tiny:
+        os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "100")
+
+
 MODEL_NAMES = {"qwen15": "Qwen1.5-MoE-A2.7B", "olmoe": "OLMoE-1B-7B", "qwen3": "Qwen3-30B-A3B",
                "mixtral": "Mixtral-8x7B"}
 
