@@ -118,6 +118,7 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+
 def set_gpu_env(model: str, tiny: bool = False) -> None:
     """Settings read when JAX starts its backend (call before the first device use; importing jax is fine): no
     preallocation, so that peak_bytes_in_use means something; Mixtral-8x7B's 84 GiB of experts need a pinned host

@@ -9,12 +9,13 @@ A variant is `policy:fraction[:option...]`, options:
   adapt     static/moepic refill the cache from the prompt (adapt_to_prompt)
   unrollN   `offload.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
 
-Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase,
-which only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3
-untraced decode steps (greedy) and --steps decode steps, each waited for, under `jax.profiler`. From the device plane: busy time (union of the streams' activity), idle time
-(mean step wall - busy: the device waits for the host, e.g. for a conditional's predicate), dynamic-slice kernels
-(on this stack the H2D copies of routed experts run as kernels that read pinned host memory; the count includes
-dynamic slices of device arrays too, so it is an upper bound), memcpys, other kernels.
+Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase, which
+only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3 untraced
+decode steps (greedy) and --steps decode steps, each waited for, under `jax.profiler`. From the device plane: busy
+time (union of the streams' activity), idle time (mean step wall - busy: the device waits for the host, e.g. for a
+conditional's predicate), dynamic-slice kernels (on this stack the H2D copies of routed experts run as kernels that
+read pinned host memory; the count includes dynamic slices of device arrays too, so it is an upper bound), memcpys,
+other kernels.
 
 Usage (GPU):
   PYTHONPATH=. python3 benchmarks/probe_step.py --model qwen3 --layers 24 \
@@ -34,9 +35,6 @@ import time
 import weakref
 from pathlib import Path
 
-OPTIONS = ("adapt",)
-
-
 def parse_variant(item: str) -> dict:
     parts = item.split(":")
     try:
@@ -44,8 +42,8 @@ def parse_variant(item: str) -> dict:
     except (IndexError, ValueError):
         raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN]") from None
     for o in parts[2:]:
-        if o in OPTIONS:
-            v[o] = True
+        if o == "adapt":
+            v["adapt"] = True
         elif o.startswith("unroll") and o[6:].isdigit():
             v["unroll"] = int(o[6:])
         else:
@@ -170,17 +168,18 @@ def main(argv=None) -> int:
             "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
             "fixed_bytes": fixed, "expert_bytes": expert_bytes, "cond_overhead_s": hw.cond_overhead_s,
             "notes": ["TPOT from generate (steps queued ahead); step wall = one traced decode step waited for; "
-                      "busy = union of the GPU streams' activity per step; idle = wall - busy"]}
+                      "busy = union of the GPU streams' activity per step; idle = mean step wall - busy"]}
     columns = [("variant", "variant", ""), ("tpot_ms", "TPOT ms", ".2f"), ("floor_ms", "floor ms", ".2f"),
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
                ("step_wall_ms", "traced step ms", ".2f"), ("busy_ms", "busy ms", ".2f"),
                ("idle_ms", "idle ms", ".2f"), ("slice_n", "dynamic-slice kernels", ".1f"),
-               ("slice_ms", "dynamic-slice ms", ".2f"), ("h2d_n", "H2D memcpys", ".1f"), ("h2d_ms", "H2D memcpy ms", ".2f"),
-               ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "other kernels", ".0f"),
+               ("slice_ms", "dynamic-slice ms", ".2f"), ("h2d_n", "H2D memcpys", ".1f"),
+               ("h2d_ms", "H2D memcpy ms", ".2f"), ("d2h_n", "D2H copies", ".1f"), ("kernel_n", "other kernels", ".0f"),
                ("kernel_ms", "other kernel ms", ".2f"),
                ("decode_temp_gib", "decode temp GiB", ".2f"), ("cache_gib", "cache GiB", ".2f"),
                ("needed_gib", "needed GiB", ".3f"), ("budget_gib", "budget GiB", ".3f"),
                ("peaks", "peak GiB after warm-up / prefill / decode", ""), ("error", "error", "")]
+
     def save():
         return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
                                title=f"{C.MODEL_NAMES[args.model]} ({cfg.n_layers} layers): decode step by variant")
@@ -192,13 +191,17 @@ def main(argv=None) -> int:
             continue
         row = {"variant": v["label"], "policy": v["policy"], "budget_frac": v["frac"]}
         budget = fixed + v["frac"] * expert_bytes
-        eng = state = logits = tok = None
+        eng = state = tok = None
         try:
             if v["unroll"] is not None:
                 offload.COPY_UNROLL_GROUPS = v["unroll"]
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
                               adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len)
             row["cache_gib_planned"] = eng.cache_bytes() / 2**30
+
+            def step(state, tok):  # one decode step, greedy
+                logits, state, _ = eng.decode(state, tok)
+                return state, jnp.argmax(logits, -1).astype(jnp.int32)
 
             def start(p):  # a fresh KV cache with prompt p prefilled; the device's peak so far after each phase
                 state = eng.new_state(1, max_len)
@@ -212,8 +215,7 @@ def main(argv=None) -> int:
                 tok.block_until_ready()
                 peaks["prefill"] = peak()
                 for _ in range(3):
-                    logits, state, _ = eng.decode(state, tok)
-                    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                    state, tok = step(state, tok)
                 tok.block_until_ready()
                 peaks["decode"] = peak()
                 return state, tok, peaks
@@ -241,8 +243,7 @@ def main(argv=None) -> int:
             jax.profiler.start_trace(log_dir)
             for _ in range(args.steps):
                 t0 = time.perf_counter()
-                logits, state, _ = eng.decode(state, tok)
-                tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                state, tok = step(state, tok)
                 tok.block_until_ready()
                 walls.append((time.perf_counter() - t0) * 1e3)
             jax.profiler.stop_trace()
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
         finally:  # a failed engine too: its caches would skew the next variants' memory
             offload.COPY_UNROLL_GROUPS = real_unroll
             ref = weakref.ref(eng) if eng is not None else None
-            eng = state = logits = tok = None
+            eng = state = tok = None
             row["engine_freed"] = C.release_engine(model, ref)["engine_freed"]
         rows.append(row)
         paths = save()
