@@ -76,6 +76,17 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
     n, s = cache.tops.shape[0], cache.tops.shape[1]
     if n == 0 or s == 0:
         return cache
+    cache, rows = lru_slots(cache, experts, step)
+    tops = cache.tops.at[rows].set(buffers[:, :s].astype(cache.tops.dtype), mode="drop", unique_indices=True)
+    return cache.replace(tops=tops)
+
+
+def lru_slots(cache: LayerCache, experts: jax.Array, step: jax.Array) -> tuple[LayerCache, jax.Array]:
+    """`lru_update` without the write of the rows: the slot map, owners and last uses after the step, and the slot
+    each of `experts` [U] is admitted to ([U] int32; distinct values >= N for those not written). The engine writes
+    each admitted expert's rows where its copy arrives (`OffloadEngine._copy_step`), so that no [U, s, 3, D]
+    buffer of rows to admit is assembled. Requires a cache with slots (N > 0, s > 0)."""
+    n = cache.tops.shape[0]
     E = cache.slot_of.shape[0]
     i32 = jnp.int32
     valid = experts >= 0
@@ -101,8 +112,7 @@ def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: 
     # The finals' targets are distinct (their ranks are n_miss - n .. n_miss - 1 at most); the rows not written
     # get distinct out-of-bounds indices (dropped).
     rows = jnp.where(final, target, n + jnp.arange(experts.shape[0]))
-    tops = cache.tops.at[rows].set(buffers[:, :s].astype(cache.tops.dtype), mode="drop", unique_indices=True)
-    return LayerCache(tops=tops, slot_of=slot_of, owner=owner, last_use=last_use)
+    return cache.replace(slot_of=slot_of, owner=owner, last_use=last_use), rows
 
 
 def update(rule: str, cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: jax.Array) -> LayerCache:

@@ -424,7 +424,7 @@ class OffloadEngine:
 
     # ---- decode -------------------------------------------------------------------------------------
     def _copy_step(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
-                   emit, every: bool = False):
+                   emit, every: bool = False, admit_step: jax.Array | None = None):
         """One layer's data-dependent copy step: bring experts `ids` to the device and hand each one to `emit`.
 
         ids: [U] int32 distinct experts (-1 = padding); need: [U] bool, those that must be assembled; split: the
@@ -435,13 +435,19 @@ class OffloadEngine:
         (slot top + copied bottom), or "rest" (not copied: buffer = its slot's top when s == F, valid where the
         traced `mask` is true; None when s < F or nothing is cached).
 
+        admit_step: the decode step (int32) for a layer under the LRU rule. The slots are chosen by
+        `cache.lru_slots` over the permuted ids, and each admitted miss's first s rows are written into its slot
+        inside the branch where its copy arrives, so that no buffer of rows to admit is assembled.
+
         How many copies a step makes depends on the data, so it takes a conditional, and on the GPU every
         conditional costs a host round trip (about 50 us per `lax.cond` on the H200,
-        benchmarks/results/probe_cond_*.json): experts are sorted so that misses come first, then top-only hits,
-        and one `lax.switch` per group of COPY_GROUP experts picks the counts for that group. `emit` runs inside
-        the branch, so a caller that only needs each expert's output never materialises the [U, F, 3, D] weights.
-        Returns (ids permuted so that copies come first [U], the permutation [U], emit's results stacked [U, ...],
-        H2D bytes (float32)).
+        benchmarks/results/probe_cond_*.json): experts are sorted so that the ones not copied come first, then
+        top-only hits, then misses, and one `lax.switch` per group of COPY_GROUP experts picks the counts for that
+        group. Every read of a slot therefore comes before any admission writes one. `emit` runs inside the
+        branch, so a caller that only needs each expert's output never materialises the [U, F, 3, D] weights.
+        Returns (ids permuted [U], the permutation [U], emit's results stacked [U, ...], H2D bytes (float32), the
+        cache after the step (its slots and LRU state; unchanged without admit_step), the slot each permuted id
+        was admitted to [U] (>= the slot count: not admitted)).
         """
         F = self.cfg.d_ff
         U = ids.shape[0]
@@ -451,55 +457,81 @@ class OffloadEngine:
         slot = cache.slot_of[jnp.maximum(ids, 0)] if s > 0 else jnp.full(ids.shape, -1, jnp.int32)
         cached = valid & (slot >= 0)
         miss, top_hit = need & ~cached, need & cached & (s < F)
-        # Misses first, then top-only hits, then the rest: whole copies and bottom copies are consecutive runs.
-        order = jnp.argsort(-(2 * miss.astype(jnp.int32) + top_hit.astype(jnp.int32)), stable=True)
+        # The rest first, then top-only hits, then misses: bottom copies and whole copies are consecutive runs, and
+        # the slots are read before an admission overwrites one.
+        order = jnp.argsort(2 * miss.astype(jnp.int32) + top_hit.astype(jnp.int32), stable=True)
         sids, slots, cached = ids[order], jnp.maximum(slot[order], 0), cached[order]
         n_miss, n_top = jnp.sum(miss, dtype=jnp.int32), jnp.sum(top_hit, dtype=jnp.int32)
         nbytes = (n_miss * F + n_top * (F - s)).astype(jnp.float32) * self.row_bytes
+        n_slots = cache.tops.shape[0]
+        admit = admit_step is not None and s > 0
+        if admit:
+            cache, target = C.lru_slots(cache, sids, admit_step)
+        else:
+            target = jnp.full((U,), n_slots, jnp.int32)
+        r = cache.tops.shape[1]
 
-        def expert(kind, e, slot, is_cached):
+        def expert(kind, e, slot, is_cached, tops):  # (emit's result, the rows to admit [r, 3, D] when admitting)
+            rows = jnp.zeros((r if admit else 0, 3, self.cfg.d_model), self.dtype)
             if kind == "whole":
-                return emit(kind, fetch_rows(stack, e, 0, F), None)
+                buf = fetch_rows(stack, e, 0, F)
+                return emit(kind, buf, None), (buf[:r] if admit else rows)
             if kind == "bottom":
-                return emit(kind, jnp.concatenate([cache.tops[slot], fetch_rows(stack, e, s, F - s)]), None)
-            return emit(kind, cache.tops[slot], is_cached) if s == F else emit(kind, None, None)
+                return emit(kind, jnp.concatenate([tops[slot], fetch_rows(stack, e, s, F - s)]), None), rows
+            return (emit(kind, tops[slot], is_cached) if s == F else emit(kind, None, None)), rows
 
-        def stacked(kinds, e, slot, is_cached):  # one group: e, slot, is_cached [m]
-            outs = [expert(k, e[i], slot[i], is_cached[i]) for i, k in enumerate(kinds)]
+        def stacked(kinds, e, slot, is_cached, tops):  # one group: e, slot, is_cached [m]
+            outs = [expert(k, e[i], slot[i], is_cached[i], tops) for i, k in enumerate(kinds)]
             return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
+        def write(tops, rows, t):  # the group's admissions, outside the switch: XLA updates a carried buffer in place
+            return tops.at[t].set(rows.astype(tops.dtype), mode="drop", unique_indices=True) if admit else tops
+
+        tops = cache.tops
         if every and s == 0:
-            return sids, order, stacked(["whole"] * U, sids, slots, cached), nbytes
+            res, _ = stacked(["whole"] * U, sids, slots, cached, tops)
+            return sids, order, res, nbytes, cache, target
         has_bot = 0 < s < F
 
-        def group(m, g0, e, slot, is_cached):  # the switch over one group's (whole, bottom) counts
+        def group(m, n_rest, g0, e, slot, is_cached, t, tops):  # the switch over one group's (rest, bottom) counts
             pairs = [(a, b) for a in range(m + 1) for b in (range(a, m + 1) if has_bot else (a,))]
             table = np.zeros((m + 1, m + 1), np.int32)
             for i, (a, b) in enumerate(pairs):
                 table[a, b] = i
-            branches = [functools.partial(stacked, ["whole"] * a + ["bottom"] * (b - a) + ["rest"] * (m - b))
+            branches = [functools.partial(stacked, ["rest"] * a + ["bottom"] * (b - a) + ["whole"] * (m - b))
                         for a, b in pairs]
-            a = jnp.clip(n_miss - g0, 0, m)
-            b = jnp.clip(n_miss + n_top - g0, 0, m) if has_bot else a
-            return jax.lax.switch(jnp.asarray(table)[a, b], branches, e, slot, is_cached)
+            a = jnp.clip(n_rest - g0, 0, m)
+            b = jnp.clip(n_rest + n_top - g0, 0, m) if has_bot else a
+            res, rows = jax.lax.switch(jnp.asarray(table)[a, b], branches, e, slot, is_cached, tops)
+            return res, write(tops, rows, t)
 
         n_groups = -(-U // COPY_GROUP)
+        n_rest = U - n_miss - n_top
         if n_groups <= COPY_UNROLL_GROUPS:
-            groups = [group(min(COPY_GROUP, U - g0), g0, sids[g0:g0 + COPY_GROUP], slots[g0:g0 + COPY_GROUP],
-                            cached[g0:g0 + COPY_GROUP]) for g0 in range(0, U, COPY_GROUP)]
-            return sids, order, jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups), nbytes
+            groups = []
+            for g0 in range(0, U, COPY_GROUP):
+                sl = slice(g0, g0 + COPY_GROUP)
+                res, tops = group(min(COPY_GROUP, U - g0), n_rest, g0, sids[sl], slots[sl], cached[sl], target[sl],
+                                  tops)
+                groups.append(res)
+            res = jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups)
+            return sids, order, res, nbytes, (cache.replace(tops=tops) if admit else cache), target
         # Several groups (batch > 1, or top-k > COPY_GROUP): one switch in a loop, so the program's size does not grow
-        # with the batch. Padding ids (-1, not cached) fall in the "rest" part of the last group and emit zeros.
+        # with the batch. Padding (-1, not cached) goes in front, in the "rest" part of the first group, and emits
+        # zeros; the misses stay last.
         pad = n_groups * COPY_GROUP - U
-        e = jnp.pad(sids, (0, pad), constant_values=-1).reshape(n_groups, COPY_GROUP)
-        slot = jnp.pad(slots, (0, pad)).reshape(n_groups, COPY_GROUP)
-        is_cached = jnp.pad(cached, (0, pad)).reshape(n_groups, COPY_GROUP)
-        g0s = jnp.arange(n_groups, dtype=jnp.int32) * COPY_GROUP
-        xs = (g0s, e, slot, is_cached)
 
-        def body(buf, x):  # the group's results written into the carried buffer, not stacked as scan outputs
-            return jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(b, o, x[0] // COPY_GROUP, 0),
-                                buf, group(COPY_GROUP, *x)), None
+        def padded(x, value):
+            return jnp.pad(x, (pad, 0), constant_values=value).reshape(n_groups, COPY_GROUP)
+
+        g0s = jnp.arange(n_groups, dtype=jnp.int32) * COPY_GROUP
+        xs = (g0s, padded(sids, -1), padded(slots, 0), padded(cached, False), padded(target, n_slots))
+
+        def body(carry, x):  # the group's results written into the carried buffer, not stacked as scan outputs
+            buf, tops = carry
+            out, tops = group(COPY_GROUP, pad + n_rest, *x, tops)
+            return (jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(b, o, x[0] // COPY_GROUP, 0),
+                                 buf, out), tops), None
 
         # The loop's result buffer is filled from this layer's ids (the loop overwrites every value). A constant
         # buffer has no inputs, so XLA allocated every layer's at the start of the step and kept them all alive
@@ -507,19 +539,20 @@ class OffloadEngine:
         # 1.76 GiB at 24 (benchmarks/results/probe_step_qwen3_l24.json), against 0.14 GiB with the fill
         # (probe_step_qwen3_l24_tied.json). Its shapes are one copied expert's results (every kind emits the same
         # shapes), traced once rather than the whole switch again.
-        one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c), sids[0], slots[0], cached[0])
+        one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c, cache.tops)[0],
+                             sids[0], slots[0], cached[0])
         fill = ids[0].astype(jnp.float32) * 0.0
         buf = jax.tree.map(lambda a: jnp.broadcast_to(fill.astype(a.dtype), (n_groups, COPY_GROUP) + a.shape), one)
-        res = jax.lax.scan(body, buf, xs)[0]
-        res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[:U], res)
-        return sids, order, res, nbytes
+        res, tops = jax.lax.scan(body, (buf, tops), xs)[0]
+        res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[pad:], res)
+        return sids, order, res, nbytes, (cache.replace(tops=tops) if admit else cache), target
 
     def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
                   every: bool = False):
         """The weights of experts `ids` on the device (`_copy_step`; for a prefetch, used a layer later).
 
-        Returns (ids permuted so that copies come first [U], the permutation [U], their buffers [U, F, 3, D] (zeros
-        where not needed and not cached whole), H2D bytes (float32)).
+        Returns (ids permuted [U], the permutation [U], their buffers [U, F, 3, D] (zeros where not needed and not
+        cached whole), H2D bytes (float32)).
         """
         shape = (self.cfg.d_ff, 3, self.cfg.d_model)
 
@@ -528,28 +561,25 @@ class OffloadEngine:
                 return jnp.zeros(shape, self.dtype)
             return buf if mask is None else jnp.where(mask, buf, jnp.zeros((), buf.dtype))
 
-        return self._copy_step(split, stack, cache, ids, need, emit, every)
+        return self._copy_step(split, stack, cache, ids, need, emit, every)[:4]
 
     def _expert_outputs(self, x: jax.Array, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array,
-                        need: jax.Array, admit: bool = False, every: bool = False):
+                        need: jax.Array, every: bool = False, admit_step: jax.Array | None = None):
         """Outputs of experts `ids` for tokens x [B, D], each computed where its weights arrive (`_copy_step`).
 
-        Returns (ids permuted so that copies come first [U], the permutation [U], outputs [U, B, D] float32 (zeros
-        where not needed and not cached whole), rows to admit [U, r, 3, D] (r = the cache's top rows when
-        `admit`, else 0; the first r rows of each whole copy, zeros elsewhere), H2D bytes (float32)).
+        Returns (ids permuted [U], the permutation [U], outputs [U, B, D] float32 (zeros where not needed and not
+        cached whole), H2D bytes (float32), the cache after the step, the admitted slot of each permuted id [U]);
+        admit_step as in `_copy_step`.
         """
         B, D = x.shape
-        r = cache.tops.shape[1] if admit and cache.tops.shape[0] > 0 else 0
 
         def emit(kind, buf, mask):
-            rows = buf[:r] if kind == "whole" else jnp.zeros((r, 3, D), self.dtype)
             if buf is None:
-                return jnp.zeros((B, D), jnp.float32), rows
+                return jnp.zeros((B, D), jnp.float32)
             out = M.segment_ffn(x, buf).astype(jnp.float32)
-            return (out if mask is None else jnp.where(mask, out, 0.0)), rows
+            return out if mask is None else jnp.where(mask, out, 0.0)
 
-        sids, order, (outs, rows), nbytes = self._copy_step(split, stack, cache, ids, need, emit, every)
-        return sids, order, outs, rows, nbytes
+        return self._copy_step(split, stack, cache, ids, need, emit, every, admit_step)
 
     def _predict(self, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array, cache: C.LayerCache,
                  P: int):
@@ -581,18 +611,22 @@ class OffloadEngine:
             predicted = jnp.any(ids[..., None] == pred_ids, axis=-1) & (ids >= 0)
             got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
+        # The static rule never writes its slots; LRU admits each miss inside the copy step (`_copy_step`).
         admit = self.spec.rule == "lru"
-        sids, order, outs, adm, nbytes = self._expert_outputs(
-            x, self.splits[l], stack, cache, uniq, ~got, admit=admit,
-            every=B == 1 and pred is None and self.mesh is None)
+        sids, order, outs, nbytes, new_cache, target = self._expert_outputs(
+            x, self.splits[l], stack, cache, uniq, ~got, every=B == 1 and pred is None and self.mesh is None,
+            admit_step=step if admit else None)
         if pred is not None:
             nbytes = nbytes + pred_bytes
             j = jnp.argmax(sids[:, None] == pred_ids, axis=-1)  # [U] where each prefetched expert sits
             g = got[order]
             pred_outs = jnp.stack([M.segment_ffn(x, pred_bufs[p]).astype(jnp.float32) for p in range(len(pred_ids))])
             outs = jnp.where(g[:, None, None], pred_outs[j], outs)
-            if admit:  # a prefetched miss is admitted with its prefetched rows
-                adm = jnp.where(g[:, None, None, None], pred_bufs[j, :adm.shape[1]], adm)
+            n, r = new_cache.tops.shape[:2]
+            if admit and n and r:  # a prefetched miss is admitted with its prefetched rows (not copied in the step)
+                idx = jnp.where(g, target, n + jnp.arange(target.shape[0]))  # distinct; >= n is dropped
+                new_cache = new_cache.replace(tops=new_cache.tops.at[idx].set(
+                    pred_bufs[j, :r].astype(new_cache.tops.dtype), mode="drop", unique_indices=True))
         # outs: every distinct expert's output for every row [U, B, D]; summed in routing order (k = 0..K-1)
         # exactly as the resident model does, so that bfloat16 results round identically, not just within tolerance.
         rows = jnp.arange(B)
@@ -601,8 +635,7 @@ class OffloadEngine:
             u = jnp.argmax(sids[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in sids
             y = y + jnp.where(ids[:, k, None] >= 0, w[:, k, None] * outs[u, rows], 0.0)
         y = self._psum(y).astype(x.dtype) + M.shared_expert(x, lp.moe)
-        if self.spec.rule != "static":  # the static rule never writes its slots
-            cache = C.update(self.spec.rule, cache, sids, adm, step)
+        cache = new_cache
         f32 = jnp.float32
         counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                         misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
