@@ -436,8 +436,9 @@ class OffloadEngine:
         traced `mask` is true; None when s < F or nothing is cached).
 
         admit_step: the decode step (int32) for a layer under the LRU rule. The slots are chosen by
-        `cache.lru_slots` over the permuted ids, and each admitted miss's first s rows are written into its slot
-        inside the branch where its copy arrives, so that no buffer of rows to admit is assembled.
+        `cache.lru_slots` over the permuted ids; each group's switch returns the first s rows of its whole copies,
+        written into their slots right after the switch (outside it: a write inside a branch made XLA copy the
+        whole cache in every branch), so that no buffer of every layer's rows to admit is assembled.
 
         How many copies a step makes depends on the data, so it takes a conditional, and on the GPU every
         conditional costs a host round trip (about 50 us per `lax.cond` on the H200,
