@@ -224,7 +224,7 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
     buffers (XLA allocates them at the start of the step), grew by one layer's results (lru: the admitted rows)
     per MoE layer, on the CPU as on the H200 (3.45 GiB for Qwen3-30B-A3B lru at batch 1;
     benchmarks/results/probe_step_qwen3_l24*.json). The budget leaves room, so that the extra temporaries do not
-    make the planner shrink the caches instead."""
+    make the planner shrink the caches instead. Nor may the step copy a layer's cache (LRU admission)."""
     from conftest import build_hf_model
 
     from moepic_jax import offload
@@ -242,6 +242,12 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
         assert decode and all("while" in exe.as_text() for exe in decode)  # the loop path is the one under test
         temps[layers] = engine.compiles.temp_bytes_of("decode")
         shapes[layers] = {c.tops.shape for c in engine.caches}
+        # LRU admission writes each copy group's rows into the loop-carried cache in place. Written inside the
+        # switch, XLA copied the whole cache in every branch (CPU HLO, session 7): no copy of a cache may remain.
+        cache_types = {"f32[" + ",".join(map(str, shape)) + "]" for shape in shapes[layers]}
+        copies = [line for exe in decode for line in exe.as_text().splitlines()
+                  if " copy(" in line and any(t in line.split("=", 1)[-1].split(" copy(")[0] for t in cache_types)]
+        assert not copies, copies[:3]
     assert shapes[2] == shapes[6]  # the same caches per layer: the temporaries alone differ
     cfg = m.cfg
     # a layer's loop results: admitted rows (at most d_ff each) of 4 distinct experts, float32 (padding aside)
