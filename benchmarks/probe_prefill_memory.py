@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     C.set_gpu_env(args.model, args.tiny)
     from moepic_jax.engine import device_memory_stats, make_engine, tree_bytes
     from moepic_jax.generate import _bucket
-    from moepic_jax.offload import WORKSPACE_MARGIN_BYTES, OffloadEngine
+    from moepic_jax.offload import OffloadEngine
 
     GiB = 2**30
     cfg = C.get_config(args.model, tiny=args.tiny, n_layers=args.layers)
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
              "caches (all fields)": tree_bytes(eng.caches), "tops (cache_bytes)": eng.cache_bytes(),
              "two stacks": 2 * eng.e_loc * cfg.d_ff * eng.row_bytes,
              **{f"temps {n}": eng.compiles.temp_bytes_of(n) for n in eng.compiles.seconds_by_name},
-             "margin": WORKSPACE_MARGIN_BYTES, "needed (estimate)": eng.device_bytes_needed(state), "budget": budget}
+             "workspace (margin + allocator slack)": eng.workspace_bytes(),
+             "needed (estimate)": eng.device_bytes_needed(state), "budget": budget}
     eng._prefill_stack = lambda l, src: waited(f"stack {l}", stack)(l, src)
     jax.block_until_ready(eng.prefill(state, tokens, mask))
     mark("prefill 1 (each step waited)")

@@ -59,6 +59,14 @@ from moepic_jax.weights import Model
 log = logging.getLogger(__name__)
 
 WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below
+# The GPU allocator (BFC) hands out a whole free chunk when under 128 MiB (and under the request) would remain, and
+# that slack counts as in use for the buffer's life. The caches' slot arrays kept 216 MiB of it for Qwen3-30B-A3B
+# (24 layers, 25 %): three arrays with 120, 32 and 64 MiB more than asked. Reserving the caches in one chunk first
+# (`_build_caches`) left two, 152 MiB, served from holes that earlier transients had left
+# (benchmarks/results/probe_prefill_memory_qwen3_lru*.json). On an accelerator the budget counts this many chunks of
+# slack, each at most 128 MiB or one layer stack (the largest slot array), whichever is less. Not on the CPU backend.
+ALLOCATOR_SLACK_CHUNKS = 2
+ALLOCATOR_MAX_SLACK_BYTES = 128 * 2**20
 # Prefill copies only the rows a layer's cache does not hold once they are at most this share of its stack: one
 # expert alone streams at ~39 GB/s against ~53 GB/s for a whole 1 GB layer stack on the H200
 # (benchmarks/results/bench_policies_qwen15_s4.json, "h2d"), so per-expert copies pay below ~73 % of the bytes;
@@ -312,7 +320,15 @@ class OffloadEngine:
         # decode: routed + prefetched buffers of two layers in flight; prefill: two layer stacks.
         buffers = max(2 * (U + P) * expert, 2 * layer_stack)
         acts = activation_bytes(cfg, batch, max_len, self.dtype.itemsize)
-        return tree_bytes(self.resident) + kv + buffers + acts + WORKSPACE_MARGIN_BYTES
+        return tree_bytes(self.resident) + kv + buffers + acts + self.workspace_bytes()
+
+    def workspace_bytes(self) -> int:
+        """Device bytes (per device) kept for what is not sized elsewhere: WORKSPACE_MARGIN_BYTES, plus on an
+        accelerator the allocator's slack (ALLOCATOR_SLACK_CHUNKS)."""
+        if self.device.platform == "cpu":
+            return WORKSPACE_MARGIN_BYTES
+        layer_stack = self.e_loc * self.cfg.d_ff * self.row_bytes
+        return WORKSPACE_MARGIN_BYTES + ALLOCATOR_SLACK_CHUNKS * min(ALLOCATOR_MAX_SLACK_BYTES, layer_stack)
 
     def min_budget_bytes(self) -> int:
         """The smallest VRAM budget (bytes) this policy accepts for the reserved batch and length."""
@@ -974,7 +990,7 @@ class OffloadEngine:
         # budgets stay testable (the prefill activations are budgeted in the fixed part, `activation_bytes`).
         prefill = max(stacks, temps) if self.device.platform == "cpu" else stacks + temps
         return (tree_bytes(self.resident) + tree_bytes(state) + self.cache_bytes()
-                + max(prefill, self.compiles.temp_bytes_of("decode")) + WORKSPACE_MARGIN_BYTES)
+                + max(prefill, self.compiles.temp_bytes_of("decode")) + self.workspace_bytes())
 
     def _check_compiled_budget(self, state, decode: bool = True) -> None:
         """Re-plan the caches (at most 3 times) while the compiled steps need more than the budget; raise if they
