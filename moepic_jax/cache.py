@@ -56,7 +56,8 @@ def classify(cache: LayerCache, experts: jax.Array, split: int, d_ff: int) -> tu
 
 
 def lru_update(cache: LayerCache, experts: jax.Array, buffers: jax.Array, step: jax.Array) -> LayerCache:
-    """LRU admission of the experts used at `step`, in order.
+    """LRU admission of the experts used at `step`, in order (the rule's whole form; the decode step uses
+    `lru_slots` and writes each admitted expert's rows where its copy lands).
 
     Args:
       experts: [U] int32 distinct experts used this step (-1 = padding); buffers: [U, >=s, 3, D] the rows to admit
