@@ -58,9 +58,9 @@ def main(argv=None) -> int:
         row = {"step": what, "in_use_gib": st.get("bytes_in_use", 0) / GiB,
                "peak_gib": st.get("peak_bytes_in_use", 0) / GiB, "live_arrays_gib": C.live_device_bytes() / GiB}
         log.append(row)
+        gap_mib = (row["in_use_gib"] - row["live_arrays_gib"]) * 1024
         print(f"  {what:28s} in use {row['in_use_gib']:8.3f}  peak {row['peak_gib']:8.3f}  live arrays "
-              f"{row['live_arrays_gib']:8.3f} GiB, in use - live {(row['in_use_gib'] - row['live_arrays_gib']) * 1024:7.1f} MiB",
-              flush=True)
+              f"{row['live_arrays_gib']:8.3f} GiB, in use - live {gap_mib:7.1f} MiB", flush=True)
 
     mark("model built")
     eng = make_engine(model, args.policy, vram_budget=budget, granule=16 if args.tiny else 128,
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     mark("warm-up (compiles, caches)")
     parts = {"resident": tree_bytes(eng.resident), "kv_state": tree_bytes(state),
              "caches (all fields)": tree_bytes(eng.caches), "tops (cache_bytes)": eng.cache_bytes(),
-             "two stacks": 2 * eng.e_loc * cfg.d_ff * eng.row_bytes,
+             "two stacks": 2 * eng.stack_bytes,
              **{f"temps {n}": eng.compiles.temp_bytes_of(n) for n in eng.compiles.seconds_by_name},
              "workspace (margin + allocator slack)": eng.workspace_bytes(),
              "needed (estimate)": eng.device_bytes_needed(state), "budget": budget}
@@ -130,8 +130,9 @@ def main(argv=None) -> int:
     jax.block_until_ready(eng.decode(state, jnp.argmax(logits, -1).astype(jnp.int32)))
     mark("one decode step")
     peak = max(r["peak_gib"] for r in log)
-    result = {"command": " ".join(["python3"] + sys.argv), "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "policy": args.policy,
-              "frac": args.frac, "env": C.env_info(), "estimate_parts_gib": {k: v / GiB for k, v in parts.items()},
+    result = {"command": " ".join(["python3"] + sys.argv), "model": C.MODEL_NAMES[args.model],
+              "n_layers": cfg.n_layers, "policy": args.policy, "frac": args.frac, "env": C.env_info(),
+              "estimate_parts_gib": {k: v / GiB for k, v in parts.items()},
               "peak_gib": peak, "over_estimate_gib": peak - parts["needed (estimate)"] / GiB, "log": log}
     print("\nestimate parts (GiB): " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in parts.items()))
     print(f"peak {peak:.3f} GiB, over the estimate by {result['over_estimate_gib']:+.3f} GiB")

@@ -229,6 +229,7 @@ class OffloadEngine:
             raise ValueError(f"{cfg.n_experts} experts cannot be split evenly over {self.n_dev} devices; use a device "
                              f"count that divides {cfg.n_experts}")
         self.e_loc = cfg.n_experts // self.n_dev  # experts owned by each device
+        self.stack_bytes = self.e_loc * cfg.d_ff * self.row_bytes  # one layer's expert stack, per device
         self.mesh = jax.sharding.Mesh(np.array(self.devices), (EXPERT_AXIS,)) if self.n_dev > 1 else None
 
         self.stacks = pin_experts(model, self._sharding("pinned_host", expert=True))
@@ -315,10 +316,9 @@ class OffloadEngine:
         U = min(batch * cfg.top_k, self.e_loc)
         prefetch = self.spec.prefetch if prefetch is None else prefetch
         P = min(batch * self.n_predicted, self.e_loc) if prefetch else 0
-        layer_stack = self.e_loc * expert
         kv = M.kv_cache_bytes(cfg, batch, max_len, self.dtype.itemsize)
         # decode: routed + prefetched buffers of two layers in flight; prefill: two layer stacks.
-        buffers = max(2 * (U + P) * expert, 2 * layer_stack)
+        buffers = max(2 * (U + P) * expert, 2 * self.stack_bytes)
         acts = activation_bytes(cfg, batch, max_len, self.dtype.itemsize)
         return tree_bytes(self.resident) + kv + buffers + acts + self.workspace_bytes()
 
@@ -327,8 +327,7 @@ class OffloadEngine:
         accelerator the allocator's slack (ALLOCATOR_SLACK_CHUNKS)."""
         if self.device.platform == "cpu":
             return WORKSPACE_MARGIN_BYTES
-        layer_stack = self.e_loc * self.cfg.d_ff * self.row_bytes
-        return WORKSPACE_MARGIN_BYTES + ALLOCATOR_SLACK_CHUNKS * min(ALLOCATOR_MAX_SLACK_BYTES, layer_stack)
+        return WORKSPACE_MARGIN_BYTES + ALLOCATOR_SLACK_CHUNKS * min(ALLOCATOR_MAX_SLACK_BYTES, self.stack_bytes)
 
     def min_budget_bytes(self) -> int:
         """The smallest VRAM budget (bytes) this policy accepts for the reserved batch and length."""
@@ -376,15 +375,11 @@ class OffloadEngine:
 
         put = jax.jit(put, static_argnums=(4,), donate_argnums=(0,))
         shapes = self._abstract_caches()
-        # GPU allocator (BFC): a request served from a free chunk keeps the whole chunk when the remainder would be
-        # under 128 MiB (and under the request), and that slack counts as in use. Allocated layer by layer, the slot
-        # arrays of Qwen3-30B-A3B (24 layers, 25 %) kept 216 MiB of slack, the whole excess of the device peak over
-        # this engine's estimate (benchmarks/results/probe_prefill_memory_qwen3_lru.json). One allocation of every
-        # cache's bytes, freed at once, leaves one free chunk to carve the slot arrays from: that removed the slack
-        # at the growing end of the pool (-64 MiB), not the 152 MiB taken from holes that earlier transients left
-        # (probe_prefill_memory_qwen3_lru_reserve.json).
-        for dev in self.devices:
-            reserve = jnp.zeros((self.cache_bytes(),), jnp.uint8, device=dev)
+        # One allocation of every cache's bytes, freed at once, leaves one free chunk to carve the slot arrays
+        # from: less allocator slack (ALLOCATOR_SLACK_CHUNKS; -64 MiB for Qwen3-30B-A3B, 24 layers, 25 %).
+        reserve_bytes = self.cache_bytes()
+        for dev in self.devices if reserve_bytes else ():
+            reserve = jnp.zeros((reserve_bytes,), jnp.uint8, device=dev)
             reserve.block_until_ready()
             reserve.delete()
         for l, lp in enumerate(self.cache_plan.layers):
@@ -543,7 +538,7 @@ class OffloadEngine:
                                   tops)
                 groups.append(res)
             res = jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups)
-            return sids, order, res, nbytes, (cache.replace(tops=tops) if admit else cache), target
+            return sids, order, res, nbytes, cache.replace(tops=tops), target
         # Several groups (batch > 1, or top-k > COPY_GROUP): one switch in a loop, so the program's size does not grow
         # with the batch. Padding (-1, not cached) goes in front, in the "rest" part of the first group, and emits
         # zeros; the misses stay last.
@@ -573,7 +568,7 @@ class OffloadEngine:
         buf = jax.tree.map(lambda a: jnp.broadcast_to(fill.astype(a.dtype), (n_groups, COPY_GROUP) + a.shape), one)
         res, tops = jax.lax.scan(body, (buf, tops), xs)[0]
         res = jax.tree.map(lambda x: x.reshape((n_groups * COPY_GROUP,) + x.shape[2:])[pad:], res)
-        return sids, order, res, nbytes, (cache.replace(tops=tops) if admit else cache), target
+        return sids, order, res, nbytes, cache.replace(tops=tops), target
 
     def _assemble(self, split: int, stack: jax.Array, cache: C.LayerCache, ids: jax.Array, need: jax.Array,
                   every: bool = False):
@@ -978,10 +973,10 @@ class OffloadEngine:
 
     def device_bytes_needed(self, state) -> int:
         """Device bytes at the peak: resident weights, KV cache, top caches, then the larger of prefill (two layer
-        stacks plus the largest temporaries of a prefill step; their max on the CPU backend) and decode (its XLA temporaries, which hold its copy
-        buffers; `compiled.memory_analysis()`), plus the margin. Prefill and decode never overlap."""
-        cfg = self.cfg
-        stacks = 2 * self.e_loc * cfg.d_ff * self.row_bytes  # per device
+        stacks plus the largest temporaries of a prefill step; their max on the CPU backend) and decode (its XLA
+        temporaries, which hold its copy buffers; `compiled.memory_analysis()`), plus the workspace. Prefill and
+        decode never overlap."""
+        stacks = 2 * self.stack_bytes
         temps = max(self.compiles.temp_bytes_of(n)
                     for n in ("prefill_pre", "prefill_moe", "prefill_dense", "head", "prefill_gather"))
         # Prefill holds the two stacks and a layer step's temporaries at once (on the H200 the max of the two
