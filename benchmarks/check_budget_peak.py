@@ -1,71 +1,110 @@
 """Invariant 3 on a GPU: the device peak (`peak_bytes_in_use`) of a whole `generate` stays under the VRAM budget.
 
-Each policy runs in a fresh process (the peak cannot be reset) with XLA_PYTHON_CLIENT_PREALLOCATE=false. The
-model (the Qwen1.5-MoE-A2.7B layer shapes, fewer layers to keep the run short) is built in host NumPy and its
-experts go straight to pinned_host, so nothing touches the device before the engine does.
+The parent writes a random-weight model with a real layer shape (fewer layers, to keep the run short) as a
+moepic_jax orbax checkpoint. Each policy then runs in a fresh process (the peak cannot be reset) with
+XLA_PYTHON_CLIENT_PREALLOCATE=false, restores that checkpoint into host memory (`moepic_jax.weights.load`) and
+calls `generate`: the experts go straight to pinned_host, nothing touches the device before the engine does.
 
-  PYTHONPATH=. python benchmarks/check_budget_peak.py [--layers 4] [--policies ondemand,moepic] [--frac 0.25]
+  PYTHONPATH=. python benchmarks/check_budget_peak.py [--model qwen15] [--layers 4] [--policies ondemand,moepic]
+      [--frac 0.25] [--ckpt DIR]
 """
 import argparse
+import datetime
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 
 
-def child(policy: str, layers: int, frac: float) -> dict:
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    sys.path.insert(0, os.path.dirname(__file__))
+def write_checkpoint(model: str, layers: int, path: str) -> None:
+    """A random bfloat16 model of `model`'s layer shapes, drawn in host NumPy (the big expert stacks from one shared
+    pool at random offsets: drawing every element would take minutes), saved with `moepic_jax.checkpoint.save`."""
+    import jax
     import numpy as np
 
-    import common
-    from moepic_jax import generate
+    from moepic_jax import checkpoint
     from moepic_jax.config import from_hf_config
-    from moepic_jax.offload import OffloadEngine
-    from moepic_jax.weights import Model, empty_params
+    from moepic_jax.weights import empty_params
 
-    d = dict(common.REAL_CONFIGS["qwen15"]) if hasattr(common, "REAL_CONFIGS") else None
-    d["num_hidden_layers"] = layers
+    d = dict(common.REAL_CONFIGS[model], num_hidden_layers=layers)
     cfg = from_hf_config(d)
     params = empty_params(cfg, "bfloat16")
     rng = np.random.default_rng(0)
-    import jax
-
+    pool = (rng.standard_normal(1 << 25, dtype=np.float32) * 0.02).astype(params.embed.dtype)
     for leaf in jax.tree_util.tree_leaves(params):
-        leaf[...] = (rng.standard_normal(leaf.shape, dtype=np.float32) * 0.02).astype(leaf.dtype)
-    model = Model(cfg=cfg, params=params, dtype="bfloat16")
-    fixed = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=256).fixed_bytes
-    budget = fixed + int(frac * model.expert_bytes())
+        if leaf.size <= pool.size // 2:
+            leaf[...] = (rng.standard_normal(leaf.shape, dtype=np.float32) * 0.02).astype(leaf.dtype)
+            continue
+        flat = leaf.reshape(leaf.shape[0], -1)  # a view: experts [E, F, 3, D], embed / lm_head rows
+        n = flat.shape[1]
+        for i in range(0, flat.shape[0]):
+            o = int(rng.integers(0, pool.size - n)) if n < pool.size else 0
+            flat[i] = np.resize(pool[o:o + n], n)
+    checkpoint.save(path, cfg, params, "bfloat16")
+
+
+def child(policy: str, ckpt: str, frac: float) -> dict:
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import gc
 
+    import jax
+    import numpy as np
+
+    from moepic_jax import generate, weights
+    from moepic_jax.offload import OffloadEngine
+
+    t = time.perf_counter()
+    model = weights.load(ckpt)
+    restore_s = time.perf_counter() - t
+    fixed = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=256).fixed_bytes
+    budget = fixed + int(frac * model.expert_bytes())
     gc.collect()  # the sizing engine above must be gone before the measured one is built (reference cycles)
-    ids = rng.integers(0, cfg.vocab_size, 128).tolist()
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, 128).tolist()
     r = generate(ids, model=model, max_new_tokens=32, policy=policy, vram_budget=budget, granule=128)
     st = jax.devices()[0].memory_stats() or {}
-    return {"policy": policy, "budget_bytes": budget, "fixed_bytes": fixed,
-            "peak_bytes_in_use": st.get("peak_bytes_in_use"), "tpot_ms": r.stats.tpot_s * 1e3,
-            "h2d_MB_per_token": r.stats.h2d_bytes_per_token / 1e6}
+    return {"policy": policy, "budget_bytes": budget, "fixed_bytes": fixed, "restore_s": restore_s,
+            "peak_bytes_in_use": st.get("peak_bytes_in_use"), "stats_peak_bytes": r.stats.peak_device_bytes,
+            "tpot_ms": r.stats.tpot_s * 1e3, "h2d_MB_per_token": r.stats.h2d_bytes_per_token / 1e6,
+            "env": common.env_info()}
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen15", choices=tuple(common.REAL_CONFIGS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--policies", default="ondemand,moepic")
-    ap.add_argument("--frac", type=float, default=0.25)
-    ap.add_argument("--child", default=None)
+    ap.add_argument("--frac", type=float, default=0.25, help="cache budget as a fraction of the expert bytes")
+    ap.add_argument("--ckpt", default=None, help="checkpoint directory (written when missing; default: a temp dir)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    # The parent never starts JAX's backend: on a GPU it would preallocate most of the memory the children measure.
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.layers, a.frac)))
+        print("RESULT " + json.dumps(child(a.child, a.ckpt, a.frac)))
         return
+    tmp = tempfile.TemporaryDirectory() if a.ckpt is None else None
+    ckpt = a.ckpt or os.path.join(tmp.name, "ckpt")
+    t = time.perf_counter()
+    if not os.path.exists(ckpt):
+        write_checkpoint(a.model, a.layers, ckpt)
+    print(f"checkpoint {ckpt} ready in {time.perf_counter() - t:.1f} s", flush=True)
     rows = []
     for pol in a.policies.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", pol, "--layers", str(a.layers), "--frac",
-                              str(a.frac)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--child", pol, "--ckpt", ckpt, "--frac", str(a.frac)],
+                             capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         rows.append(json.loads(line[0][7:]) if line else {"policy": pol, "error": out.stderr[-800:]})
+    result = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "date": datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"), "model": a.model, "layers": a.layers, "frac": a.frac,
+        "env": next((r.pop("env") for r in rows if "env" in r), None), "rows": rows}
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "check_budget_peak.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        with open(os.path.join(os.environ["OUT"], f"check_budget_peak_{a.model}_l{a.layers}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{common.MODEL_NAMES[a.model]}, {a.layers} layers, cache budget {a.frac:.0%} of the expert bytes")
     print("| policy | budget GiB | peak GiB | peak <= budget | TPOT ms |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
