@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moepic_jax import grouped
 from moepic_jax import model as M
 from moepic_jax.budget import parse_budget
 from moepic_jax.weights import Model
@@ -111,7 +112,9 @@ class ResidentEngine:
             raise ValueError(
                 f"policy 'resident' needs all {need / 2**30:.3f} GiB of weights on the device, more than the VRAM "
                 f"budget of {self.vram_budget_bytes / 2**30:.3f} GiB; use an offloading policy (e.g. 'moepic')")
-        self.params = jax.device_put(model.params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        device = jax.devices()[0]
+        self.params = jax.device_put(model.params, jax.sharding.SingleDeviceSharding(device))
+        self.matmul = grouped.matmul_for(device, self.cfg.d_model, self.cfg.d_ff, self.dtype)  # prefill's experts
         self.cache_plan = None
 
     def fixed_bytes(self, batch: int, max_len: int) -> int:
@@ -130,7 +133,7 @@ class ResidentEngine:
         return M.init_kv_cache(self.cfg, batch, max_len, self.dtype)
 
     def _step(self, params, cache, tokens, mask):
-        logits, cache = M.forward_tokens(params, self.cfg, tokens, mask, cache, last_only=True)
+        logits, cache = M.forward_tokens(params, self.cfg, tokens, mask, cache, last_only=True, matmul=self.matmul)
         return logits[:, -1], cache, {}
 
     def prefill(self, state, tokens, mask):

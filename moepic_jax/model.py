@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moepic_jax.config import MoEConfig
+from moepic_jax.grouped import experts_grouped
 
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
@@ -260,13 +261,21 @@ def shared_expert(x: jax.Array, p: MoEParams) -> jax.Array:
     return jax.nn.sigmoid(x @ p.w_shared_gate) * mlp(x, p.shared)
 
 
-def moe_resident(x: jax.Array, p: MoEParams, cfg: MoEConfig) -> jax.Array:
-    """MoE block with all experts on the device. x: [N, D] -> [N, D]."""
+def experts_many(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array, matmul=None) -> jax.Array:
+    """Routed-expert output for many tokens (prefill): grouped by expert with `matmul` (`grouped.matmul_for`), or
+    `experts_scan` when it is None. x: [N, D]; experts: [E, F, 3, D]; ids, w: [N, K]. Returns [N, D] float32."""
+    if matmul is None:
+        return experts_scan(x, experts, ids, w)
+    return experts_grouped(x, experts, ids, w, matmul)
+
+
+def moe_resident(x: jax.Array, p: MoEParams, cfg: MoEConfig, matmul=None) -> jax.Array:
+    """MoE block with all experts on the device. x: [N, D] -> [N, D]. matmul: see `experts_many`."""
     ids, w = route(x, p.w_router, cfg)
     n = x.shape[0]
     # Reading only the routed experts is cheaper while N*K is small; the dense form avoids a huge gather.
-    routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_scan(
-        x, p.experts, ids, w)
+    routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_many(
+        x, p.experts, ids, w, matmul)
     return routed.astype(x.dtype) + shared_expert(x, p)
 
 
@@ -298,13 +307,15 @@ def cache_positions(cache: KVCache, mask: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def forward_tokens(
-    params: Params, cfg: MoEConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False
+    params: Params, cfg: MoEConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False,
+    matmul=None,
 ) -> tuple[jax.Array, KVCache]:
     """All-resident forward over T new tokens, writing the KV cache.
 
     Args:
       tokens: [B, T] int32; mask: [B, T] bool (False = left padding); cache: `KVCache`.
       last_only: static; compute logits for the last position only (generation does not need the others).
+      matmul: static; the grouped matmul of many-token MoE blocks (`grouped.matmul_for`; None: `experts_scan`).
     Returns:
       (logits [B, T, V] float32 ([B, 1, V] with last_only), updated cache).
     """
@@ -317,7 +328,7 @@ def forward_tokens(
                             cache.length, cfg)
         h = h + a
         x = rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, -1)
-        y = moe_resident(x, lp.moe, cfg) if cfg.moe_layers[l] else mlp(x, lp.mlp)
+        y = moe_resident(x, lp.moe, cfg, matmul) if cfg.moe_layers[l] else mlp(x, lp.mlp)
         h = h + y.reshape(B, T, -1)
     new_cache = new_cache.replace(k=k, v=v)
     return lm_head(params, h[:, -1:] if last_only else h, cfg), new_cache

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moepic_jax import cache as C
+from moepic_jax import grouped
 from moepic_jax import model as M
 from moepic_jax.budget import parse_budget
 from moepic_jax.engine import CompileCache, tree_bytes
@@ -225,6 +226,7 @@ class OffloadEngine:
         self.adapt_to_prompt = adapt_to_prompt
         self.devices = resolve_devices(devices)
         self.device, self.n_dev = self.devices[0], len(self.devices)
+        self.matmul = grouped.matmul_for(self.device, self.cfg.d_model, self.cfg.d_ff, self.dtype)  # prefill's experts
         if cfg.n_experts % self.n_dev:
             raise ValueError(f"{cfg.n_experts} experts cannot be split evenly over {self.n_dev} devices; use a device "
                              f"count that divides {cfg.n_experts}")
@@ -756,7 +758,7 @@ class OffloadEngine:
         x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, D)
         if is_moe:
             ids, w = M.route(x, lp.moe.w_router, cfg)
-            y = self._psum(M.experts_scan(x, experts, self._local(ids), w)).astype(x.dtype) + M.shared_expert(x, lp.moe)
+            y = self._psum(M.experts_many(x, experts, self._local(ids), w, self.matmul)).astype(x.dtype) + M.shared_expert(x, lp.moe)
             # valid: [B, S] over the whole KV cache; this step's tokens are [start, start + T). Padding positions
             # route too: they are not counted.
             real = jax.lax.dynamic_slice_in_dim(valid, start, T, axis=1).reshape(B * T, 1).astype(jnp.int32)
