@@ -195,6 +195,33 @@ def test_batch_of_two_prompts_exact(policy, offload_models, reference):
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_grouped_prefill_exact(family, offload_models, reference):
+    """Prefill with the tokens grouped by expert (the path Hopper GPUs take, `grouped.experts_grouped`; here with
+    `jax.lax.ragged_dot` as its matmul): the same logits and tokens as the resident model, for the resident engine
+    too, and the batch's padding tokens included."""
+    from moepic_jax import grouped
+
+    m = offload_models[family]
+    engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.3), **PKW)
+    assert engine.matmul is None  # the CPU keeps experts_scan
+    traced = []
+
+    def matmul(*args):  # counts the traces: the grouped path is the one compiled
+        traced.append(args[0].shape)
+        return grouped.ragged_matmul_lax(*args)
+
+    engine.matmul = matmul
+    counters, _ = _check(engine, family, reference, m, BATCH)
+    assert sum(c["h2d_bytes"].sum() for c in counters) > 0
+    resident = ResidentEngine(m)
+    resident.matmul = grouped.ragged_matmul_lax
+    forced, ref_logits, _ = reference[family, 2]
+    logits, _ = teacher_forced(resident, forced, BATCH)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    assert traced and all(shape[0] == 2 * _bucket(9) * m.cfg.top_k for shape in traced)  # [B*T*top_k, ...]
+
+
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
 def test_copy_groups_in_a_loop_exact(policy, offload_models, reference, monkeypatch):
     """Batches with more copy groups than COPY_UNROLL_GROUPS run one switch in a `lax.scan` over the groups (padding
