@@ -8,6 +8,7 @@ run in one process on one model build, so machine-to-machine spread is out of th
 A variant is `policy:fraction[:option...]`, options:
   adapt     static/moepic refill the cache from the prompt (adapt_to_prompt)
   unrollN   `offload.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
+  rule=R    the policy's cache replacement rule replaced by R (`cache.RULES`: static, lru, freq)
 
 Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase, which
 only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3 untraced
@@ -27,6 +28,7 @@ copy loops of all layers shared one result buffer: it gave each layer its own. T
 
 import argparse
 import collections
+import dataclasses
 import glob
 import os
 import sys
@@ -38,16 +40,18 @@ from pathlib import Path
 def parse_variant(item: str) -> dict:
     parts = item.split(":")
     try:
-        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, label=item)
+        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, rule=None, label=item)
     except (IndexError, ValueError):
-        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN]") from None
+        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN][:rule=R]") from None
     for o in parts[2:]:
         if o == "adapt":
             v["adapt"] = True
         elif o.startswith("unroll") and o[6:].isdigit():
             v["unroll"] = int(o[6:])
+        elif o.startswith("rule="):
+            v["rule"] = o[5:]
         else:
-            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN")
+            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN, rule=R")
     return v
 
 
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
     def peak():
         return (device_memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
-    real_unroll = offload.COPY_UNROLL_GROUPS
+    real_unroll, real_specs = offload.COPY_UNROLL_GROUPS, offload.SPECS
 
     meta = {"benchmark": "probe_step: decode step time by variant, with a device profile", "env": env,
             "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
@@ -195,6 +199,8 @@ def main(argv=None) -> int:
         try:
             if v["unroll"] is not None:
                 offload.COPY_UNROLL_GROUPS = v["unroll"]
+            if v["rule"] is not None:  # read when the engine is built
+                offload.SPECS = {**real_specs, v["policy"]: dataclasses.replace(real_specs[v["policy"]], rule=v["rule"])}
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
                               adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len)
             row["cache_gib_planned"] = eng.cache_bytes() / 2**30
@@ -269,7 +275,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
         finally:  # a failed engine too: its caches would skew the next variants' memory
-            offload.COPY_UNROLL_GROUPS = real_unroll
+            offload.COPY_UNROLL_GROUPS, offload.SPECS = real_unroll, real_specs
             ref = weakref.ref(eng) if eng is not None else None
             eng = state = tok = None
             row["engine_freed"] = C.release_engine(model, ref)["engine_freed"]

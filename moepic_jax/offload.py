@@ -163,7 +163,7 @@ SPECS = {
     "ondemand": PolicySpec("static", prefetch=False, allow_split=False),
     "lru": PolicySpec("lru", prefetch=True, allow_split=False),
     "static": PolicySpec("static", prefetch=True, allow_split=False),
-    "moepic": PolicySpec("static", prefetch=True, allow_split=True),
+    "moepic": PolicySpec("freq", prefetch=True, allow_split=True),  # cache.py: why freq
 }
 
 
@@ -424,7 +424,7 @@ class OffloadEngine:
 
             out.append(C.LayerCache(tops=sds((nd * n, s, 3, cfg.d_model), self.dtype),
                                     slot_of=sds((cfg.n_experts,), jnp.int32), owner=sds((nd * n,), jnp.int32),
-                                    last_use=sds((nd * n,), jnp.int32)))
+                                    last_use=sds((nd * n,), jnp.int32), score=sds((cfg.n_experts,), jnp.float32)))
         return tuple(out)
 
     def _caches_or_shapes(self):
@@ -459,8 +459,8 @@ class OffloadEngine:
         (slot top + copied bottom), or "rest" (not copied: buffer = its slot's top when s == F, valid where the
         traced `mask` is true; None when s < F or nothing is cached).
 
-        admit_step: the decode step (int32) for a layer under the LRU rule. The slots are chosen by
-        `cache.lru_slots` over the permuted ids; each group's switch returns the first s rows of its whole copies,
+        admit_step: the decode step (int32) for a layer whose rule admits (lru, freq). The slots are chosen by
+        `cache.admit_slots` over the permuted ids; each group's switch returns the first s rows of its whole copies,
         written into their slots right after the switch (outside it: a write inside a branch made XLA copy the
         whole cache in every branch), so that no buffer of every layer's rows to admit is assembled.
 
@@ -471,7 +471,7 @@ class OffloadEngine:
         group. Every read of a slot therefore comes before any admission writes one. `emit` runs inside the
         branch, so a caller that only needs each expert's output never materialises the [U, F, 3, D] weights.
         Returns (ids permuted [U], the permutation [U], emit's results stacked [U, ...], H2D bytes (float32), the
-        cache after the step (its slots and LRU state; unchanged without admit_step), the slot each permuted id
+        cache after the step (its slots and rule state; unchanged without admit_step), the slot each permuted id
         was admitted to [U] (>= the slot count: not admitted)).
         """
         F = self.cfg.d_ff
@@ -491,7 +491,7 @@ class OffloadEngine:
         n_slots = cache.tops.shape[0]
         admit = admit_step is not None and s > 0
         if admit:
-            cache, target = C.lru_slots(cache, sids, admit_step)
+            cache, target = C.admit_slots(self.spec.rule, cache, sids, admit_step)
         else:
             target = jnp.full((U,), n_slots, jnp.int32)
         r = cache.tops.shape[1]
@@ -636,8 +636,8 @@ class OffloadEngine:
             predicted = jnp.any(ids[..., None] == pred_ids, axis=-1) & (ids >= 0)
             got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
-        # The static rule never writes its slots; LRU admits each miss inside the copy step (`_copy_step`).
-        admit = self.spec.rule == "lru"
+        # The static rule never writes its slots; lru and freq admit misses inside the copy step (`_copy_step`).
+        admit = self.spec.rule != "static"
         sids, order, outs, nbytes, new_cache, target = self._expert_outputs(
             x, self.splits[l], stack, cache, uniq, ~got, every=B == 1 and pred is None and self.mesh is None,
             admit_step=step if admit else None)
@@ -699,7 +699,7 @@ class OffloadEngine:
             else:
                 y = M.mlp(x, lp.mlp)
             h = h + y[:, None]
-            if cfg.moe_layers[l] and self.spec.rule == "lru":
+            if cfg.moe_layers[l] and self.spec.rule != "static":
                 # The next layer starts only after this layer's admissions are written: otherwise XLA may defer every
                 # layer's cache update to the end of the step and keep all their admitted rows alive at once
                 # (1.6 GiB of temporaries for Qwen1.5-MoE at batch 1 on the H200, 6.3 GiB at batch 4).

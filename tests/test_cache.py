@@ -117,6 +117,74 @@ def test_lru_ignores_padding_and_protects_same_step():
     assert int(cache.slot_of[3]) == -1
 
 
+def _ref_freq(trace, n, start=()):
+    """Reference of the frequency rule, one admission at a time: (hits, misses) per step and the final slots.
+
+    Scores decay by FREQ_DECAY each step, then each used expert's grows by 1 (float32, as on the device). The misses,
+    hottest first (ties: step order), each take the slot of the coldest expert this step does not use (empty slots
+    first, then the lowest slot), while the miss is hotter than that expert; the first refusal ends the step."""
+    score = np.zeros(E, np.float32)
+    slots = list(start) + [-1] * (n - len(start))
+    counts = []
+    for step in trace:
+        used = [e for e in step if e >= 0]
+        score = score * np.float32(C.FREQ_DECAY)
+        for e in used:
+            score[e] += np.float32(1)
+        hits = sum(e in slots for e in used)
+        counts.append((hits, len(used) - hits))
+        for e in sorted((e for e in used if e not in slots), key=lambda e: -score[e]):
+            free = [i for i, o in enumerate(slots) if o not in used]
+            if not free:
+                break
+            victim = min(free, key=lambda i: (-1.0 if slots[i] < 0 else score[slots[i]], i))
+            if slots[victim] >= 0 and not score[e] > score[slots[victim]]:
+                break
+            slots[victim] = e
+    return counts, slots
+
+
+@pytest.mark.parametrize("per_step", [2, 4])
+@pytest.mark.parametrize("n_slots", [1, 2, 3, 5])
+@pytest.mark.parametrize("start", [(), "full"])
+def test_freq_matches_reference_on_a_trace(n_slots, per_step, start):
+    """The frequency rule (`moepic`) against the one-at-a-time reference: hits and misses of every step, which
+    expert sits in which slot, and the slots' rows. Skewed traces with padding; empty and plan-filled starts."""
+    rng = np.random.RandomState(n_slots * 10 + per_step + (0 if start == () else 100))
+    p = np.array([8, 6, 5, 3, 2, 1, 1, 1]) / 27
+    trace = [[int(e) if rng.rand() > 0.15 else -1 for e in rng.choice(E, per_step, replace=False, p=p)]
+             for _ in range(60)]
+    cached = tuple(range(E - 1, E - 1 - n_slots, -1)) if start == "full" else ()  # the plan's (cold) hot set
+    F = 6
+    cache = _cache(n_slots, F, cached=cached)
+    update = jax.jit(lambda c, ex, bufs: C.update("freq", c, ex, bufs, jnp.int32(0)))
+    got = []
+    for step in trace:
+        full, _, miss = C.classify(cache, jnp.asarray(step, jnp.int32), F, F)
+        got.append((int(full.sum()), int(miss.sum())))
+        cache = update(cache, jnp.asarray(step, jnp.int32), _buffers(step, F))
+    want, slots = _ref_freq(trace, n_slots, cached)
+    assert got == want
+    assert np.asarray(cache.owner).tolist() == slots
+    assert sum(h for h, _ in got) > 0 and any(s != c for s, c in zip(slots, cached or [-1] * n_slots))
+    for slot, e in enumerate(slots):
+        if e >= 0:
+            assert int(cache.slot_of[e]) == slot and np.all(np.asarray(cache.tops[slot]) == e)
+    assert int((np.asarray(cache.slot_of) >= 0).sum()) == sum(e >= 0 for e in slots)
+
+
+def test_freq_keeps_a_hot_expert_against_a_one_off():
+    """The admission filter: an expert used once does not evict one used often (LRU would)."""
+    cache = _cache(1, 4, cached=(0,))
+    for _ in range(3):
+        cache = C.update("freq", cache, jnp.asarray([0, -1], jnp.int32), _buffers([0, -1], 4), jnp.int32(0))
+    cache = C.update("freq", cache, jnp.asarray([5, -1], jnp.int32), _buffers([5, -1], 4), jnp.int32(0))
+    assert np.asarray(cache.owner).tolist() == [0]
+    for _ in range(40):  # used over and over while 0 is not: 5 becomes hotter and takes the slot
+        cache = C.update("freq", cache, jnp.asarray([5, -1], jnp.int32), _buffers([5, -1], 4), jnp.int32(0))
+    assert np.asarray(cache.owner).tolist() == [5] and np.all(np.asarray(cache.tops[0]) == 5)
+
+
 @pytest.mark.parametrize("split, F", [(2, 6), (6, 6)])
 def test_static_rule_counts(split, F):
     """The static rule never changes the hot set; counts split into full / top-only / miss exactly."""
