@@ -27,11 +27,12 @@ buffer, slots and copies. The step runs under `shard_map` over the `expert` mesh
 to local ids (-1 = another device's expert), and the MoE output is summed over the axis (`psum`).
 
 Prefill (many tokens) uses nearly every expert of a layer, so it brings each MoE layer's whole stack to the
-device, enqueued one layer ahead of the compute that needs it, and computes all experts with a combine matrix
-(exact): one large copy (the most efficient per byte), or, where the layer's cache holds at least half of its rows,
+device, enqueued one layer ahead of the compute that needs it, and computes each expert over the tokens routed to
+it (`grouped.py`; on devices without the grouped kernel, every expert over every token with a combine matrix; both
+exact): one large copy (the most efficient per byte), or, where the layer's cache holds at least half of its rows,
 the cached rows from the slots and per-expert copies of the rest (`_prefill_sources`). At most two layer stacks are
-on the device at once; they are part of the budget's fixed part. With `adapt_to_prompt`, the static rule's slots
-are then refilled from that on-device stack with the experts the prompt routed to most (`_refill_from_prompt`).
+on the device at once; they are part of the budget's fixed part. With `adapt_to_prompt`, the slots of `static` and
+`moepic` are then refilled from that on-device stack with the experts the prompt routed to most (`_refill_from_prompt`).
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ class OffloadEngine:
         return self.spec.prefetch and self.n_predicted > 0 and wanted
 
     def plan_in_use(self) -> CachePlan:
-        """The plan with each layer's cached experts as the slots hold them now (lru and adapt_to_prompt move them;
+        """The plan with each layer's cached experts as the slots hold them now (lru, moepic's frequency rule and
+        adapt_to_prompt move them;
         global expert ids) and prefetch as the engine runs it. Reads the slot owners from the device."""
         owners = {} if self.caches is None else self._slot_owners()
         layers = []
@@ -816,7 +818,7 @@ class OffloadEngine:
 
     def _slot_owners(self, layers=None) -> dict:
         """{layer: the expert in each of its cache slots [N] int32 (-1 = empty)} for `layers` (default: every layer
-        with slots), in slot order, as the device holds them now (lru and adapt_to_prompt move experts): one device
+        with slots), in slot order, as the device holds them now (lru, freq and adapt_to_prompt move experts): one device
         read for all."""
         if layers is None:
             layers = [l for l, c in enumerate(self.caches) if c is not None and c.owner.shape[0] > 0]
@@ -847,21 +849,24 @@ class OffloadEngine:
 
     def _adapts(self, l: int) -> bool:
         lp = self.cache_plan.layers[l]
-        return (self.adapt_to_prompt and self.spec.rule == "static" and self.mesh is None and len(lp.cached) > 0
+        return (self.adapt_to_prompt and self.spec.rule != "lru" and self.mesh is None and len(lp.cached) > 0
                 and lp.split > 0 and len(lp.cached) < self.e_loc)
 
     def _refill_from_prompt(self, l: int, stack, counts, owner: np.ndarray):
         """Re-pick layer l's cached experts (now `owner` [N], slot order) from the prompt's routing `counts` [E]
         (routed tokens per expert) and copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device
-        during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first."""
+        during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first. The counts
+        become the frequency rule's scores (the static rule does not read them)."""
         cache = self.caches[l]
+        score = jnp.asarray(counts, jnp.float32)
         new_owner = prompt_refill(np.asarray(jax.device_get(counts)), owner)
         if np.array_equal(new_owner, owner):
-            return
-        owner = new_owner
-        args = (cache.tops, stack, jnp.asarray(owner))
-        tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)
-        new_cache = jax.device_put(C.init_layer_cache(tops, owner.tolist(), self.e_loc), self.device)
+            new_cache = cache.replace(score=score)
+        else:
+            args = (cache.tops, stack, jnp.asarray(new_owner))
+            tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)
+            new_cache = jax.device_put(C.init_layer_cache(tops, new_owner.tolist(), self.e_loc), self.device).replace(
+                score=score)
         self.caches = self.caches[:l] + (new_cache,) + self.caches[l + 1:]
 
     @staticmethod

@@ -147,9 +147,11 @@ def test_prefill_copies_only_what_the_cache_lacks(split, offload_models, referen
     _check(engine, "qwen2_moe", reference, m, SINGLE)
 
 
-def test_prefill_refills_the_static_cache_from_the_prompt(offload_models, reference):
+@pytest.mark.parametrize("policy", ["static", "moepic"])
+def test_prefill_refills_the_static_cache_from_the_prompt(policy, offload_models, reference):
     """adapt_to_prompt=True: after prefill each layer's slots hold the experts the prompt routed to most (the
     plan's experts count as PROMPT_PRIOR_TOKENS more; ties keep them), with their host rows; tokens stay exact.
+    moepic's frequency rule starts from the prompt's counts.
     The reference counts come from the profiler's own forward over the prompt, not from the engine's prefill."""
     from moepic_jax.offload import PROMPT_PRIOR_TOKENS
     from moepic_jax.profile import profile_model
@@ -160,11 +162,11 @@ def test_prefill_refills_the_static_cache_from_the_prompt(offload_models, refere
     layers = tuple(LayerPlan(cfg.d_ff, (0, 1, 2)) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers)
     plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
     prompt = BATCH[0]
-    fixed = OffloadEngine(m, policy="static", plan=plan, **KW)  # the default keeps the plan's hot set
+    fixed = OffloadEngine(m, policy=policy, plan=plan, **KW)  # the default keeps the plan's hot set
     toks, mask = _batch([prompt])
     fixed.prefill(fixed.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
     assert [np.asarray(c.owner).tolist() for c in fixed.caches if c is not None] == [[0, 1, 2]] * sum(cfg.moe_layers)
-    engine = OffloadEngine(m, policy="static", plan=plan, adapt_to_prompt=True, **KW)
+    engine = OffloadEngine(m, policy=policy, plan=plan, adapt_to_prompt=True, **KW)
     engine.prefill(engine.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
     counts = profile_model(engine, np.asarray(prompt, np.int32), smoothing=0.0).freq * len(prompt)
     moved = 0
@@ -175,6 +177,8 @@ def test_prefill_refills_the_static_cache_from_the_prompt(offload_models, refere
         owner = np.asarray(c.owner)
         assert score[owner].min() >= score[np.setdiff1d(np.arange(E), owner)].max()  # the top 3 by score
         moved += len(set(owner.tolist()) - {0, 1, 2})
+        if policy == "moepic":
+            np.testing.assert_allclose(np.asarray(c.score), counts[l], atol=1e-4)
         host = np.asarray(m.params.layers[l].moe.experts)
         for j, e in enumerate(owner):
             np.testing.assert_array_equal(np.asarray(c.tops[j]), host[e])
