@@ -82,15 +82,25 @@ def main():
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (written when missing; default: a temp dir)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    # The parent never starts JAX's backend: on a GPU it would preallocate most of the memory the children measure.
     if a.child:
         print("RESULT " + json.dumps(child(a.child, a.ckpt, a.frac)))
         return
+    # Writing the checkpoint starts a JAX backend (orbax): in the parent, the CPU's. On a GPU it would preallocate
+    # most of the memory the children measure. Set in the config, not the environment, which the children inherit.
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
     tmp = tempfile.TemporaryDirectory() if a.ckpt is None else None
     ckpt = a.ckpt or os.path.join(tmp.name, "ckpt")
     t = time.perf_counter()
     if not os.path.exists(ckpt):
         write_checkpoint(a.model, a.layers, ckpt)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        stored = json.load(f)
+    if (stored.get("model_type"), stored.get("num_hidden_layers")) != (common.REAL_CONFIGS[a.model]["model_type"],
+                                                                      a.layers):
+        raise SystemExit(f"--ckpt {ckpt} holds a {stored.get('model_type')} model of {stored.get('num_hidden_layers')} "
+                         f"layers, not --model {a.model} --layers {a.layers}; pass another directory")
     print(f"checkpoint {ckpt} ready in {time.perf_counter() - t:.1f} s", flush=True)
     rows = []
     for pol in a.policies.split(","):

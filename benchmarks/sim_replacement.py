@@ -4,12 +4,13 @@ The decode's routing does not depend on the cache (the engine is exact), so each
 recorded routing trace: per MoE layer, the routed experts of every token of a text ([T, top_k], from
 `profile._route_all`, the same forward the profiler runs). With n whole-expert slots per layer (n = frac x E):
   static     the n experts most frequent in the calibration text (what `static` / `moepic` keep);
-  lru        least recently used out, every miss admitted (the engine's rule, `cache.lru_update`: hits first);
+  lru        least recently used out, every miss admitted (the engine's rule, `cache.lru_slots`: hits first);
   lfu        least frequently used out (counts start from the calibration counts), every miss admitted;
   lfu-admit  as lfu, but a missed expert is admitted only when its count beats the coldest cached expert's
              (TinyLFU's admission filter);
   freq       the engine's frequency rule (`cache.freq_slots`): as lfu-admit, but the counts start at zero and are
              multiplied by --decay every token (a sliding frequency);
+  freq-seeded  as freq, the counts starting from the calibration frequencies (scaled to an expert used every token);
   belady     the offline optimum (evict the expert used again furthest in the future, admit only a newcomer
              needed sooner), from the static hot set: an upper bound.
 A rule never evicts an expert the same token uses. Hit rate = routed (token, expert) pairs found in the cache.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-RULES = ("static", "lru", "lfu", "lfu-admit", "freq", "belady")
+RULES = ("static", "lru", "lfu", "lfu-admit", "freq", "freq-seeded", "belady")
 
 
 def replay(rule: str, trace: np.ndarray, n: int, prior: np.ndarray, decay: float = 0.98) -> float:
@@ -79,27 +80,34 @@ def replay(rule: str, trace: np.ndarray, n: int, prior: np.ndarray, decay: float
                     cache.remove(far)
                 cache.add(e)
         return hits / (T * K)
-    # frequency rules
-    count = np.zeros(len(prior)) if rule == "freq" else prior.astype(np.float64)
+    # frequency rules: the misses hottest first (ties: trace order), each against the coldest cached expert this
+    # token does not use; with the admission filter the first refusal ends the token (as `cache.freq_slots`)
+    decayed = rule in ("freq", "freq-seeded")
+    if rule == "freq":
+        count = np.zeros(len(prior))
+    elif rule == "freq-seeded":  # the calibration frequencies at the scale of an expert used every token
+        count = prior / max(prior.sum(), 1) * K / (1 - decay)
+    else:
+        count = prior.astype(np.float64)
     cache = set(np.argsort(-prior, kind="stable")[:n].tolist())  # start from the static hot set
     for t in range(T):
         used = list(dict.fromkeys(trace[t].tolist()))
-        if rule == "freq":
+        if decayed:
             count *= decay
         hits += sum(e in cache for e in trace[t].tolist())
         for e in used:
             count[e] += 1
-        for e in used:
-            if e in cache:
+        for e in sorted((e for e in used if e not in cache), key=lambda e: -count[e]):
+            if len(cache) < n:
+                cache.add(e)
                 continue
             cands = [v for v in cache if v not in used]
-            if len(cache) >= n:
-                if not cands:
-                    continue
-                coldest = min(cands, key=lambda v: count[v])
-                if rule != "lfu" and count[e] <= count[coldest]:
-                    continue
-                cache.remove(coldest)
+            if not cands:
+                break
+            coldest = min(cands, key=lambda v: count[v])
+            if rule != "lfu" and count[e] <= count[coldest]:
+                break
+            cache.remove(coldest)
             cache.add(e)
     return hits / (T * K)
 
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="0.1,0.25,0.5")
     ap.add_argument("--calib-tokens", type=int, default=512)
     ap.add_argument("--trace-tokens", type=int, default=512)
-    ap.add_argument("--decay", type=float, default=0.98)
+    ap.add_argument("--decay", type=float, default=None, help="default: the engine's cache.FREQ_DECAY")
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args(argv)
@@ -118,10 +126,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import common as C
     import moepic_jax
+    from moepic_jax.cache import FREQ_DECAY
     from moepic_jax.checkpoint import default_checkpoint_dir
     from moepic_jax.offload import OffloadEngine
     from moepic_jax.profile import _route_all
 
+    a.decay = FREQ_DECAY if a.decay is None else a.decay
     trained = moepic_jax.load(dtype="float32")
     cfg = trained.cfg
     ids = np.asarray(trained.tokenizer.encode((default_checkpoint_dir() / "heldout_sample.txt").read_text()), np.int32)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moepic_jax.config import MoEConfig
+from moepic_jax.grouped import BLOCK_M as GROUPED_MIN_ROWS
 from moepic_jax.grouped import experts_grouped
 
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
@@ -263,8 +264,10 @@ def shared_expert(x: jax.Array, p: MoEParams) -> jax.Array:
 
 def experts_many(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array, matmul=None) -> jax.Array:
     """Routed-expert output for many tokens (prefill): grouped by expert with `matmul` (`grouped.matmul_for`), or
-    `experts_scan` when it is None. x: [N, D]; experts: [E, F, 3, D]; ids, w: [N, K]. Returns [N, D] float32."""
-    if matmul is None:
+    `experts_scan` when it is None or there are fewer (token, expert) pairs than one row tile of the kernel
+    (GROUPED_MIN_ROWS: the GPU checks ran 512 pairs and more; a few tokens cost the scan little).
+    x: [N, D]; experts: [E, F, 3, D]; ids, w: [N, K]. Returns [N, D] float32."""
+    if matmul is None or ids.size < GROUPED_MIN_ROWS:
         return experts_scan(x, experts, ids, w)
     return experts_grouped(x, experts, ids, w, matmul)
 

@@ -12,7 +12,7 @@ Data flow of one decode step (DESIGN.md; JAX_NOTES.md §2b), per layer l, all on
                 top hit   -> concat(cached top [0:s], copy of host [e, s:F])   (one copy)
                 miss      -> copy of host [e, 0:F]                              (one copy)
   y = sum over routed experts of weight * SwiGLU(x, buffer) (+ shared expert)
-  cache rule update (LRU admission for `lru`), counters (hits, bytes, recall)
+  cache rule update (admission for `lru` and `moepic`'s frequency rule), counters (hits, bytes, recall)
 
 Copies are `jax.device_put(lax.dynamic_slice(host_stack, ...), Space.Device)` with a traced expert
 id: a DMA of just that slice. Every size comes from the plan (slots N_l, split s_l), so changing which
@@ -227,7 +227,8 @@ class OffloadEngine:
         self.adapt_to_prompt = adapt_to_prompt
         self.devices = resolve_devices(devices)
         self.device, self.n_dev = self.devices[0], len(self.devices)
-        self.matmul = grouped.matmul_for(self.device, self.cfg.d_model, self.cfg.d_ff, self.dtype)  # prefill's experts
+        # prefill's grouped matmul; one device only: inside shard_map the kernel has not been run on a GPU yet
+        self.matmul = grouped.matmul_for(self.device, cfg.d_model, cfg.d_ff, self.dtype) if self.n_dev == 1 else None
         if cfg.n_experts % self.n_dev:
             raise ValueError(f"{cfg.n_experts} experts cannot be split evenly over {self.n_dev} devices; use a device "
                              f"count that divides {cfg.n_experts}")
@@ -717,7 +718,7 @@ class OffloadEngine:
 
         Returns (logits [batch, vocab] float32, KV cache (donated input), counters: dict of [n_layers] float32
         arrays full_hits, top_hits, misses, predicted (routed pairs that were prefetched), routed, h2d_bytes).
-        The top caches and the LRU state are updated in place (donated).
+        The top caches and the replacement rule's state are updated in place (donated).
         """
         if self.caches is None:
             self.caches = self._build_caches()
@@ -855,18 +856,17 @@ class OffloadEngine:
     def _refill_from_prompt(self, l: int, stack, counts, owner: np.ndarray):
         """Re-pick layer l's cached experts (now `owner` [N], slot order) from the prompt's routing `counts` [E]
         (routed tokens per expert) and copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device
-        during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first. The counts
-        become the frequency rule's scores (the static rule does not read them)."""
+        during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first. The
+        frequency rule's scores restart at zero: starting them from the counts did not raise its hits in the replay
+        (benchmarks/sim_replacement.py, `freq-seeded`, from the calibration profile: 47.0 against 47.5 % at 25 %)."""
         cache = self.caches[l]
-        score = jnp.asarray(counts, jnp.float32)
         new_owner = prompt_refill(np.asarray(jax.device_get(counts)), owner)
         if np.array_equal(new_owner, owner):
-            new_cache = cache.replace(score=score)
-        else:
-            args = (cache.tops, stack, jnp.asarray(new_owner))
-            tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)
-            new_cache = jax.device_put(C.init_layer_cache(tops, new_owner.tolist(), self.e_loc), self.device).replace(
-                score=score)
+            return
+        owner = new_owner
+        args = (cache.tops, stack, jnp.asarray(owner))
+        tops = self.compiles.get("cache_refill", self._refill_tops, args, donate_argnums=(0,))(*args)
+        new_cache = jax.device_put(C.init_layer_cache(tops, owner.tolist(), self.e_loc), self.device)
         self.caches = self.caches[:l] + (new_cache,) + self.caches[l + 1:]
 
     @staticmethod

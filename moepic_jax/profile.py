@@ -355,7 +355,8 @@ def plan_for(engine, granule: int = 128, profile: ModelProfile | None = None,
     """The engine's plan when none is given: profile the model, then `planner.solve` under the cache budget.
 
     `static` solves with allow_split=False, `moepic` with allow_split=True, `lru` gets the same number of
-    whole-expert slots in every MoE layer (its rule then replaces occupants at run time). Plans are kept
+    whole-expert slots in every MoE layer (its rule then replaces occupants at run time). `moepic`'s frequency rule
+    replaces occupants too; the solver still prices its hot set as static, which undercounts its hits. Plans are kept
     on the model, keyed by policy, cache budget, granule, devices and hardware profile.
 
     With n devices (`engine.n_dev`) the cache budget is per device: the plan is solved for n times that budget
