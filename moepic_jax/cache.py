@@ -9,7 +9,7 @@ State of one MoE layer (shapes fixed by the plan, so a different occupant never 
 
 A routed expert is a *full hit* (cached and s == F), a *top-only hit* (cached, s < F: the bottom is
 copied) or a *miss* (everything copied). Rules (DESIGN.md, Policies):
-  static: the plan's hot set, never replaced (`static`, `moepic`);
+  static: the plan's hot set, never replaced (`static`; `ondemand` has no slots);
   lru:    admit every miss, evict the least recently used slot (`lru`; Mixtral-offloading's rule);
   freq:   a decayed use count per expert; a miss takes the slot of the coldest expert not used this step, only if
           it is hotter than that expert (TinyLFU's admission filter over a sliding frequency) (`moepic`).

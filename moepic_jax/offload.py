@@ -761,7 +761,8 @@ class OffloadEngine:
         x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, D)
         if is_moe:
             ids, w = M.route(x, lp.moe.w_router, cfg)
-            y = self._psum(M.experts_many(x, experts, self._local(ids), w, self.matmul)).astype(x.dtype) + M.shared_expert(x, lp.moe)
+            y = self._psum(M.experts_many(x, experts, self._local(ids), w, self.matmul)).astype(x.dtype)
+            y = y + M.shared_expert(x, lp.moe)
             # valid: [B, S] over the whole KV cache; this step's tokens are [start, start + T). Padding positions
             # route too: they are not counted.
             real = jax.lax.dynamic_slice_in_dim(valid, start, T, axis=1).reshape(B * T, 1).astype(jnp.int32)
