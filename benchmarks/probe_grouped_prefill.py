@@ -63,7 +63,8 @@ def kernel_rows(model_names, token_counts, check_tokens: int) -> list[dict]:
             ids = jnp.argsort(jax.random.uniform(kr, (n, E)), axis=1)[:, :K].astype(jnp.int32)  # distinct top-k
             w = jax.nn.softmax(jax.random.normal(kr, (n, K)), axis=-1)
             ys = scan(x, stack, ids, w)
-            row = {"model": C.MODEL_NAMES[name], "tokens": n, "E": E, "top_k": K, "scan_ms": timed(scan, x, stack, ids, w) * 1e3}
+            row = {"model": C.MODEL_NAMES[name], "tokens": n, "E": E, "top_k": K,
+                   "scan_ms": timed(scan, x, stack, ids, w) * 1e3}
             if matmul is not None:
                 yg = grp(x, stack, ids, w)
                 row["grouped_ms"] = timed(grp, x, stack, ids, w) * 1e3

@@ -126,15 +126,16 @@ def freq_slots(cache: LayerCache, experts: jax.Array) -> tuple[LayerCache, jax.A
     valid = experts >= 0
     e0 = jnp.maximum(experts, 0)
     score = (cache.score * jnp.float32(FREQ_DECAY)).at[jnp.where(valid, experts, E)].add(1.0, mode="drop")
+    used_score = score[e0]  # [U]
     slot = cache.slot_of[e0]
     hit = valid & (slot >= 0)
     miss = valid & ~hit
     used = jnp.zeros((n,), bool).at[jnp.where(hit, slot, n)].set(True, mode="drop")
     owner_score = jnp.where(cache.owner >= 0, score[jnp.maximum(cache.owner, 0)], -1.0)
     m = min(U, n)
-    mi = jnp.argsort(jnp.where(miss, -score[e0], jnp.inf), stable=True)[:m].astype(jnp.int32)  # hottest misses
+    mi = jnp.argsort(jnp.where(miss, -used_score, jnp.inf), stable=True)[:m].astype(jnp.int32)  # hottest misses
     vi = jnp.argsort(jnp.where(used, jnp.inf, owner_score), stable=True)[:m].astype(jnp.int32)  # coldest free slots
-    ok = miss[mi] & ~used[vi] & (score[e0[mi]] > owner_score[vi])
+    ok = miss[mi] & ~used[vi] & (used_score[mi] > owner_score[vi])
     ok = jnp.cumprod(ok.astype(jnp.int32)).astype(bool)  # a prefix (both lists sorted); cumprod guards ties
     old = cache.owner[vi]
     slot_of = cache.slot_of.at[jnp.where(ok & (old >= 0), old, E)].set(-1, mode="drop")

@@ -159,6 +159,11 @@ class PolicySpec:
     prefetch: bool
     allow_split: bool
 
+    @property
+    def admits(self) -> bool:
+        """Whether the rule writes slots during decode (lru, freq), in the copy step (`_copy_step`)."""
+        return self.rule != "static"
+
 
 SPECS = {
     "ondemand": PolicySpec("static", prefetch=False, allow_split=False),
@@ -639,8 +644,7 @@ class OffloadEngine:
             predicted = jnp.any(ids[..., None] == pred_ids, axis=-1) & (ids >= 0)
             got = jnp.any(uniq[:, None] == pred_ids, axis=-1) & (uniq >= 0)
         # At batch 1 the top-k ids are distinct (no padding); with nothing prefetched, every one is needed.
-        # The static rule never writes its slots; lru and freq admit misses inside the copy step (`_copy_step`).
-        admit = self.spec.rule != "static"
+        admit = self.spec.admits
         sids, order, outs, nbytes, new_cache, target = self._expert_outputs(
             x, self.splits[l], stack, cache, uniq, ~got, every=B == 1 and pred is None and self.mesh is None,
             admit_step=step if admit else None)
@@ -702,7 +706,7 @@ class OffloadEngine:
             else:
                 y = M.mlp(x, lp.mlp)
             h = h + y[:, None]
-            if cfg.moe_layers[l] and self.spec.rule != "static":
+            if cfg.moe_layers[l] and self.spec.admits:
                 # The next layer starts only after this layer's admissions are written: otherwise XLA may defer every
                 # layer's cache update to the end of the step and keep all their admitted rows alive at once
                 # (1.6 GiB of temporaries for Qwen1.5-MoE at batch 1 on the H200, 6.3 GiB at batch 4).
@@ -820,8 +824,8 @@ class OffloadEngine:
 
     def _slot_owners(self, layers=None) -> dict:
         """{layer: the expert in each of its cache slots [N] int32 (-1 = empty)} for `layers` (default: every layer
-        with slots), in slot order, as the device holds them now (lru, freq and adapt_to_prompt move experts): one device
-        read for all."""
+        with slots), in slot order, as the device holds them now (lru, freq and adapt_to_prompt move experts): one
+        device read for all."""
         if layers is None:
             layers = [l for l, c in enumerate(self.caches) if c is not None and c.owner.shape[0] > 0]
         return {l: np.asarray(o, np.int32) for l, o in zip(layers, jax.device_get([self.caches[l].owner
