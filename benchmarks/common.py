@@ -11,7 +11,7 @@ one leaf at a time, like a loaded checkpoint (engines `device_put` them; NumPy l
 `Model.weight_bytes()` meaningful). Expert stacks `[E, F, 3, D]` are drawn one MoE layer at a time on the device
 and moved with `jax.device_put(x, SingleDeviceSharding(dev, memory_kind="pinned_host"))` straight into pinned
 host memory; the device copy is deleted before the next layer, so the device never holds more than one layer.
-`store.pin_experts` skips stacks that are already pinned_host arrays, so every engine shares that one host store.
+`offload.store.pin_experts` returns stacks that are already pinned_host arrays as they are, so every engine shares that one host store.
 Norm weights are ones (a std-0.02 norm weight would erase the signal), everything else N(0, std).
 
 Routing realism (`zipf_bias=alpha`): "Zipf router bias (dedicated residual coordinate)"
@@ -57,7 +57,7 @@ import re
 import socket
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,9 @@ import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.config import MoEConfig, from_hf_config
-from moepic_jax.weights import Model, empty_params, np_dtype
+import moepic_jax
+from moepic_jax.io.loading import Model
+from moepic_jax.model.params import np_dtype
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -164,58 +166,6 @@ def get_config(name: str, tiny: bool = False, n_layers: int | None = None) -> Mo
 # Random models
 
 
-def _param_tree(cfg: MoEConfig, leaf: Callable[[str, tuple, int], Any], layer_hook=None) -> M.Params:
-    """The `Params` tree of `cfg` (the same structure as `weights.empty_params`) with leaves from
-    `leaf(kind, shape, layer)`, kind in {embed, lm_head, norm, weight, bias, router, experts}. `layer_hook(l, lp)`
-    may transform each finished layer (layer = -1 for the non-layer leaves)."""
-    D, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    embed = leaf("embed", (cfg.vocab_size, D), -1)
-    layers = []
-    for l in range(cfg.n_layers):
-        qn = kn = None
-        if cfg.qk_norm == "head":
-            qn, kn = leaf("norm", (hd,), l), leaf("norm", (hd,), l)
-        elif cfg.qk_norm == "full":
-            qn, kn = leaf("norm", (H * hd,), l), leaf("norm", (G * hd,), l)
-        attn = M.AttnParams(
-            wq=leaf("weight", (D, H * hd), l), wk=leaf("weight", (D, G * hd), l), wv=leaf("weight", (D, G * hd), l),
-            wo=leaf("weight", (H * hd, D), l),
-            bq=leaf("bias", (H * hd,), l) if cfg.qkv_bias else None,
-            bk=leaf("bias", (G * hd,), l) if cfg.qkv_bias else None,
-            bv=leaf("bias", (G * hd,), l) if cfg.qkv_bias else None,
-            bo=leaf("bias", (D,), l) if cfg.o_bias else None, q_norm=qn, k_norm=kn)
-        mlp = moe = None
-        if cfg.moe_layers[l]:
-            S = cfg.shared_d_ff
-            shared = M.MLPParams(leaf("weight", (D, S), l), leaf("weight", (D, S), l), leaf("weight", (S, D), l)) \
-                if S else None
-            moe = M.MoEParams(w_router=leaf("router", (D, cfg.n_experts), l),
-                              experts=leaf("experts", (cfg.n_experts, cfg.d_ff, 3, D), l), shared=shared,
-                              w_shared_gate=leaf("weight", (D, 1), l) if S else None)
-        else:
-            Fd = cfg.dense_d_ff
-            mlp = M.MLPParams(leaf("weight", (D, Fd), l), leaf("weight", (D, Fd), l), leaf("weight", (Fd, D), l))
-        lp = M.LayerParams(attn_norm=leaf("norm", (D,), l), attn=attn, mlp_norm=leaf("norm", (D,), l), mlp=mlp,
-                           moe=moe)
-        if layer_hook is not None:
-            lp = layer_hook(l, lp)
-        layers.append(lp)
-    final_norm = leaf("norm", (D,), -1)
-    lm_head = None if cfg.tie_word_embeddings else leaf("lm_head", (D, cfg.vocab_size), -1)
-    return M.Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head)
-
-
-def check_tree_like_empty_params(cfg: MoEConfig, params: M.Params, dtype: str) -> None:
-    """Assert `params` has the structure, shapes and dtypes of `weights.empty_params(cfg, dtype)` (small cfgs)."""
-    ref = empty_params(cfg, dtype)
-    s_ref, s_got = jax.tree_util.tree_structure(ref), jax.tree_util.tree_structure(params)
-    if s_ref != s_got:
-        raise AssertionError(f"random_model tree differs from empty_params:\n{s_got}\nvs\n{s_ref}")
-    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(params)):
-        if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
-            raise AssertionError(f"leaf {b.shape} {b.dtype} != empty_params' {a.shape} {a.dtype}")
-
-
 @jax.jit
 def _split_key(key, i):
     return jax.random.fold_in(key, i)
@@ -228,32 +178,31 @@ def _normal(key, shape, dtype, scale):
 _normal_jit = jax.jit(_normal, static_argnums=(1, 2))
 
 
-def _calib_attention(lp: M.LayerParams, h: jax.Array, cfg: MoEConfig):
-    """Causal self-attention of calibration tokens h [1, N, D] through one layer -> (h_mid, rms(h_mid) [N])."""
+def _calib_layer(lp: M.LayerParams, h: jax.Array, cfg: MoEConfig):
+    """One layer over calibration tokens h [1, N, D] (`model.decoder_layer`, every expert at hand).
+
+    Returns (h_out [1, N, D], routed ids [N, K] (zeros in a dense layer), rms(h_mid) [N]).
+    """
     N = h.shape[1]
     kc = jnp.zeros((1, 1, N, cfg.n_kv_heads, cfg.head_dim), h.dtype)
-    positions = jnp.arange(N, dtype=jnp.int32)[None]
-    valid = jnp.ones((1, N), bool)
-    a, _, _ = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, kc, kc, 0, valid,
-                          jnp.int32(0), cfg)
-    h_mid = h + a
-    hf = h_mid.astype(jnp.float32)[0]
-    return h_mid, jnp.sqrt(jnp.mean(hf * hf, axis=-1) + cfg.rms_eps)
+    pos = M.Positions(jnp.arange(N, dtype=jnp.int32)[None], jnp.ones((1, N), bool), jnp.int32(0))
+
+    def ffn(x, h_mid):
+        x = x[0]
+        hf = h_mid.astype(jnp.float32)[0]
+        rms = jnp.sqrt(jnp.mean(hf * hf, axis=-1) + cfg.rms_eps)
+        if lp.moe is not None:
+            ids, w = M.route(x, lp.moe.w_router, cfg)
+            y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+        else:
+            ids, y = jnp.zeros((x.shape[0], cfg.top_k), jnp.int32), M.mlp(x, lp.mlp)
+        return y[None], (ids, rms)
+
+    h, _, _, (ids, rms) = M.decoder_layer(lp, h, kc, kc, 0, pos, cfg, ffn)
+    return h, ids, rms
 
 
-def _calib_ffn(lp: M.LayerParams, h_mid: jax.Array, cfg: MoEConfig):
-    """FFN half of a layer for calibration tokens -> (h_out [1, N, D], routed ids [N, K] or zeros)."""
-    x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)[0]
-    if lp.moe is not None:
-        ids, w = M.route(x, lp.moe.w_router, cfg)
-        y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
-    else:
-        ids, y = jnp.zeros((x.shape[0], cfg.top_k), jnp.int32), M.mlp(x, lp.mlp)
-    return h_mid + y[None], ids
-
-
-_calib_attention_jit = jax.jit(_calib_attention, static_argnums=2)
-_calib_ffn_jit = jax.jit(_calib_ffn, static_argnums=2)
+_calib_layer_jit = jax.jit(_calib_layer, static_argnums=2)
 
 
 def zipf_bias_vector(n_experts: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -321,8 +270,9 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
     def to_host(x):  # a host copy; the device array is freed when its last reference goes
         return None if x is None else np.array(jax.device_get(x))
 
-    def leaf(kind, shape, l):
+    def leaf(name, shape):
         key = _split_key(base, next(counter))
+        kind = "norm" if name.endswith("norm") else name
         if kind == "norm":
             return to_host(jnp.ones(shape, jdt))
         if kind == "experts":  # drawn on the device, pinned at once: one layer on the device at a time
@@ -343,8 +293,8 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
         if calibrate:
             if zipf:
                 lp = _zero_writes_to_coord0(lp)
-            dlp = jax.device_put(lp.replace(moe=None if lp.moe is None else lp.moe.replace(experts=None)), dev_sh)
-            h_mid, rms = _calib_attention_jit(dlp, state["h"], cfg)
+            dlp = jax.device_put(lp, dev_sh)  # this layer (its experts too) on the device while it calibrates
+            _, _, rms = _calib_layer_jit(dlp, state["h"], cfg)  # rms(h_mid) does not depend on the FFN half
             rms = np.asarray(rms, np.float64)
             mean_rms = float(rms.mean())
             fac = mean_rms / rms  # realised bias / intended bias, per token
@@ -359,24 +309,21 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
                 lp = lp.replace(mlp_norm=mlp_norm, moe=lp.moe.replace(w_router=w_router))
                 dlp = dlp.replace(mlp_norm=jax.device_put(mlp_norm, dev_sh),
                                   moe=dlp.moe.replace(w_router=jax.device_put(w_router, dev_sh)))
-            if lp.moe is not None:
-                dlp = dlp.replace(moe=dlp.moe.replace(experts=jax.device_put(lp.moe.experts, dev_sh)))
-            h_new, ids = _calib_ffn_jit(dlp, h_mid, cfg)
+            h_new, ids, _ = _calib_layer_jit(dlp, state["h"], cfg)
             if lp.moe is not None:
                 counts = np.bincount(np.asarray(ids).ravel(), minlength=cfg.n_experts)
             calib["routed_counts"].append(counts)
             state["h"] = h_new
-            del dlp, h_mid, h_new
+            del dlp, h_new
         if progress:
             print(f"  layer {l + 1}/{cfg.n_layers} built ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
                   flush=True)
         return lp
 
-    params = _param_tree(cfg, leaf, layer_hook)
+    params = M.param_tree(cfg, leaf)
+    params = params.replace(layers=tuple(layer_hook(l, lp) for l, lp in enumerate(params.layers)))
     state.clear()
     model = Model(cfg=cfg, params=params, tokenizer=None, dtype=dtype)
-    if cfg.total_expert_bytes(jdt.itemsize) < 2**28:
-        check_tree_like_empty_params(cfg, params, dtype)
     info = {
         "weights": f"random N(0, {std}) drawn on {dev.device_kind} with jax.random (seed {seed}); norms = 1",
         "routing": "own (random router)" if not zipf else
@@ -443,7 +390,7 @@ def release_engine(model: Model, ref) -> dict:
     Returns {"engine_freed": bool (False = something still references it, e.g. a jit cache), "live_device_bytes":
     bytes of live arrays in device memory after freeing}.
     """
-    model.__dict__.pop("_engines", None)
+    moepic_jax.ENGINES.clear()  # the engines generate() keeps
     gc.collect()
     return {"engine_freed": ref is None or ref() is None, "live_device_bytes": live_device_bytes()}
 
@@ -474,8 +421,8 @@ def measure_peak_h2d(stack: jax.Array, split: int | None = None, k: int = 4, rep
       `profile.measure_h2d` (median of repeats); and k whole experts in one jitted call (k copies in flight).
     Returns a dict of bytes and GB/s (10^9) per pattern; "peak_Bps" is the best of them (the floor's bandwidth).
     """
-    from moepic_jax.offload import fetch_rows
-    from moepic_jax.profile import measure_h2d
+    from moepic_jax.offload.copy_step import fetch_rows
+    from moepic_jax.planning.calibrate import measure_h2d
 
     dev = list(stack.devices())[0]
     dsh = jax.sharding.SingleDeviceSharding(dev)

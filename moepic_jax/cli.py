@@ -69,7 +69,7 @@ def _load(args):
 
 
 def _engine_kw(args, model):
-    from moepic_jax.planner import CachePlan
+    from moepic_jax.planning.profiles import CachePlan
 
     kw = {}
     if args.policy != "resident":
@@ -109,21 +109,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _offload_engine(args, model):
-    from moepic_jax.offload import OffloadEngine
+def _offload_engine(args, model, **kw):
+    from moepic_jax.runtime.factory import make_engine
 
     policy = args.policy if args.policy in ("static", "moepic", "lru") else "moepic"
-    return OffloadEngine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
-                         max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices)
+    return make_engine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
+                       max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices, **kw)
 
 
 def cmd_profile(args) -> int:
-    from moepic_jax import profile
+    from moepic_jax.planning import calibrate
 
     model = _load(args)
     engine = _offload_engine(args, model)
-    mp = profile.cached_profile(engine)
-    hw = profile.measure_hardware(engine)
+    mp = calibrate.profile_model(engine.weights, n_predicted=engine.n_predicted)
+    hw = calibrate.measure_hardware(engine.weights)
     if args.out:
         mp.save(args.out + ".model.json")
         hw.save(args.out + ".hardware.json")
@@ -141,7 +141,7 @@ def cmd_profile(args) -> int:
 def print_plan(plan, mp=None, hw=None, out=None) -> None:
     """A readable per-layer table of a CachePlan (and its predicted costs when profiles are given)."""
     out = out or sys.stdout
-    from moepic_jax.planner import plan_bytes, plan_stats, predicted_tpot
+    from moepic_jax.planning.planner import plan_bytes, plan_stats, predicted_tpot
 
     stats = plan_stats(plan, mp, hw) if mp is not None else None
     print(f"cache budget {plan.budget_bytes / 2**30:.3f} GiB" +
@@ -156,15 +156,16 @@ def print_plan(plan, mp=None, hw=None, out=None) -> None:
 
 
 def cmd_plan(args) -> int:
-    from moepic_jax import profile
-    from moepic_jax.planner import HardwareProfile, ModelProfile
+    from moepic_jax.planning import calibrate
+    from moepic_jax.planning.profiles import HardwareProfile, ModelProfile
 
     model = _load(args)
-    engine = _offload_engine(args, model)
-    mp = ModelProfile.load(args.profile) if args.profile else profile.cached_profile(engine)
-    hw = HardwareProfile.load(args.hardware) if args.hardware else profile.default_hardware(model.cfg.n_layers)
-    plan = engine.cache_plan if not (args.profile or args.hardware) else profile.plan_for(
-        engine, granule=args.granule, profile=mp, hardware=hw)
+    mp = ModelProfile.load(args.profile) if args.profile else None
+    hw = HardwareProfile.load(args.hardware) if args.hardware else calibrate.default_hardware(model.cfg.n_layers)
+    engine = _offload_engine(args, model, profile=mp, hardware=hw)
+    if mp is None:
+        mp = calibrate.profile_model(engine.weights, n_predicted=engine.n_predicted)
+    plan = engine.cache_plan
     if args.prefetch != "auto":
         plan = dataclasses.replace(plan, prefetch=args.prefetch == "on")
     print_plan(plan, mp, hw)
@@ -175,8 +176,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from moepic_jax import checkpoint
-    from moepic_jax.weights import load
+    from moepic_jax.io import checkpoint
+    from moepic_jax.io.loading import load
 
     model = load(args.hf_dir, dtype=args.dtype, progress=True)
     checkpoint.save(args.out_dir, model.cfg, model.params, args.dtype, model.tokenizer)
@@ -185,7 +186,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from moepic_jax import checkpoint
+    from moepic_jax.io import checkpoint
 
     model = _load(args)
     checkpoint.export_hf(model, args.out_dir)
@@ -195,15 +196,15 @@ def cmd_export_hf(args) -> int:
 
 def cmd_bench(args) -> int:
     import moepic_jax
-    from moepic_jax.offload import OffloadEngine
+    from moepic_jax.generate import bucket
+    from moepic_jax.runtime.factory import make_engine
 
     model = _load(args)
     prompt = args.prompt if model.tokenizer is not None else [1, 2, 3, 4]
-    from moepic_jax.generate import _bucket
 
     n_prompt = len(model.tokenizer.encode(prompt)) if model.tokenizer is not None else len(prompt)
-    seq = _bucket(_bucket(n_prompt) + args.max_new_tokens)  # the KV cache generate() will reserve
-    base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=seq).fixed_bytes
+    seq = bucket(bucket(n_prompt) + args.max_new_tokens)  # the KV cache generate() will reserve
+    base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=seq).fixed_bytes
     rows = []
     for frac in [float(x) for x in args.budgets.split(",")]:
         budget = base + int(frac * model.expert_bytes())

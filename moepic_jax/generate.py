@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,61 +19,9 @@ import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax import sampling
-from moepic_jax.engine import device_memory_stats, make_engine
-from moepic_jax.weights import Model
-
-
-@dataclasses.dataclass
-class LayerStats:
-    """Per decoder layer, over decoded tokens: shares of routed experts, bytes, recall."""
-
-    layer: int
-    full_hit_rate: float
-    top_only_hit_rate: float
-    miss_rate: float
-    h2d_bytes_per_token: float
-    predictor_recall: float
-
-
-@dataclasses.dataclass
-class GenerateStats:
-    """Timing and offloading statistics of one `generate` call (DESIGN.md, "Public API contract").
-
-    Times in seconds; `tpot_s` is the median time per output token over decode steps, `ttft_s` the time
-    from the call (compiled steps ready) to the first token; compile time is in `compile_s`, apart.
-    Hit rates are shares of routed (token, expert) pairs over decode steps. NaN where not applicable.
-    """
-
-    policy: str
-    vram_budget_bytes: int | None
-    prompt_tokens: int
-    new_tokens: int
-    ttft_s: float
-    tpot_s: float
-    tpot_p90_s: float
-    tokens_per_s: float
-    h2d_bytes_per_token: float
-    full_hit_rate: float
-    top_only_hit_rate: float
-    miss_rate: float
-    predictor_recall: float
-    per_layer: list[LayerStats]
-    compile_count: int
-    compile_s: float
-    peak_device_bytes: int | None
-    prefill_h2d_bytes: float = 0.0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def summary(self) -> str:
-        """One line: TTFT, TPOT, hit rate, H2D MB per token, policy, budget."""
-        b = "none" if self.vram_budget_bytes is None else f"{self.vram_budget_bytes / 2**30:.3g} GiB"
-        hit = self.full_hit_rate + self.top_only_hit_rate
-        return (f"policy={self.policy} budget={b} TTFT={self.ttft_s * 1e3:.1f} ms TPOT={self.tpot_s * 1e3:.2f} ms "
-                f"({self.tokens_per_s:.1f} tok/s) hit={hit:.1%} (full {self.full_hit_rate:.1%}) "
-                f"H2D={self.h2d_bytes_per_token / 1e6:.2f} MB/token recall={self.predictor_recall:.1%} "
-                f"compiles={self.compile_count} ({self.compile_s:.1f} s)")
+from moepic_jax.io.loading import Model, load
+from moepic_jax.runtime.factory import EngineCache, engine_key, make_engine
+from moepic_jax.stats import GenerateStats, collect_stats
 
 
 @dataclasses.dataclass
@@ -84,7 +31,8 @@ class GenerateResult:
     stats: GenerateStats
 
 
-def _bucket(n: int, minimum: int = 8) -> int:
+def bucket(n: int, minimum: int = 8) -> int:
+    """The smallest power of two >= n (and >= minimum): prompt and KV lengths, so few shapes compile."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
@@ -116,34 +64,30 @@ def _normalize_prompts(prompts, tokenizer) -> tuple[list[list[int]], bool]:
     return out, single
 
 
+# The engines `generate` keeps between calls (one model at a time). `ENGINES.clear()` frees their device and pinned
+# memory; callers who want their own lifetime pass `engine=` (`moepic_jax.make_engine`) instead.
+ENGINES = EngineCache()
+
+
 def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: int, max_len: int):
-    """The engine kept on the model for (policy, budget, plan): built once, reused by later calls.
+    """The engine kept in ENGINES for (model, policy, budget, plan, engine_kw): built once, reused by later calls.
 
     Offloading engines reserve a KV cache of max_batch x max_seq_len in their budget; unless the caller
     fixes them, they are sized for this call and the engine is rebuilt when a later call needs more.
     """
-    if isinstance(engine_kw.get("devices"), (list, tuple)):
-        engine_kw = {**engine_kw, "devices": tuple(engine_kw["devices"])}  # hashable, for the key below
-
-    def hashable(v):  # profiles (profile=, hardware=) are keyed by their JSON
-        return v.to_json() if hasattr(v, "to_json") else v
-
-    key = (policy, str(vram_budget), None if plan is None else plan.to_json(),
-           tuple(sorted((k, hashable(v)) for k, v in engine_kw.items())))
-    engines = model.__dict__.setdefault("_engines", {})
-    eng = engines.get(key)
+    cache = ENGINES.for_model(model)
+    key = engine_key(policy, vram_budget, plan, engine_kw)
+    eng = cache.engines.get(key)
     if eng is not None and policy != "resident" and (eng.max_batch < batch or eng.max_seq_len < max_len):
         eng = None
     if eng is None:
-        engines.clear()  # one engine at a time: each holds device memory
-        import gc
-
-        gc.collect()  # engines hold reference cycles (compiled bound methods): free their device arrays now
+        cache.drop_engines()  # one engine at a time: each holds device memory
         kw = dict(engine_kw)
         if policy != "resident":
             kw.setdefault("max_batch", batch)
             kw.setdefault("max_seq_len", max_len)
-        eng = engines[key] = make_engine(model, policy=policy, vram_budget=vram_budget, plan=plan, **kw)
+        eng = cache.engines[key] = make_engine(model, policy=policy, vram_budget=vram_budget, plan=plan, cache=cache,
+                                               **kw)
     return eng
 
 
@@ -198,7 +142,7 @@ def generate(
       plan: a `planner.CachePlan` for "static"/"moepic"; None = solved from a profile.
       stream: called as `stream(prompt_index, new_text)` as text is produced (needs a tokenizer).
       engine: an engine from `moepic_jax.Engine(...)` to use instead of building one.
-      **engine_kw: for the offloading policies, passed to `OffloadEngine`: max_batch, max_seq_len, granule,
+      **engine_kw: for the offloading policies, passed to `make_engine`: max_batch, max_seq_len, granule,
         n_predicted, prefetch (None = as the plan says, True/False to force next-layer prefetch), profile,
         hardware, and devices (a device count or list: the experts are split over an `expert` mesh axis of those
         devices and `vram_budget` is per device).
@@ -209,8 +153,6 @@ def generate(
         below what the policy needs, an unknown policy.
     """
     if model is None:
-        from moepic_jax.weights import load
-
         model = load()
     sampling.check_sampling_args(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -229,8 +171,8 @@ def generate(
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     B = len(ids)
-    T = _bucket(longest)
-    max_len = _bucket(T + max_new_tokens)  # a power of two bounds the number of compiled shapes
+    T = bucket(longest)
+    max_len = bucket(T + max_new_tokens)  # a power of two bounds the number of compiled shapes
     reserved = getattr(engine, "max_seq_len", None)
     if reserved is not None and T + max_new_tokens <= reserved < max_len:
         max_len = reserved  # a held engine's reservation is enough
@@ -308,7 +250,7 @@ def generate(
             break
         counters.append(c)
         nxt = nxt_next
-    stats = _stats(engine, cfg, B, len(ids[0]) if B == 1 else sum(map(len, ids)), out, ttft, step_times, counters,
+    stats = collect_stats(engine, cfg, B, len(ids[0]) if B == 1 else sum(map(len, ids)), out, ttft, step_times, counters,
                    c_prefill, compiles0)
     text = None
     if tok is not None:
@@ -319,61 +261,3 @@ def generate(
             text.append(full[:cut] if cut >= 0 else full)
         text = text[0] if single else text
     return GenerateResult(text=text, token_ids=out, stats=stats)
-
-
-def _stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c_prefill, compiles0) -> GenerateStats:
-    n_new = sum(len(o) for o in out)
-    tpot = statistics.median(step_times) if step_times else float("nan")
-    p90 = float(np.percentile(step_times, 90)) if step_times else float("nan")
-    L = cfg.n_layers
-    agg = {}
-    for c in counters:
-        for k, v in c.items():
-            agg[k] = agg.get(k, 0) + np.asarray(v, np.float64)
-    steps = max(len(counters), 1) * batch  # decoded tokens: every row decodes at every step
-    per_layer = []
-    nan = float("nan")
-    routed = agg.get("routed", np.zeros(L))
-    for l in range(L):
-        r = routed[l] if l < len(routed) else 0
-        per_layer.append(LayerStats(
-            layer=l,
-            full_hit_rate=float(agg["full_hits"][l] / r) if r else nan,
-            top_only_hit_rate=float(agg["top_hits"][l] / r) if r else nan,
-            miss_rate=float(agg["misses"][l] / r) if r else nan,
-            h2d_bytes_per_token=float(agg["h2d_bytes"][l] / steps) if "h2d_bytes" in agg else 0.0,
-            predictor_recall=float(agg["predicted"][l] / r) if r and l > 0 and "predicted" in agg
-            and getattr(engine, "prefetches", False) else nan,
-        ))
-    tot = float(routed.sum()) if len(counters) else 0.0
-    if tot and "full_hits" in agg:
-        full, top, miss = (float(agg[k].sum() / tot) for k in ("full_hits", "top_hits", "misses"))
-        pred_routed = float(routed[1:].sum())
-        prefetches = getattr(engine, "prefetches", False)
-        recall = float(agg["predicted"][1:].sum() / pred_routed) if pred_routed and prefetches else nan
-    elif engine.policy == "resident":
-        full, top, miss, recall = 1.0, 0.0, 0.0, nan
-    else:
-        full = top = miss = recall = nan
-    h2d = float(agg["h2d_bytes"].sum() / steps) if "h2d_bytes" in agg else 0.0
-    mem = device_memory_stats()
-    return GenerateStats(
-        policy=engine.policy,
-        vram_budget_bytes=engine.vram_budget_bytes,
-        prompt_tokens=prompt_tokens,
-        new_tokens=n_new,
-        ttft_s=ttft,
-        tpot_s=tpot,
-        tpot_p90_s=p90,
-        tokens_per_s=batch / tpot if step_times else float("nan"),
-        h2d_bytes_per_token=h2d,
-        full_hit_rate=full,
-        top_only_hit_rate=top,
-        miss_rate=miss,
-        predictor_recall=recall,
-        per_layer=per_layer,
-        compile_count=engine.compiles.count - compiles0[0],
-        compile_s=engine.compiles.seconds - compiles0[1],
-        peak_device_bytes=None if not mem else int(mem.get("peak_bytes_in_use", 0)) or None,
-        prefill_h2d_bytes=float(np.sum(np.asarray(c_prefill.get("h2d_bytes", 0.0)))) if c_prefill else 0.0,
-    )

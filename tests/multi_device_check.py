@@ -29,8 +29,8 @@ from conftest import FAMILIES, build_hf_model  # noqa: E402
 from test_offload import BATCH, NEW, SINGLE, teacher_forced  # noqa: E402
 
 import moepic_jax  # noqa: E402
-from moepic_jax.engine import ResidentEngine, make_engine  # noqa: E402
-from moepic_jax.offload import OffloadEngine  # noqa: E402
+from moepic_jax.runtime.engine import ResidentEngine  # noqa: E402
+from moepic_jax.runtime.factory import make_engine  # noqa: E402
 
 KW = dict(granule=16, max_batch=2, max_seq_len=32)
 
@@ -64,11 +64,11 @@ def reference(path):
 
 def case(model, fam, policy, n_dev, ref) -> dict:
     frac = 0.3 if n_dev == 2 else 0.6  # of each device's own expert bytes: enough for some slots with 2 experts each
-    base = OffloadEngine(model, policy=policy, devices=n_dev, **kw(policy))  # its fixed part (prefetch buffers included)
+    base = make_engine(model, policy=policy, devices=n_dev, **kw(policy))  # its fixed part (prefetch buffers included)
     budget = base.fixed_bytes + int(frac * model.expert_bytes() / n_dev)  # per device
     del base
     gc.collect()
-    eng = OffloadEngine(model, policy=policy, vram_budget=budget, devices=n_dev, **kw(policy))
+    eng = make_engine(model, policy=policy, vram_budget=budget, devices=n_dev, **kw(policy))
     row = {"family": fam, "policy": policy, "devices": n_dev, "budget": budget}
     for prompts in (SINGLE, BATCH):
         forced, ref_logits, ref_tokens = ref[len(prompts)]
@@ -101,8 +101,8 @@ def case(model, fam, policy, n_dev, ref) -> dict:
 def errors(model) -> dict:
     out = {}
     for name, fn in {
-        "uneven": lambda: OffloadEngine(model, policy="lru", devices=3, **KW),
-        "too_many": lambda: OffloadEngine(model, policy="lru", devices=99, **KW),
+        "uneven": lambda: make_engine(model, policy="lru", devices=3, **KW),
+        "too_many": lambda: make_engine(model, policy="lru", devices=99, **KW),
         "resident": lambda: make_engine(model, "resident", devices=2),
     }.items():
         try:

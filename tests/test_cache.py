@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moepic_jax import cache as C
+from moepic_jax.offload import cache as C
 
 E, D = 8, 4
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import moepic_jax
-from moepic_jax import checkpoint, train
-from moepic_jax.offload import OffloadEngine
+from moepic_jax.io import checkpoint
+from moepic_jax.runtime.factory import make_engine
+from tools import train_embedded as train
 
 PROMPT = "def fibonacci(n):"
 NEW = 16
@@ -70,7 +71,7 @@ def test_every_policy_matches_resident(model32, dtype):
     assert len(ref.token_ids[0]) == NEW
     m = moepic_jax.load(dtype=dtype)  # an offload engine pins this copy's experts
     total = m.weight_bytes()  # before an engine pins the experts
-    budget = OffloadEngine(m, policy="ondemand", **KW).fixed_bytes + int(0.3 * m.expert_bytes())
+    budget = make_engine(m, policy="ondemand", **KW).fixed_bytes + int(0.3 * m.expert_bytes())
     assert budget < total, "the budget must be below the model's size"
     for policy in ("ondemand", "lru", "static", "moepic"):
         res = moepic_jax.generate(PROMPT, model=m, max_new_tokens=NEW, policy=policy, vram_budget=budget, **KW)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moepic_jax import grouped
+from moepic_jax.model import grouped
 from moepic_jax import model as M
 
 

@@ -9,7 +9,7 @@ from conftest import build_hf_model
 from safetensors.numpy import load_file, save_file
 
 import moepic_jax
-from moepic_jax.budget import parse_budget
+from moepic_jax.offload.memory import parse_budget
 from moepic_jax.config import from_hf_config
 
 

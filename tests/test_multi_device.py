@@ -76,8 +76,8 @@ def test_balance_gives_each_device_its_hottest_experts_within_its_budget():
     (on the layer whose next slot catches the most routed pairs) up to the per-device budget, not lost."""
     import numpy as np
 
-    from moepic_jax.planner import CachePlan, LayerPlan
-    from moepic_jax.profile import _balance
+    from moepic_jax.planning.plans import balance as _balance
+    from moepic_jax.planning.profiles import CachePlan, LayerPlan
 
     rng = np.random.default_rng(0)
     freq = rng.dirichlet(np.ones(8), size=3) * 2  # rows sum to top_k = 2

@@ -10,10 +10,11 @@ import pytest
 from conftest import FAMILIES
 
 import moepic_jax
-from moepic_jax.engine import CompileCache, ResidentEngine
-from moepic_jax.generate import _bucket
-from moepic_jax.offload import OffloadEngine
-from moepic_jax.planner import CachePlan, LayerPlan
+from moepic_jax.runtime.compiled import CompileCache
+from moepic_jax.runtime.engine import ResidentEngine
+from moepic_jax.generate import bucket as _bucket
+from moepic_jax.planning.profiles import CachePlan, LayerPlan
+from moepic_jax.runtime.factory import make_engine
 
 BATCH = [[3, 14, 15, 92, 65, 35, 89, 79, 32], [38, 46, 26, 43]]  # two prompts of different lengths
 SINGLE = [[27, 18, 28, 18, 28, 45, 90, 45]]
@@ -70,7 +71,7 @@ def reference(models):
 
 
 def _budget(model, frac, policy="ondemand"):
-    base = OffloadEngine(model, policy="ondemand", **KW)
+    base = make_engine(model, policy="ondemand", **KW)
     return base.fixed_bytes + int(frac * model.expert_bytes())
 
 
@@ -109,7 +110,7 @@ def test_policies_exact(family, policy, frac, offload_models, reference):
     if policy == "ondemand" and frac != 0.1:
         pytest.skip("ondemand caches nothing: one budget is enough")
     m = offload_models[family]
-    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, frac), **kw(policy))
+    engine = make_engine(m, policy=policy, vram_budget=_budget(m, frac), **kw(policy))
     counters, res = _check(engine, family, reference, m, SINGLE)
     assert engine.cache_bytes() <= engine.cache_budget
     h2d = sum(c["h2d_bytes"].sum() for c in counters)
@@ -131,7 +132,7 @@ def test_explicit_split_plans_exact(family, split, offload_models, reference):
     layers = tuple(LayerPlan(split, tuple(range(0, cfg.n_experts, 2))) if moe else LayerPlan(0, ())
                    for moe in cfg.moe_layers)
     plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
-    engine = OffloadEngine(m, policy="moepic", plan=plan, **PKW)
+    engine = make_engine(m, policy="moepic", plan=plan, **PKW)
     counters, _ = _check(engine, family, reference, m, SINGLE)
     assert sum(c["top_hits"].sum() for c in counters) > 0
     assert sum(c["misses"].sum() for c in counters) > 0
@@ -155,7 +156,7 @@ def test_prefill_copies_only_what_the_cache_lacks(split, offload_models, referen
     cached = tuple(e for e in range(E) if e % 4 != 1)  # 3/4 of the experts, not a contiguous run
     layers = tuple(LayerPlan(split, cached) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers)
     plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
-    engine = OffloadEngine(m, policy="moepic", plan=plan, **KW)
+    engine = make_engine(m, policy="moepic", plan=plan, **KW)
     assert len(cached) * split >= (1 - 0.5) * E * F  # the partial path's condition holds in every MoE layer
     toks, mask = _batch(SINGLE)
     _, _, c = engine.prefill(engine.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
@@ -172,8 +173,8 @@ def test_prefill_refills_the_static_cache_from_the_prompt(policy, offload_models
     plan's experts count as PROMPT_PRIOR_TOKENS more; ties keep them), with their host rows; tokens stay exact.
     moepic (frequency rule) refills as static does.
     The reference counts come from the profiler's own forward over the prompt, not from the engine's prefill."""
-    from moepic_jax.offload import PROMPT_PRIOR_TOKENS
-    from moepic_jax.profile import profile_model
+    from moepic_jax.offload.prefill import PROMPT_PRIOR_TOKENS
+    from moepic_jax.planning.calibrate import profile_model
 
     m = offload_models["qwen3_moe"]
     cfg = m.cfg
@@ -181,13 +182,13 @@ def test_prefill_refills_the_static_cache_from_the_prompt(policy, offload_models
     layers = tuple(LayerPlan(cfg.d_ff, (0, 1, 2)) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers)
     plan = CachePlan(layers=layers, budget_bytes=0, model_id=cfg.identity())
     prompt = BATCH[0]
-    fixed = OffloadEngine(m, policy=policy, plan=plan, **KW)  # the default keeps the plan's hot set
+    fixed = make_engine(m, policy=policy, plan=plan, **KW)  # the default keeps the plan's hot set
     toks, mask = _batch([prompt])
     fixed.prefill(fixed.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
     assert [np.asarray(c.owner).tolist() for c in fixed.caches if c is not None] == [[0, 1, 2]] * sum(cfg.moe_layers)
-    engine = OffloadEngine(m, policy=policy, plan=plan, adapt_to_prompt=True, **KW)
+    engine = make_engine(m, policy=policy, plan=plan, adapt_to_prompt=True, **KW)
     engine.prefill(engine.new_state(1, _bucket(toks.shape[1] + NEW)), toks, mask)
-    counts = profile_model(engine, np.asarray(prompt, np.int32), smoothing=0.0).freq * len(prompt)
+    counts = profile_model(engine.weights, np.asarray(prompt, np.int32), smoothing=0.0).freq * len(prompt)
     for l, c in enumerate(engine.caches):
         if c is None:
             continue
@@ -206,7 +207,7 @@ def test_prefill_refills_the_static_cache_from_the_prompt(policy, offload_models
 def test_batch_of_two_prompts_exact(policy, offload_models, reference):
     """Left-padded batch of two prompts of different lengths; duplicated experts are copied once."""
     m = offload_models["qwen2_moe"]
-    engine = OffloadEngine(m, policy=policy, vram_budget=_budget(m, 0.3), **kw(policy))
+    engine = make_engine(m, policy=policy, vram_budget=_budget(m, 0.3), **kw(policy))
     counters, res = _check(engine, "qwen2_moe", reference, m, BATCH)
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
 
@@ -216,12 +217,12 @@ def test_grouped_prefill_exact(family, offload_models, reference, monkeypatch):
     """Prefill with the tokens grouped by expert (the path Hopper GPUs take, `grouped.experts_grouped`; here with
     `jax.lax.ragged_dot` as its matmul): the same logits and tokens as the resident model, for the resident engine
     too, and the batch's padding tokens included."""
-    from moepic_jax import grouped
-    from moepic_jax import model as M
+    from moepic_jax.model import grouped
+    from moepic_jax.model import layers as M
 
     monkeypatch.setattr(M, "GROUPED_MIN_ROWS", 0)  # these prompts have fewer pairs than the GPU row tile
     m = offload_models[family]
-    engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.3), **PKW)
+    engine = make_engine(m, policy="lru", vram_budget=_budget(m, 0.3), **PKW)
     assert engine.matmul is None  # the CPU keeps experts_scan
     traced = []
 
@@ -245,14 +246,14 @@ def test_copy_groups_in_a_loop_exact(policy, offload_models, reference, monkeypa
     """Batches with more copy groups than COPY_UNROLL_GROUPS run one switch in a `lax.scan` over the groups (padding
     included: 4 distinct-expert slots in groups of 3). Same logits, tokens and per-layer counters as the unrolled
     switches, which test_batch_of_two_prompts_exact checks against the resident model."""
-    from moepic_jax import offload
+    from moepic_jax.offload import copy_step as offload
     m = offload_models["qwen2_moe"]
     budget = _budget(m, 0.3)
-    unrolled = OffloadEngine(m, policy=policy, vram_budget=budget, **PKW)
+    unrolled = make_engine(m, policy=policy, vram_budget=budget, **PKW)
     _, want = teacher_forced(unrolled, reference["qwen2_moe", 2][0], BATCH)
     monkeypatch.setattr(offload, "COPY_GROUP", 3)
     monkeypatch.setattr(offload, "COPY_UNROLL_GROUPS", 1)
-    looped = OffloadEngine(m, policy=policy, vram_budget=budget, **PKW)
+    looped = make_engine(m, policy=policy, vram_budget=budget, **PKW)
     counters, _ = _check(looped, "qwen2_moe", reference, m, BATCH)
     moved = _assert_slots_hold_host_rows(looped, m)
     assert moved > 0 or policy == "moepic"  # here the frequency rule keeps its two hottest (used every step)
@@ -274,7 +275,7 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
     make the planner shrink the caches instead. Nor may the step copy a layer's cache (LRU admission)."""
     from conftest import build_hf_model
 
-    from moepic_jax import offload
+    from moepic_jax.offload import copy_step as offload
     monkeypatch.setattr(offload, "COPY_GROUP", 3)  # batch 2 x top-2: 4 distinct experts -> 2 groups, in a loop
     monkeypatch.setattr(offload, "COPY_UNROLL_GROUPS", 1)
     temps, shapes = {}, {}
@@ -282,7 +283,7 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
         d = tmp_path / str(layers)
         build_hf_model("qwen3_moe", num_hidden_layers=layers).save_pretrained(d)
         m = moepic_jax.load(d, dtype="float32")
-        engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.5) + 4 * 2**20, prefetch=False, **KW)
+        engine = make_engine(m, policy="lru", vram_budget=_budget(m, 0.5) + 4 * 2**20, prefetch=False, **KW)
         moepic_jax.generate(BATCH, model=m, max_new_tokens=2, engine=engine)
         assert all(c is not None and c.tops.shape[0] > 0 for c in engine.caches)  # every layer admits
         decode = [exe for key, exe in engine.compiles._fns.items() if key[0] == "decode"]
@@ -310,7 +311,7 @@ def test_prefetch_follows_the_plan(policy, offload_models, reference):
     m = offload_models["qwen2_moe"]
     cfg = m.cfg
     budget = _budget(m, 0.3)
-    engine = OffloadEngine(m, policy=policy, vram_budget=budget, **KW)
+    engine = make_engine(m, policy=policy, vram_budget=budget, **KW)
     assert not engine.cache_plan.prefetch and not engine.prefetches
     counters, res = _check(engine, "qwen2_moe", reference, m, SINGLE)
     assert all(c["predicted"].sum() == 0 for c in counters)
@@ -320,7 +321,7 @@ def test_prefetch_follows_the_plan(policy, offload_models, reference):
     for c in counters:
         np.testing.assert_allclose(c["h2d_bytes"], (c["top_hits"] * (F - splits) + c["misses"] * F) * rb)
     assert sum(c["h2d_bytes"].sum() for c in counters) > 0
-    forced = OffloadEngine(m, policy=policy, vram_budget=budget, **PKW)
+    forced = make_engine(m, policy=policy, vram_budget=budget, **PKW)
     assert forced.prefetches
     counters, _ = _check(forced, "qwen2_moe", reference, m, SINGLE)
     assert sum(c["predicted"].sum() for c in counters) > 0
@@ -345,7 +346,7 @@ def test_replan_for_prefill_costs_no_second_decode_compile(offload_models, refer
         return exe
 
     monkeypatch.setattr(CompileCache, "get", get)
-    fits = OffloadEngine(m, policy="static", vram_budget=budget, **KW)
+    fits = make_engine(m, policy="static", vram_budget=budget, **KW)
     tokens = reference["qwen2_moe", 1][2]
     assert moepic_jax.generate(SINGLE, model=m, max_new_tokens=NEW, engine=fits).token_ids == tokens
     want = compiled.count("decode")
@@ -355,7 +356,7 @@ def test_replan_for_prefill_costs_no_second_decode_compile(offload_models, refer
     real_temps = CompileCache.temp_bytes_of
     monkeypatch.setattr(CompileCache, "temp_bytes_of",
                         lambda self, name: max(real_temps(self, name), extra if name == "prefill_moe" else 0))
-    tight = OffloadEngine(m, policy="static", vram_budget=budget, **KW)
+    tight = make_engine(m, policy="static", vram_budget=budget, **KW)
     assert moepic_jax.generate(SINGLE, model=m, max_new_tokens=NEW, engine=tight).token_ids == tokens
     assert want >= 1 and compiled.count("decode") == want
     assert tight.cache_bytes() < fits.cache_bytes()
@@ -364,7 +365,7 @@ def test_replan_for_prefill_costs_no_second_decode_compile(offload_models, refer
 
 def test_compile_count_is_stable(offload_models, reference):
     m = offload_models["qwen3_moe"]
-    engine = OffloadEngine(m, policy="lru", vram_budget=_budget(m, 0.3), **PKW)
+    engine = make_engine(m, policy="lru", vram_budget=_budget(m, 0.3), **PKW)
     first = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, engine=engine)
     assert 1 <= first.stats.compile_count <= 5  # decode + prefill pre/moe/dense/head: bounded by distinct shapes
     again = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW + 3, engine=engine)
@@ -377,9 +378,9 @@ def test_compile_count_is_stable(offload_models, reference):
 
 def test_budget_below_minimum_raises(offload_models):
     m = offload_models["mixtral"]
-    base = OffloadEngine(m, policy="ondemand", **KW)
+    base = make_engine(m, policy="ondemand", **KW)
     with pytest.raises(ValueError, match=r"below the minimum of \d+\.\d+ GiB"):
-        OffloadEngine(m, policy="moepic", vram_budget=base.fixed_bytes - 1, **PKW)
+        make_engine(m, policy="moepic", vram_budget=base.fixed_bytes - 1, **PKW)
     with pytest.raises(ValueError, match="use an offloading policy"):
         ResidentEngine(m, vram_budget=m.weight_bytes() // 2)
 
@@ -389,29 +390,29 @@ def test_plan_mismatch_raises(offload_models):
     cfg = m.cfg
     short = CachePlan(layers=(LayerPlan(0, ()),) * (cfg.n_layers - 1), budget_bytes=0)
     with pytest.raises(ValueError, match="layer"):
-        OffloadEngine(m, policy="moepic", plan=short, **PKW)
+        make_engine(m, policy="moepic", plan=short, **PKW)
     bad = CachePlan(layers=(LayerPlan(16, (cfg.n_experts,)),) + (LayerPlan(0, ()),) * (cfg.n_layers - 1),
                     budget_bytes=0)
     with pytest.raises(ValueError):
-        OffloadEngine(m, policy="moepic", plan=bad, **PKW)
+        make_engine(m, policy="moepic", plan=bad, **PKW)
     split = CachePlan(layers=(LayerPlan(16, (0,)),) * cfg.n_layers, budget_bytes=0)
     with pytest.raises(ValueError, match="whole experts"):
-        OffloadEngine(m, policy="static", plan=split, **PKW)
+        make_engine(m, policy="static", plan=split, **PKW)
     other = CachePlan(layers=(LayerPlan(0, ()),) * cfg.n_layers, budget_bytes=0, model_id="0123456789abcdef")
     with pytest.raises(ValueError, match="re-plan"):
-        OffloadEngine(m, policy="moepic", plan=other, **PKW)
+        make_engine(m, policy="moepic", plan=other, **PKW)
     with pytest.raises(ValueError, match="never predicts"):
-        OffloadEngine(m, policy="ondemand", prefetch=True, **KW)
+        make_engine(m, policy="ondemand", prefetch=True, **KW)
     with pytest.raises(ValueError, match="prefetch must be"):
-        OffloadEngine(m, policy="lru", prefetch=1, **KW)
+        make_engine(m, policy="lru", prefetch=1, **KW)
     big = CachePlan(layers=(LayerPlan(cfg.d_ff, tuple(range(8))),) * cfg.n_layers, budget_bytes=0)
     with pytest.raises(ValueError, match="left for caches"):
-        OffloadEngine(m, policy="moepic", plan=big, vram_budget=_budget(m, 0.1), **PKW)
+        make_engine(m, policy="moepic", plan=big, vram_budget=_budget(m, 0.1), **PKW)
 
 
 def test_generate_api_with_policy_and_budget_string(offload_models, reference):
     m = offload_models["olmoe"]
-    base = OffloadEngine(m, policy="ondemand", **KW)
+    base = make_engine(m, policy="ondemand", **KW)
     budget = f"{(base.fixed_bytes + m.expert_bytes() // 3) / 2**20:.3f}MiB"
     res = moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, policy="moepic", vram_budget=budget, **PKW)
     assert res.token_ids == reference["olmoe", 2][2]
@@ -438,7 +439,7 @@ def test_h2d_bytes_are_per_token_at_batch_two(offload_models):
 def test_held_engine_reservation_is_enough(offload_models):
     """A prompt + new tokens that fit the engine's max_seq_len run without a bigger power-of-two cache."""
     m = offload_models["mixtral"]
-    eng = moepic_jax.Engine(m, policy="ondemand", max_batch=1, max_seq_len=24)
+    eng = moepic_jax.make_engine(m, policy="ondemand", max_batch=1, max_seq_len=24)
     res = moepic_jax.generate(list(range(1, 17)), model=m, max_new_tokens=6, engine=eng)
     assert len(res.token_ids[0]) == 6
 
@@ -446,10 +447,10 @@ def test_held_engine_reservation_is_enough(offload_models):
 def test_generate_with_a_profile_of_your_own_text(offload_models, reference):
     """generate(profile=, hardware=): profiles are accepted as engine keywords (keyed by their JSON), the plan is
     solved from them, and the result stays exact."""
-    from moepic_jax.profile import default_hardware, profile_model
+    from moepic_jax.planning.calibrate import default_hardware, profile_model
 
     m = offload_models["qwen2_moe"]
-    mp = profile_model(OffloadEngine(m, policy="ondemand", **KW), np.array(SINGLE[0] * 3, np.int32))
+    mp = profile_model(make_engine(m, policy="ondemand", **KW).weights, np.array(SINGLE[0] * 3, np.int32))
     hw = default_hardware(m.cfg.n_layers)
     kw = dict(model=m, max_new_tokens=NEW, policy="static", vram_budget=_budget(m, 0.3), profile=mp, hardware=hw,
               **KW)
@@ -464,7 +465,7 @@ def test_compiled_steps_hold_one_kv_cache(offload_models):
     without donating them makes a copy, one more KV cache on the device that the budget does not count (the
     prefill bookkeeping did, 0.19 GiB for Qwen1.5-MoE at 1024 tokens on the H200)."""
     m = offload_models["qwen2_moe"]
-    engine = OffloadEngine(m, policy="static", vram_budget=_budget(m, 0.3), **KW)
+    engine = make_engine(m, policy="static", vram_budget=_budget(m, 0.3), **KW)
     moepic_jax.generate(BATCH, model=m, max_new_tokens=NEW, engine=engine)
     kv = engine.new_state(2, engine.max_seq_len)  # at least the cache generate() used
     kv_bytes = kv.k.nbytes + kv.v.nbytes

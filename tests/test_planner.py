@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from moepic_jax.planner import (
+from moepic_jax.planning.planner import (
     CachePlan,
     HardwareProfile,
     LayerPlan,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import moepic_jax
-from moepic_jax.offload import OffloadEngine
-from moepic_jax.profile import profile_model
+from moepic_jax.planning.calibrate import profile_model
+from moepic_jax.runtime.factory import make_engine
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,10 @@ def test_frequencies_match_transformers_routing(mixtral):
     # [tokens, experts] router logits per layer -> each token's top-k experts
     top = [np.argsort(-rl.float().numpy().reshape(len(tokens), -1), axis=1, kind="stable")[:, :cfg.top_k]
            for rl in out.router_logits]
-    engine = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=64)
+    engine = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=64)
     k, E, start = cfg.top_k, cfg.n_experts, 10
-    raw = profile_model(engine, tokens, score_from=start, smoothing=0.0)
-    smooth = profile_model(engine, tokens, score_from=start)  # default alpha = 0.5
+    raw = profile_model(engine.weights, tokens, score_from=start, smoothing=0.0)
+    smooth = profile_model(engine.weights, tokens, score_from=start)  # default alpha = 0.5
     for l in range(cfg.n_layers):
         counts = np.bincount(top[l][start:].ravel(), minlength=E)
         n = len(tokens) - start
@@ -34,6 +34,6 @@ def test_frequencies_match_transformers_routing(mixtral):
         np.testing.assert_allclose(smooth.freq[l], k * (counts + 0.5) / (n * k + 0.5 * E), atol=1e-12)
         assert smooth.freq[l].min() > 0 and abs(smooth.freq[l].sum() - k) < 1e-9
     with pytest.raises(ValueError, match="score_from"):
-        profile_model(engine, tokens, score_from=len(tokens))
+        profile_model(engine.weights, tokens, score_from=len(tokens))
     with pytest.raises(ValueError, match="smoothing"):
-        profile_model(engine, tokens, smoothing=-1.0)
+        profile_model(engine.weights, tokens, smoothing=-1.0)

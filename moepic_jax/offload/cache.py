@@ -16,7 +16,7 @@ copied) or a *miss* (everything copied). Rules (DESIGN.md, Policies):
 Each rule is `(state, routed experts, their assembled buffers, step) -> state` (`update`), testable on a
 scripted trace without a model (tests/test_cache.py).
 
-Why `freq` for `moepic` (issue 3 item 2: "keep it only if it measures better"): replayed on the trained embedded
+Why `freq` for `moepic` (kept because it measured better): replayed on the trained embedded
 model's routing of held-out text, at 10 / 25 / 50 % of the experts it finds 28.0 / 47.5 / 73.5 % of the routed
 experts in the cache, LRU 22.4 / 40.8 / 67.6 %, the static hot set 16.9 / 29.3 / 54.6 % (benchmarks/sim_replacement.py;
 decay 0.9-0.99 all within 1.5 points). On random weights, which route by prompt, it matches or beats LRU. On the H200
@@ -56,15 +56,23 @@ def init_layer_cache(tops: jax.Array, cached: list[int] | tuple[int, ...], n_exp
                       last_use=jnp.zeros((n,), jnp.int32), score=jnp.zeros((n_experts,), jnp.float32))
 
 
+def lookup(cache: LayerCache, experts: jax.Array, split: int) -> tuple[jax.Array, jax.Array]:
+    """Where routed experts sit. experts: [...] int32 (-1 = none); split: the layer's plan split s.
+
+    Returns (slot [...] int32: the slot holding the expert's top, -1 when not cached; cached [...] bool). An empty
+    cache (no slots, or s == 0) caches nothing.
+    """
+    if cache.tops.shape[0] == 0 or split == 0:
+        return jnp.full(experts.shape, -1, jnp.int32), jnp.zeros(experts.shape, bool)
+    slot = cache.slot_of[jnp.maximum(experts, 0)]
+    return slot, (slot >= 0) & (experts >= 0)
+
+
 def classify(cache: LayerCache, experts: jax.Array, split: int, d_ff: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Hit class of routed experts. experts: [...] int32 (-1 = none). Returns bool masks (full, top_only, miss)."""
-    valid = experts >= 0
-    if cache.tops.shape[0] == 0 or split == 0:
-        cached = jnp.zeros(experts.shape, bool)
-    else:
-        cached = (cache.slot_of[jnp.maximum(experts, 0)] >= 0) & valid
+    _, cached = lookup(cache, experts, split)
     full = cached & (split == d_ff)
-    return full, cached & (split < d_ff), valid & ~cached
+    return full, cached & (split < d_ff), (experts >= 0) & ~cached
 
 
 def lru_slots(cache: LayerCache, experts: jax.Array, step: jax.Array) -> tuple[LayerCache, jax.Array]:

@@ -9,13 +9,18 @@ Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.config import MoEConfig, from_hf_config
+from moepic_jax.io.hf import to_hf_state_dict
+from moepic_jax.model.params import empty_params, np_dtype
 
 MANIFEST = "moepic_checkpoint.json"
 FORMAT_VERSION = 1
@@ -23,7 +28,7 @@ FORMAT_VERSION = 1
 
 def default_checkpoint_dir() -> pathlib.Path:
     """The embedded default model shipped under `checkpoints/` (first directory holding a manifest)."""
-    root = pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
+    root = pathlib.Path(__file__).resolve().parents[2] / "checkpoints"
     found = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
     if not found:
         raise FileNotFoundError(f"no embedded model under {root}; pass a model path")
@@ -36,8 +41,6 @@ def is_orbax_checkpoint(path) -> bool:
 
 def _to_tree(params: M.Params):
     """Params -> nested dict of NumPy arrays (orbax-friendly, None leaves dropped)."""
-    import dataclasses
-
     def conv(x):
         if isinstance(x, np.ndarray):
             return x
@@ -49,8 +52,6 @@ def _to_tree(params: M.Params):
 
 
 def _from_tree(tree, like: M.Params):
-    import dataclasses
-
     def conv(t, ref):
         if isinstance(ref, np.ndarray):
             return t
@@ -88,8 +89,6 @@ def save(path, cfg: MoEConfig, params: M.Params, dtype: str, tokenizer=None) -> 
 def _hashes(root: pathlib.Path) -> dict[str, str]:
     """sha256 of every file under `root`, by relative path: detects truncated or altered checkpoint files,
     which orbax itself may load silently."""
-    import hashlib
-
     out = {}
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
@@ -125,8 +124,6 @@ def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
         (the message names the directory and what to do).
     """
     import orbax.checkpoint as ocp
-
-    from moepic_jax.weights import empty_params, np_dtype
 
     path = pathlib.Path(path).resolve()
     try:
@@ -172,15 +169,11 @@ def export_hf(model, out_dir, dtype: str = "float32") -> pathlib.Path:
     """
     from safetensors.numpy import save_file
 
-    from moepic_jax.weights import np_dtype, to_hf_state_dict
-
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
     target = np_dtype(dtype)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import jax
-
     host = jax.tree.map(lambda a: np.asarray(a), model.params)  # experts may be pinned jax arrays by an engine
     state = {k: np.ascontiguousarray(np.asarray(v).astype(target))
              for k, v in to_hf_state_dict(host, model.cfg).items()}

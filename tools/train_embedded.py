@@ -44,6 +44,14 @@ import time
 
 import numpy as np
 
+import moepic_jax
+from moepic_jax import model as M
+from moepic_jax.config import MoEConfig, from_hf_config
+from moepic_jax.generate import forward
+from moepic_jax.io import checkpoint
+from moepic_jax.io.hf import leaf_paths
+from moepic_jax.model.params import empty_params
+
 EOT = "<|endoftext|>"
 DEFAULT_NAME = "stdlib_moe"
 SPLIT_MOD = 20
@@ -147,8 +155,6 @@ def encode_docs(tok, texts: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- model
 def make_config(vocab_size: int, tiny: bool = False, max_pos: int = 1024):
     """The embedded model: Qwen3-MoE layout, E=16, top-2, 6 layers, D=256, 4/2 heads of 64, d_ff 256."""
-    from moepic_jax.config import MoEConfig
-
     if tiny:
         L, D, H, G, hd, F, E = 2, 32, 2, 1, 16, 32, 4
     else:
@@ -162,12 +168,10 @@ def make_config(vocab_size: int, tiny: bool = False, max_pos: int = 1024):
 def init_params(cfg, seed: int):
     """Host float32 `Params`: norms 1, linear weights N(0, 0.02), output projections (attention out, expert
     down rows) scaled by 1/sqrt(2 L) (GPT-2 style)."""
-    from moepic_jax.weights import _leaf_paths, empty_params
-
     params = empty_params(cfg, "float32")
     rng = np.random.default_rng(seed)
     std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layers)
-    for path, a in _leaf_paths(params):
+    for path, a in leaf_paths(params):
         name = path[-1]
         if name in ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm"):
             a[...] = 1.0
@@ -189,8 +193,6 @@ def train_forward(params, cfg, tokens, compute_dtype):
     import jax
     import jax.numpy as jnp
 
-    from moepic_jax import model as M
-
     p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     B, T = tokens.shape
     E, K = cfg.n_experts, cfg.top_k
@@ -199,23 +201,24 @@ def train_forward(params, cfg, tokens, compute_dtype):
     start = jnp.zeros((), jnp.int32)
     kv = jnp.zeros((1, B, T, cfg.n_kv_heads, cfg.head_dim), compute_dtype)  # a one-layer cache of length T
     h = M.embed(p, tokens)
+    pos = M.Positions(positions, valid, start)
     aux, counts = [], []
     for l, lp in enumerate(p.layers):
-        a, _, _ = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, kv, kv, 0, valid, start,
-                              cfg)
-        h = h + a
-        x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, -1)
-        if cfg.moe_layers[l]:
+        def ffn(x, h_mid, lp=lp, is_moe=cfg.moe_layers[l]):
+            x = x.reshape(B * T, -1)
+            if not is_moe:
+                return M.mlp(x, lp.mlp).reshape(B, T, -1), None
             ids, w = M.route(x, lp.moe.w_router, cfg)
             probs = jax.nn.softmax((x @ lp.moe.w_router).astype(jnp.float32), axis=-1)  # [N, E]
             y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
             slots = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32), axis=1)  # [N, E], K ones per row
             f = jnp.mean(slots, axis=0) / K
-            aux.append(E * jnp.sum(f * jnp.mean(probs, axis=0)))
-            counts.append(jnp.sum(slots, axis=0))
-        else:
-            y = M.mlp(x, lp.mlp)
-        h = h + y.reshape(B, T, -1)
+            return y.reshape(B, T, -1), (E * jnp.sum(f * jnp.mean(probs, axis=0)), jnp.sum(slots, axis=0))
+
+        h, _, _, out = M.decoder_layer(lp, h, kv, kv, 0, pos, cfg, ffn)  # a one-layer cache, not kept
+        if out is not None:
+            aux.append(out[0])
+            counts.append(out[1])
     return M.lm_head(p, h, cfg), jnp.stack(aux), jnp.stack(counts)
 
 
@@ -419,9 +422,7 @@ def _versions() -> dict:
 
 # ------------------------------------------------------------------------------------ shards / assemble
 def _flat(params) -> dict[str, np.ndarray]:
-    from moepic_jax.weights import _leaf_paths
-
-    return {"/".join(map(str, path)): a for path, a in _leaf_paths(params)}
+    return {"/".join(map(str, path)): a for path, a in leaf_paths(params)}
 
 
 def save_shards(run: pathlib.Path, params) -> None:
@@ -443,10 +444,8 @@ def load_shards(run: pathlib.Path, cfg):
     """Inverse of `save_shards`: a host bf16 `Params` tree; every leaf must be present with its shape."""
     import ml_dtypes
 
-    from moepic_jax.weights import _leaf_paths, empty_params
-
     params = empty_params(cfg, "bfloat16")
-    want = {"/".join(map(str, p)): a for p, a in _leaf_paths(params)}
+    want = {"/".join(map(str, p)): a for p, a in leaf_paths(params)}
     seen = set()
     for f in sorted(run.glob("params-*.npz")):
         with np.load(f) as z:
@@ -478,8 +477,6 @@ def sample_perplexity(model, text: str, n_tokens: int = EVAL_TOKENS, chunk: int 
     matmuls. The measure of eval.json and of tests/test_embedded.py."""
     import jax
 
-    from moepic_jax.generate import forward
-
     ids = sample_tokens(model.tokenizer, text, n_tokens).reshape(-1, chunk)
     with jax.default_matmul_precision("highest"):
         logits = forward(model, ids).astype(np.float64)  # [n, chunk, V]
@@ -494,10 +491,6 @@ def assemble(run: str | pathlib.Path, out: str | pathlib.Path, notes: str | path
     """Phase 2: the run directory -> a checkpoint directory (orbax + config + tokenizer + TRAINING.md + eval.json
     + heldout_sample.txt + loss_curve.png + training_log.json). `notes`: a markdown file appended to TRAINING.md."""
     from tokenizers import Tokenizer
-
-    import moepic_jax
-    from moepic_jax import checkpoint
-    from moepic_jax.config import from_hf_config
 
     run, out = pathlib.Path(run), pathlib.Path(out)
     log = json.loads((run / "log.json").read_text())

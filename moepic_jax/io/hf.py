@@ -20,62 +20,13 @@ import json
 import pathlib
 import re
 from collections.abc import Callable
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
 from moepic_jax import model as M
+from moepic_jax.model.params import empty_params
 from moepic_jax.config import MoEConfig, from_hf_config
-
-DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
-
-
-def np_dtype(dtype: str | Any):
-    """Map "bfloat16" / "float32" / "float16" (or a NumPy dtype) to a NumPy dtype; ValueError otherwise."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-        return np.dtype(DTYPES[dtype])
-    d = np.dtype(dtype)
-    if d not in [np.dtype(v) for v in DTYPES.values()]:
-        raise ValueError(f"unsupported dtype {d}; supported: {', '.join(DTYPES)}")
-    return d
-
-
-def empty_params(cfg: MoEConfig, dtype) -> M.Params:
-    """A host `Params` tree of zeros with every shape the config implies (the one description of the tree)."""
-    dt = np_dtype(dtype)
-    D, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-
-    def z(*shape):
-        return np.zeros(shape, dt)
-
-    layers = []
-    for l in range(cfg.n_layers):
-        qn = kn = None
-        if cfg.qk_norm == "head":
-            qn, kn = z(hd), z(hd)
-        elif cfg.qk_norm == "full":
-            qn, kn = z(H * hd), z(G * hd)
-        attn = M.AttnParams(
-            wq=z(D, H * hd), wk=z(D, G * hd), wv=z(D, G * hd), wo=z(H * hd, D),
-            bq=z(H * hd) if cfg.qkv_bias else None, bk=z(G * hd) if cfg.qkv_bias else None,
-            bv=z(G * hd) if cfg.qkv_bias else None, bo=z(D) if cfg.o_bias else None, q_norm=qn, k_norm=kn,
-        )
-        mlp = moe = None
-        if cfg.moe_layers[l]:
-            shared = M.MLPParams(z(D, cfg.shared_d_ff), z(D, cfg.shared_d_ff), z(cfg.shared_d_ff, D)) \
-                if cfg.shared_d_ff else None
-            moe = M.MoEParams(w_router=z(D, cfg.n_experts), experts=z(cfg.n_experts, cfg.d_ff, 3, D), shared=shared,
-                              w_shared_gate=z(D, 1) if cfg.shared_d_ff else None)
-        else:
-            mlp = M.MLPParams(z(D, cfg.dense_d_ff), z(D, cfg.dense_d_ff), z(cfg.dense_d_ff, D))
-        layers.append(M.LayerParams(attn_norm=z(D), attn=attn, mlp_norm=z(D), mlp=mlp, moe=moe))
-    return M.Params(embed=z(cfg.vocab_size, D), layers=tuple(layers), final_norm=z(D),
-                    lm_head=None if cfg.tie_word_embeddings else z(D, cfg.vocab_size))
-
 
 # A rule: (regex, function(match) -> list of (target path, source->target transform, expected HF shape)).
 # Targets are paths into the Params tree: ("layers", l, "attn", "wq") or for experts
@@ -161,7 +112,7 @@ def _get(tree, path):
 def _expected_slots(cfg: MoEConfig, params: M.Params) -> set[tuple]:
     """Every leaf slot that must be filled (experts: one slot per (layer, expert, part))."""
     slots = set()
-    for path, _ in _leaf_paths(params):
+    for path, _ in leaf_paths(params):
         if len(path) >= 4 and path[2] == "moe" and path[3] == "experts":
             for e in range(cfg.n_experts):
                 for part in range(3):
@@ -171,17 +122,17 @@ def _expected_slots(cfg: MoEConfig, params: M.Params) -> set[tuple]:
     return slots
 
 
-def _leaf_paths(tree, prefix=()):
+def leaf_paths(tree, prefix=()):
     if isinstance(tree, np.ndarray):
         yield prefix, tree
     elif isinstance(tree, tuple):
         for i, t in enumerate(tree):
-            yield from _leaf_paths(t, (*prefix, i))
+            yield from leaf_paths(t, (*prefix, i))
     elif dataclasses.is_dataclass(tree):
         for f in dataclasses.fields(tree):
             v = getattr(tree, f.name)
             if v is not None:
-                yield from _leaf_paths(v, (*prefix, f.name))
+                yield from leaf_paths(v, (*prefix, f.name))
 
 
 def _shard_files(path: pathlib.Path) -> list[pathlib.Path]:
@@ -331,34 +282,6 @@ def to_hf_state_dict(params: M.Params, cfg: MoEConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-@dataclasses.dataclass
-class Model:
-    """A model on the host: config, NumPy weights (experts neuron-major), optional tokenizer.
-
-    Nothing is on the device; an `Engine` places the weights for one policy and VRAM budget.
-    """
-
-    cfg: MoEConfig
-    params: M.Params  # NumPy leaves
-    tokenizer: Any = None  # a transformers PreTrainedTokenizerFast, or None
-    dtype: str = "bfloat16"
-    path: str | None = None
-
-    @property
-    def dtype_bytes(self) -> int:
-        return np_dtype(self.dtype).itemsize
-
-    def weight_bytes(self) -> int:
-        """Bytes of every weight (resident part + experts), wherever they live (NumPy or pinned_host arrays)."""
-        import jax
-
-        return sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(self.params))
-
-    def expert_bytes(self) -> int:
-        """Bytes of all routed experts."""
-        return self.cfg.total_expert_bytes(self.dtype_bytes)
-
-
 def load_tokenizer(path):
     """The tokenizer of a model directory (transformers fast tokenizer), or None when it has none."""
     path = pathlib.Path(path)
@@ -369,32 +292,3 @@ def load_tokenizer(path):
     if (path / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(path))
     return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
-
-
-def load(path: str | pathlib.Path | None = None, dtype: str = "bfloat16", progress: bool = False) -> Model:
-    """Load a model onto the host.
-
-    Args:
-      path: a Hugging Face directory (config.json + safetensors shards, optional tokenizer files), a
-        moepic_jax orbax checkpoint directory, or None for the embedded default model (`checkpoints/`).
-      dtype: "bfloat16" (default), "float32" or "float16": every weight is cast to it.
-    Returns:
-      `Model` with NumPy weights (nothing on the device).
-    Raises:
-      FileNotFoundError / ValueError: see `read_config_and_params`; unsupported dtype.
-    """
-    np_dtype(dtype)
-    if path is None:
-        from moepic_jax import checkpoint
-
-        path = checkpoint.default_checkpoint_dir()
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    from moepic_jax import checkpoint
-
-    if checkpoint.is_orbax_checkpoint(path):
-        cfg, params = checkpoint.restore(path, dtype)
-    else:
-        cfg, params = read_config_and_params(path, dtype, progress)
-    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path), dtype=dtype, path=str(path))

@@ -1,4 +1,4 @@
-"""Functional JAX model of an MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+"""Blocks of the functional JAX model of an MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
 Dim legend (used in comments and einsums): B batch, T seq (new tokens), S cache slots,
 D d_model, F d_ff (neurons of one expert), E experts, K top_k, H heads, G kv heads,
@@ -21,96 +21,16 @@ Reference behaviour: transformers/models/{mixtral,qwen2_moe,qwen3_moe,olmoe}/mod
 
 from __future__ import annotations
 
-from typing import Optional
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from moepic_jax.config import MoEConfig
-from moepic_jax.grouped import BLOCK_M as GROUPED_MIN_ROWS
-from moepic_jax.grouped import experts_grouped
+from moepic_jax.model.grouped import BLOCK_M as GROUPED_MIN_ROWS
+from moepic_jax.model.grouped import experts_grouped
+from moepic_jax.model.params import AttnParams, MLPParams, MoEParams, Params
 
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
-
-
-@flax.struct.dataclass
-class AttnParams:
-    wq: jax.Array  # [D, H*hd]
-    wk: jax.Array  # [D, G*hd]
-    wv: jax.Array  # [D, G*hd]
-    wo: jax.Array  # [H*hd, D]
-    bq: Optional[jax.Array] = None  # [H*hd]
-    bk: Optional[jax.Array] = None  # [G*hd]
-    bv: Optional[jax.Array] = None  # [G*hd]
-    bo: Optional[jax.Array] = None  # [D]
-    q_norm: Optional[jax.Array] = None  # [hd] (qk_norm="head") or [H*hd] ("full")
-    k_norm: Optional[jax.Array] = None  # [hd] or [G*hd]
-
-
-@flax.struct.dataclass
-class MLPParams:
-    """A dense SwiGLU MLP (dense layers, the shared expert)."""
-
-    w_gate: jax.Array  # [D, F']
-    w_up: jax.Array  # [D, F']
-    w_down: jax.Array  # [F', D]
-
-
-@flax.struct.dataclass
-class MoEParams:
-    w_router: jax.Array  # [D, E]
-    experts: jax.Array  # [E, F, 3, D] neuron-major; may be absent (None) when experts are offloaded
-    shared: Optional[MLPParams] = None  # Qwen2-MoE shared expert
-    w_shared_gate: Optional[jax.Array] = None  # [D, 1]
-
-
-@flax.struct.dataclass
-class LayerParams:
-    attn_norm: jax.Array  # [D]
-    attn: AttnParams
-    mlp_norm: jax.Array  # [D]
-    mlp: Optional[MLPParams] = None  # dense layer
-    moe: Optional[MoEParams] = None  # MoE layer
-
-
-@flax.struct.dataclass
-class Params:
-    embed: jax.Array  # [V, D]
-    layers: tuple  # tuple[LayerParams, ...] (n_layers)
-    final_norm: jax.Array  # [D]
-    lm_head: Optional[jax.Array] = None  # [D, V]; None when tied to embed
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Preallocated KV cache. Slots are in time order for every row; left padding fills leading slots.
-
-    k, v: [L, B, S, G, hd]; valid: [B, S] bool, slot holds a real token; pos: [B] int32, number of
-    real tokens seen per row (the RoPE position of the next token); length: [] int32, slots written.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
-    pos: jax.Array
-    length: jax.Array
-
-
-def init_kv_cache(cfg: MoEConfig, batch: int, max_len: int, dtype) -> KVCache:
-    """An empty cache for `batch` rows of `max_len` slots (zeros; `jnp.empty` is uninitialised on jax 0.11)."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
-        pos=jnp.zeros((batch,), jnp.int32), length=jnp.zeros((), jnp.int32),
-    )
-
-
-def kv_cache_bytes(cfg: MoEConfig, batch: int, max_len: int, dtype_bytes: int) -> int:
-    """Device bytes of `init_kv_cache(cfg, batch, max_len)`."""
-    return 2 * cfg.n_layers * batch * max_len * cfg.n_kv_heads * cfg.head_dim * dtype_bytes + batch * (max_len + 4) + 4
-
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, weight applied in the input dtype (as HF's *RMSNorm)."""
@@ -293,45 +213,3 @@ def lm_head(params: Params, h: jax.Array, cfg: MoEConfig) -> jax.Array:
     if params.lm_head is None:  # tied: contract with the embedding directly (no [D, V] transpose in memory)
         return jnp.einsum("btd,vd->btv", h, params.embed).astype(jnp.float32)
     return (h @ params.lm_head).astype(jnp.float32)
-
-
-def cache_positions(cache: KVCache, mask: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Positions of T new tokens and the cache bookkeeping after writing them.
-
-    mask: [B, T] bool, real tokens. Returns (positions [B, T], valid [B, S], cache with valid/pos/length
-    advanced; k/v untouched).
-    """
-    positions = cache.pos[:, None] + jnp.cumsum(mask, axis=1) - 1
-    positions = jnp.maximum(positions, 0).astype(jnp.int32)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, cache.length, axis=1)
-    new = cache.replace(valid=valid, pos=cache.pos + jnp.sum(mask, axis=1, dtype=jnp.int32),
-                        length=cache.length + mask.shape[1])
-    return positions, valid, new
-
-
-def forward_tokens(
-    params: Params, cfg: MoEConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False,
-    matmul=None,
-) -> tuple[jax.Array, KVCache]:
-    """All-resident forward over T new tokens, writing the KV cache.
-
-    Args:
-      tokens: [B, T] int32; mask: [B, T] bool (False = left padding); cache: `KVCache`.
-      last_only: static; compute logits for the last position only (generation does not need the others).
-      matmul: static; the grouped matmul of many-token MoE blocks (`grouped.matmul_for`; None: `experts_scan`).
-    Returns:
-      (logits [B, T, V] float32 ([B, 1, V] with last_only), updated cache).
-    """
-    B, T = tokens.shape
-    positions, valid, new_cache = cache_positions(cache, mask)
-    h = embed(params, tokens)
-    k, v = cache.k, cache.v
-    for l, lp in enumerate(params.layers):
-        a, k, v = attention(lp.attn, rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
-                            cache.length, cfg)
-        h = h + a
-        x = rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(B * T, -1)
-        y = moe_resident(x, lp.moe, cfg, matmul) if cfg.moe_layers[l] else mlp(x, lp.mlp)
-        h = h + y.reshape(B, T, -1)
-    new_cache = new_cache.replace(k=k, v=v)
-    return lm_head(params, h[:, -1:] if last_only else h, cfg), new_cache

@@ -1,0 +1,66 @@
+"""`load()`: a Hugging Face directory, a moepic_jax checkpoint or the embedded default model -> a host `Model`."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from moepic_jax import model as M
+from moepic_jax.config import MoEConfig
+from moepic_jax.io import checkpoint
+from moepic_jax.io.hf import load_tokenizer, read_config_and_params
+from moepic_jax.model.params import np_dtype
+
+
+@dataclasses.dataclass
+class Model:
+    """A model on the host: config, NumPy weights (experts neuron-major), optional tokenizer.
+
+    Nothing is on the device; an `Engine` places the weights for one policy and VRAM budget.
+    """
+
+    cfg: MoEConfig
+    params: M.Params  # NumPy leaves
+    tokenizer: Any = None  # a transformers PreTrainedTokenizerFast, or None
+    dtype: str = "bfloat16"
+    path: str | None = None
+
+    @property
+    def dtype_bytes(self) -> int:
+        return np_dtype(self.dtype).itemsize
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight (resident part + experts), wherever they live (NumPy or pinned_host arrays)."""
+        return sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(self.params))
+
+    def expert_bytes(self) -> int:
+        """Bytes of all routed experts."""
+        return self.cfg.total_expert_bytes(self.dtype_bytes)
+
+
+def load(path: str | pathlib.Path | None = None, dtype: str = "bfloat16", progress: bool = False) -> Model:
+    """Load a model onto the host.
+
+    Args:
+      path: a Hugging Face directory (config.json + safetensors shards, optional tokenizer files), a
+        moepic_jax orbax checkpoint directory, or None for the embedded default model (`checkpoints/`).
+      dtype: "bfloat16" (default), "float32" or "float16": every weight is cast to it.
+    Returns:
+      `Model` with NumPy weights (nothing on the device).
+    Raises:
+      FileNotFoundError / ValueError: see `read_config_and_params`; unsupported dtype.
+    """
+    np_dtype(dtype)
+    if path is None:
+        path = checkpoint.default_checkpoint_dir()
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if checkpoint.is_orbax_checkpoint(path):
+        cfg, params = checkpoint.restore(path, dtype)
+    else:
+        cfg, params = read_config_and_params(path, dtype, progress)
+    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path), dtype=dtype, path=str(path))
