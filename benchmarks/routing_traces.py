@@ -12,8 +12,8 @@ next-layer predictor names for layer l from layer l-1's hidden state (-1 at laye
 Calibration targets (`MODELS`)
 ------------------------------
 Measured by Liang et al., "Not All Models Suit Expert Offloading: On Local Routing Consistency of
-Mixture-of-Expert Models", arXiv 2505.16056 (teacher-forced over 11 corpora; values read from the released
-notebooks of github.com/ljcleo/moe-lrc):
+Mixture-of-Expert Models", arXiv 2505.16056 (teacher-forced over 11 corpora; values taken from the paper's
+released notebooks, github.com/ljcleo/moe-lrc, not re-derived here):
 
   | model              | E, top-k       | layers | top 10 % / 25 % / 50 % share | next-token reuse |
   | Mixtral-8x7B       | 8, 2           | 32     | 0.12 / 0.29 / 0.55           | 0.31             |
@@ -46,7 +46,7 @@ What is infeasible
   the pairs (the counts average T k / E), so 0.12 cannot be met exactly; on 512 tokens the sampled counts spread
   and the busiest expert takes about 0.14. Both are within 0.03 of 0.12. (Interpolating the cumulative share at
   0.8 experts would make 0.12 mean a top share of 0.15, consistent with 0.29 for two experts: the published
-  number was probably computed that way; it is not what `trace_stats` does.)
+  number may have been computed that way, unchecked; it is not what `trace_stats` does.)
 * Coverage 0.75-0.97 (the drift "over 300-512 tokens a layer touches 75-97 % of its experts") is a range for
   models with many experts. Mixtral (8 experts, 1024 pairs in 512 tokens, top 50 % share 0.55) touches all 8:
   coverage is 1.0 and no drift can lower it without breaking the share targets. Qwen1.5's near-uniform shares
@@ -354,7 +354,9 @@ def record_embedded(tokens: int = 512, model=None) -> dict:
     Raises:
       ValueError: tokens out of range.
     Calls the package: moepic_jax.load, checkpoint.default_checkpoint_dir, and from moepic_jax.model
-      init_kv_cache, cache_positions, embed, attention, rms_norm, route, moe_resident, mlp.
+      init_kv_cache, cache_positions, embed, attention, rms_norm, route, moe_resident, mlp; reads Model.cfg
+      (n_layers, moe_layers, top_k, n_experts, rms_eps, max_position_embeddings), Model.params (layers: attn,
+      attn_norm, mlp_norm, moe.w_router, mlp) and Model.tokenizer.
     """
     import jax.numpy as jnp
 
