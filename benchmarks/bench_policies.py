@@ -2,7 +2,7 @@
 
 For the model (default: Qwen1.5-MoE-A2.7B, bf16, weights drawn on the GPU, experts in pinned host memory):
   * the peak pinned_host -> device bandwidth of this run (`common.measure_peak_h2d`);
-  * the fixed part of an offloading engine (`OffloadEngine(model, "ondemand", max_batch=1, max_seq_len=...)`),
+  * the fixed part of an offloading engine (`make_engine(model, "ondemand", max_batch=1, max_seq_len=...)`),
     one model profile (expert frequencies, predictor recall) and one hardware profile, shared by all engines;
   * for each budget = fixed part + frac * expert bytes (default frac 0.25, 0.5), in ascending order, and each
     offloading policy (ondemand, lru, static, moepic): one engine, a warm-up generate on another prompt (compiles;
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
     ap.add_argument("--adapt", default="off", choices=("on", "off"),
-                    help="static/moepic: refill the cache from each prompt's routing (OffloadEngine adapt_to_prompt)")
+                    help="static/moepic: refill the cache from each prompt's routing (adapt_to_prompt)")
     ap.add_argument("--pairs", default=None,
                     help="run only these policy:fraction[:bN][:adapt] runs (comma list), e.g. lru:0.5:b4,static:0.25:adapt;"
                          " bN = batch N (default: each --batch), adapt = --adapt on for that run")
@@ -105,11 +105,11 @@ def main(argv=None) -> int:
 
     import common as C
     C.set_gpu_env(args.model, args.tiny)  # before the first device use
-    from moepic_jax.engine import device_memory_stats, make_engine
-    from moepic_jax.generate import _bucket, generate
-    from moepic_jax.offload import OffloadEngine
-    from moepic_jax.planner import plan_stats, predicted_tpot
-    from moepic_jax.profile import default_hardware, measure_hardware, profile_model
+    from moepic_jax.runtime.engine import device_memory_stats
+    from moepic_jax.runtime.factory import make_engine
+    from moepic_jax.generate import bucket as _bucket, generate
+    from moepic_jax.planning.calibrate import default_hardware, measure_hardware, profile_model
+    from moepic_jax.planning.planner import plan_stats, predicted_tpot
 
     policies = tuple(p.strip() for p in (args.policies.split(",") if args.policies else DEFAULT_POLICIES[args.model])
                      if p.strip())
@@ -158,17 +158,17 @@ def main(argv=None) -> int:
     prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
 
     t0 = time.perf_counter()
-    base = OffloadEngine(model, policy="ondemand", max_batch=max_batch, **ekw)
+    base = make_engine(model, policy="ondemand", max_batch=max_batch, **ekw)
     # The largest fixed part of the policies, per batch size: budgets are fixed(batch) + frac x expert bytes.
     expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
     fixed_of = {b: base.fixed_bytes_for(b, max_len, prefetch=True) for b in sorted({r[2] for r in runs})}
     fixed = fixed_of[min(fixed_of)]
     # Ascending budgets, resident last: each row's peak is the process-wide running maximum (it cannot be reset).
     runs.sort(key=lambda r: (r[0] == "resident", 0 if r[1] is None else fixed_of[r[2]] + r[1] * expert_bytes))
-    mp = profile_model(base)
+    mp = profile_model(base.weights)
     hw_error = None
     try:
-        hw = measure_hardware(base) if args.hw == "measured" else default_hardware(cfg.n_layers)
+        hw = measure_hardware(base.weights) if args.hw == "measured" else default_hardware(cfg.n_layers)
     except Exception as e:  # noqa: BLE001 - the planner can still run on the default profile
         hw_error = f"{type(e).__name__}: {e}"
         print(f"measure_hardware failed ({hw_error}); the planner uses profile.default_hardware", flush=True)
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
                         # same prediction from the routing of the very tokens this run decoded.
                         # (decode steps fed the prompt's last prediction and all but the last new token; raw
                         # counts, no smoothing: this is the routing that happened)
-                        run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
+                        run_mp = profile_model(eng.weights, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
                                                score_from=len(prompt), smoothing=0.0)
                         st = plan_stats(used, run_mp, hw)
                         row["planner_run_tpot_ms"] = st["tpot_s"] * 1e3

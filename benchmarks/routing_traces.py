@@ -353,16 +353,13 @@ def record_embedded(tokens: int = 512, model=None) -> dict:
       layer 0 and in dense layers), tokens [T] int32, n_experts int.
     Raises:
       ValueError: tokens out of range.
-    Calls the package: moepic_jax.load, checkpoint.default_checkpoint_dir, and from moepic_jax.model
-      init_kv_cache, cache_positions, embed, attention, rms_norm, route, moe_resident, mlp; reads Model.cfg
-      (n_layers, moe_layers, top_k, n_experts, rms_eps, max_position_embeddings), Model.params (layers: attn,
-      attn_norm, mlp_norm, moe.w_router, mlp) and Model.tokenizer.
+    The forward is the package's own layer body (`model.decoder_layer`) with the resident MoE block.
     """
     import jax.numpy as jnp
 
     import moepic_jax
     from moepic_jax import model as M
-    from moepic_jax.checkpoint import default_checkpoint_dir
+    from moepic_jax.io.checkpoint import default_checkpoint_dir
 
     model = moepic_jax.load(None, dtype="float32") if model is None else model
     cfg, params = model.cfg, model.params
@@ -372,9 +369,9 @@ def record_embedded(tokens: int = 512, model=None) -> dict:
     all_ids = np.asarray(model.tokenizer.encode(text), np.int32)
     tok = all_ids[len(all_ids) - tokens:]
     t = jnp.asarray(tok[None])
-    mask = jnp.ones(t.shape, bool)
     cache = M.init_kv_cache(cfg, 1, tokens, jnp.float32)
-    positions, valid, _ = M.cache_positions(cache, mask)
+    positions, valid, _ = M.cache_positions(cache, jnp.ones(t.shape, bool))
+    pos = M.Positions(positions, valid, cache.length)
     h = M.embed(params, t)
     k, v = cache.k, cache.v
     L, K = cfg.n_layers, cfg.top_k
@@ -382,21 +379,19 @@ def record_embedded(tokens: int = 512, model=None) -> dict:
     weights = np.zeros((tokens, L, K), np.float32)
     pred = np.full((tokens, L, K), -1, np.int32)
     for l, lp in enumerate(params.layers):  # as model.forward_tokens, recording the routers
-        a, k, v = M.attention(lp.attn, M.rms_norm(h, lp.attn_norm, cfg.rms_eps), positions, k, v, l, valid,
-                              cache.length, cfg)
-        h = h + a
-        x = M.rms_norm(h, lp.mlp_norm, cfg.rms_eps).reshape(tokens, -1)
-        if l + 1 < L and cfg.moe_layers[l + 1]:
-            nxt = params.layers[l + 1]
-            pred[:, l + 1] = np.asarray(M.route(M.rms_norm(h, nxt.mlp_norm, cfg.rms_eps).reshape(tokens, -1),
-                                                nxt.moe.w_router, cfg)[0])
-        if cfg.moe_layers[l]:
+        def ffn(x, h_mid, l=l, lp=lp):
+            x = x.reshape(tokens, -1)
+            if l + 1 < L and cfg.moe_layers[l + 1]:
+                nxt = params.layers[l + 1]
+                pred[:, l + 1] = np.asarray(M.route(M.rms_norm(h_mid, nxt.mlp_norm, cfg.rms_eps).reshape(tokens, -1),
+                                                    nxt.moe.w_router, cfg)[0])
+            if not cfg.moe_layers[l]:
+                return M.mlp(x, lp.mlp).reshape(1, tokens, -1), None
             r_ids, r_w = M.route(x, lp.moe.w_router, cfg)
             ids[:, l], weights[:, l] = np.asarray(r_ids), np.asarray(r_w)
-            y = M.moe_resident(x, lp.moe, cfg)
-        else:
-            y = M.mlp(x, lp.mlp)
-        h = h + y.reshape(1, tokens, -1)
+            return M.moe_resident(x, lp.moe, cfg).reshape(1, tokens, -1), None
+
+        h, k, v, _ = M.decoder_layer(lp, h, k, v, l, pos, cfg, ffn)
     return dict(ids=ids, weights=weights, predicted=pred, tokens=tok, n_experts=cfg.n_experts)
 
 

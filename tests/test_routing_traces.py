@@ -114,7 +114,7 @@ def test_embedded_recording_matches_resident_forward(rt, monkeypatch):
     import jax
 
     import moepic_jax
-    from moepic_jax import model as M
+    from moepic_jax.model import layers as M  # where moe_resident looks up route
 
     model = moepic_jax.load(None, dtype="float32")
     T = 48

@@ -1,6 +1,6 @@
 """Hugging Face safetensors -> host (NumPy) parameter pytrees, with experts packed neuron-major.
 
-A tensor name is mapped by a regex table per family to a slot of the `model.Params` tree with an
+A tensor name is mapped by one two-way table per family (`name_table`: load and export) to a slot of the `model.Params` tree with an
 expected shape; a name that matches nothing, a slot filled twice, a slot never filled or a shape
 that differs is an error naming the tensor (the JAX-LLM `chkpt_utils.py` discipline). Shards are
 read one at a time through safetensors' memory map, so the host never holds more than the packed
@@ -8,7 +8,7 @@ result plus one tensor. HF `nn.Linear` weights are `[out, in]`; they are transpo
 `[in, out]` so the model computes `x @ W`.
 
 Experts become `[E, F, 3, D]` per layer: row j of expert e is (gate column j, up column j,
-down row j) — see `model.py`. Both checkpoint layouts transformers writes are accepted:
+down row j) — see `model/layers.py`. Both checkpoint layouts transformers writes are accepted:
 per-expert tensors (`experts.{e}.gate_proj.weight` / Mixtral's `w1,w3,w2`) and fused tensors
 (`experts.gate_up_proj [E, 2F, D]`, `experts.down_proj [E, D, F]`).
 """
@@ -20,87 +20,108 @@ import json
 import pathlib
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from safetensors import safe_open
 
 from moepic_jax import model as M
-from moepic_jax.model.params import empty_params
 from moepic_jax.config import MoEConfig, from_hf_config
+from moepic_jax.model.params import empty_params
 
-# A rule: (regex, function(match) -> list of (target path, source->target transform, expected HF shape)).
+
+class Name(NamedTuple):
+    """One row of the two-way name table: an HF tensor name and the `Params` leaf it is.
+
+    `hf` and `path` may hold the placeholders "{l}" (layer) and "{e}" (expert). Expert paths end in the part
+    (0 gate, 1 up, 2 down) of the neuron-major stack: the leaf is `experts[e][:, part]`, [F, D].
+    """
+
+    hf: str  # e.g. "model.layers.{l}.self_attn.q_proj.weight"
+    path: tuple  # e.g. ("layers", "{l}", "attn", "wq")
+    transpose: bool  # the HF tensor is the leaf transposed (nn.Linear weights are [out, in])
+    hf_shape: tuple  # the HF tensor's shape
+
+
+def name_table(cfg: MoEConfig) -> list[Name]:
+    """Every HF tensor name of `cfg`'s family and the leaf it maps to: read by `load_hf_params` and written by
+    `to_hf_state_dict` (per-expert layout). Source: transformers/models/{mixtral,qwen2_moe,qwen3_moe,olmoe}/
+    modeling_*.py parameter names."""
+    D, H, G, hd, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_experts, cfg.d_ff
+    moe = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
+    parts = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    L, A = "model.layers.{l}.", "model.layers.{l}.self_attn."
+    lay = ("layers", "{l}")
+    t = [Name("model.embed_tokens.weight", ("embed",), False, (cfg.vocab_size, D)),
+         Name("model.norm.weight", ("final_norm",), False, (D,)),
+         Name(L + "input_layernorm.weight", (*lay, "attn_norm"), False, (D,)),
+         Name(L + "post_attention_layernorm.weight", (*lay, "mlp_norm"), False, (D,)),
+         Name(A + "q_proj.weight", (*lay, "attn", "wq"), True, (H * hd, D)),
+         Name(A + "k_proj.weight", (*lay, "attn", "wk"), True, (G * hd, D)),
+         Name(A + "v_proj.weight", (*lay, "attn", "wv"), True, (G * hd, D)),
+         Name(A + "o_proj.weight", (*lay, "attn", "wo"), True, (D, H * hd))]
+    if not cfg.tie_word_embeddings:
+        t.append(Name("lm_head.weight", ("lm_head",), True, (cfg.vocab_size, D)))
+    if cfg.qkv_bias:
+        t += [Name(A + f"{n}_proj.bias", (*lay, "attn", f"b{n}"), False, (w,))
+              for n, w in (("q", H * hd), ("k", G * hd), ("v", G * hd))]
+    if cfg.o_bias:
+        t.append(Name(A + "o_proj.bias", (*lay, "attn", "bo"), False, (D,)))
+    if cfg.qk_norm in ("head", "full"):
+        qn, kn = {"head": (hd, hd), "full": (H * hd, G * hd)}[cfg.qk_norm]
+        t += [Name(A + "q_norm.weight", (*lay, "attn", "q_norm"), False, (qn,)),
+              Name(A + "k_norm.weight", (*lay, "attn", "k_norm"), False, (kn,))]
+    if any(cfg.moe_layers):
+        t.append(Name(L + moe + ".gate.weight", (*lay, "moe", "w_router"), True, (E, D)))
+        # gate/up [F, D]: neuron j is row j. down [D, F]: neuron j is column j -> transposed.
+        t += [Name(L + moe + ".experts.{e}." + n + ".weight", (*lay, "moe", "experts", "{e}", part), part == 2,
+                   (D, F) if part == 2 else (F, D)) for part, n in enumerate(parts)]
+    if cfg.shared_d_ff:
+        S = cfg.shared_d_ff
+        t += [Name(L + "mlp.shared_expert.gate_proj.weight", (*lay, "moe", "shared", "w_gate"), True, (S, D)),
+              Name(L + "mlp.shared_expert.up_proj.weight", (*lay, "moe", "shared", "w_up"), True, (S, D)),
+              Name(L + "mlp.shared_expert.down_proj.weight", (*lay, "moe", "shared", "w_down"), True, (D, S)),
+              Name(L + "mlp.shared_expert_gate.weight", (*lay, "moe", "w_shared_gate"), True, (1, D))]
+    if not all(cfg.moe_layers):
+        Fd = cfg.dense_d_ff
+        t += [Name(L + "mlp.gate_proj.weight", (*lay, "mlp", "w_gate"), True, (Fd, D)),
+              Name(L + "mlp.up_proj.weight", (*lay, "mlp", "w_up"), True, (Fd, D)),
+              Name(L + "mlp.down_proj.weight", (*lay, "mlp", "w_down"), True, (D, Fd))]
+    return t
+
+
+# A load rule: (regex, function(match) -> list of (target path, source->target transform, expected HF shape)).
 # Targets are paths into the Params tree: ("layers", l, "attn", "wq") or for experts
-# ("layers", l, "moe", "experts", e, part) with part in {0: gate, 1: up, 2: down}.
+# ("layers", l, "moe", "experts", e, part) with part in {0: gate, 1: up, 2: down}; e None = every expert.
 
 
 def _rules(cfg: MoEConfig) -> list[tuple[re.Pattern, Callable]]:
-    D, H, G, hd, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_experts, cfg.d_ff
+    """The load rules: every row of `name_table`, plus the fused expert layout transformers also writes
+    (`experts.gate_up_proj [E, 2F, D]`, `experts.down_proj [E, D, F]`), which is read but never exported."""
+    E, F, D = cfg.n_experts, cfg.d_ff, cfg.d_model
+    rules = []
+    for row in name_table(cfg):
+        rx = re.escape(row.hf).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+
+        def fn(m, row=row):
+            fill = {"{l}": "l", "{e}": "e"}
+            target = tuple(int(m[fill[p]]) if p in fill else p for p in row.path)
+            return [(target, np.transpose if row.transpose else np.asarray, row.hf_shape)]
+
+        rules.append((rx, fn))
     moe = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
-    names = {"w1": 0, "w3": 1, "w2": 2} if cfg.family == "mixtral" else {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
-    T = np.transpose
-    ident = np.asarray
-    L = r"model\.layers\.(\d+)\."
-    qn = {"head": (hd,), "full": (H * hd,)}.get(cfg.qk_norm)
-    kn = {"head": (hd,), "full": (G * hd,)}.get(cfg.qk_norm)
-
-    def lin(path, shape):  # a Linear weight [out, in] -> [in, out]
-        return lambda m: [(("layers", int(m[1]), *path), T, shape)]
-
-    def vec(path, shape):
-        return lambda m: [(("layers", int(m[1]), *path), ident, shape)]
-
-    r = [
-        (r"model\.embed_tokens\.weight", lambda m: [(("embed",), ident, (cfg.vocab_size, D))]),
-        (r"model\.norm\.weight", lambda m: [(("final_norm",), ident, (D,))]),
-        (L + r"input_layernorm\.weight", vec(("attn_norm",), (D,))),
-        (L + r"post_attention_layernorm\.weight", vec(("mlp_norm",), (D,))),
-        (L + r"self_attn\.q_proj\.weight", lin(("attn", "wq"), (H * hd, D))),
-        (L + r"self_attn\.k_proj\.weight", lin(("attn", "wk"), (G * hd, D))),
-        (L + r"self_attn\.v_proj\.weight", lin(("attn", "wv"), (G * hd, D))),
-        (L + r"self_attn\.o_proj\.weight", lin(("attn", "wo"), (D, H * hd))),
-    ]
-    if not cfg.tie_word_embeddings:
-        r.append((r"lm_head\.weight", lambda m: [(("lm_head",), T, (cfg.vocab_size, D))]))
-    if cfg.qkv_bias:
-        r += [(L + r"self_attn\.q_proj\.bias", vec(("attn", "bq"), (H * hd,))),
-              (L + r"self_attn\.k_proj\.bias", vec(("attn", "bk"), (G * hd,))),
-              (L + r"self_attn\.v_proj\.bias", vec(("attn", "bv"), (G * hd,)))]
-    if cfg.o_bias:
-        r.append((L + r"self_attn\.o_proj\.bias", vec(("attn", "bo"), (D,))))
-    if qn:
-        r += [(L + r"self_attn\.q_norm\.weight", vec(("attn", "q_norm"), qn)),
-              (L + r"self_attn\.k_norm\.weight", vec(("attn", "k_norm"), kn))]
-    r.append((L + moe + r"\.gate\.weight", lin(("moe", "w_router"), (E, D))))
-
-    def per_expert(m):
-        part = names[m[3]]
-        # gate/up [F, D]: neuron j is row j. down [D, F]: neuron j is column j -> transpose.
-        return [(("layers", int(m[1]), "moe", "experts", int(m[2]), part), T if part == 2 else ident,
-                 (D, F) if part == 2 else (F, D))]
-
-    r.append((L + moe + r"\.experts\.(\d+)\.(" + "|".join(names) + r")\.weight", per_expert))
+    L = r"model\.layers\.(?P<l>\d+)\." + moe
 
     def fused_gate_up(m):
-        l = int(m[1])
+        l = int(m["l"])
         return [(("layers", l, "moe", "experts", None, 0), lambda a: a[:, :F], (E, 2 * F, D)),
                 (("layers", l, "moe", "experts", None, 1), lambda a: a[:, F:], (E, 2 * F, D))]
 
-    r.append((L + moe + r"\.experts\.gate_up_proj", fused_gate_up))
-    r.append((L + moe + r"\.experts\.down_proj",
-              lambda m: [(("layers", int(m[1]), "moe", "experts", None, 2), lambda a: np.transpose(a, (0, 2, 1)),
-                          (E, D, F))]))
-    if cfg.shared_d_ff:
-        S = cfg.shared_d_ff
-        r += [(L + r"mlp\.shared_expert\.gate_proj\.weight", lin(("moe", "shared", "w_gate"), (S, D))),
-              (L + r"mlp\.shared_expert\.up_proj\.weight", lin(("moe", "shared", "w_up"), (S, D))),
-              (L + r"mlp\.shared_expert\.down_proj\.weight", lin(("moe", "shared", "w_down"), (D, S))),
-              (L + r"mlp\.shared_expert_gate\.weight", lin(("moe", "w_shared_gate"), (1, D)))]
-    if not all(cfg.moe_layers):
-        Fd = cfg.dense_d_ff
-        r += [(L + r"mlp\.gate_proj\.weight", lin(("mlp", "w_gate"), (Fd, D))),
-              (L + r"mlp\.up_proj\.weight", lin(("mlp", "w_up"), (Fd, D))),
-              (L + r"mlp\.down_proj\.weight", lin(("mlp", "w_down"), (D, Fd)))]
-    return [(re.compile(p + r"$"), f) for p, f in r]
+    rules.append((L + r"\.experts\.gate_up_proj", fused_gate_up))
+    rules.append((L + r"\.experts\.down_proj",
+                  lambda m: [(("layers", int(m["l"]), "moe", "experts", None, 2),
+                              lambda a: np.transpose(a, (0, 2, 1)), (E, D, F))]))
+    return [(re.compile(p + r"$"), f) for p, f in rules]
 
 
 def _get(tree, path):
@@ -243,42 +264,24 @@ def read_config_and_params(path, dtype="bfloat16", progress: bool = False) -> tu
 
 
 def to_hf_state_dict(params: M.Params, cfg: MoEConfig) -> dict[str, np.ndarray]:
-    """Inverse of `load_hf_params`: HF tensor names -> arrays (per-expert layout), for export."""
-    out: dict[str, np.ndarray] = {"model.embed_tokens.weight": params.embed, "model.norm.weight": params.final_norm}
-    if params.lm_head is not None:
-        out["lm_head.weight"] = params.lm_head.T
-    moe = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
-    names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    for l, lp in enumerate(params.layers):
-        p = f"model.layers.{l}."
-        out[p + "input_layernorm.weight"] = lp.attn_norm
-        out[p + "post_attention_layernorm.weight"] = lp.mlp_norm
-        a = lp.attn
-        for n, w in (("q", a.wq), ("k", a.wk), ("v", a.wv), ("o", a.wo)):
-            out[p + f"self_attn.{n}_proj.weight"] = w.T
-        for n, b in (("q", a.bq), ("k", a.bk), ("v", a.bv), ("o", a.bo)):
-            if b is not None:
-                out[p + f"self_attn.{n}_proj.bias"] = b
-        if a.q_norm is not None:
-            out[p + "self_attn.q_norm.weight"] = a.q_norm
-            out[p + "self_attn.k_norm.weight"] = a.k_norm
-        if lp.moe is not None:
-            out[p + f"{moe}.gate.weight"] = lp.moe.w_router.T
-            for e in range(cfg.n_experts):
-                ex = lp.moe.experts[e]  # [F, 3, D]
-                out[p + f"{moe}.experts.{e}.{names[0]}.weight"] = ex[:, 0]
-                out[p + f"{moe}.experts.{e}.{names[1]}.weight"] = ex[:, 1]
-                out[p + f"{moe}.experts.{e}.{names[2]}.weight"] = ex[:, 2].T
-            if lp.moe.shared is not None:
-                s = lp.moe.shared
-                out[p + "mlp.shared_expert.gate_proj.weight"] = s.w_gate.T
-                out[p + "mlp.shared_expert.up_proj.weight"] = s.w_up.T
-                out[p + "mlp.shared_expert.down_proj.weight"] = s.w_down.T
-                out[p + "mlp.shared_expert_gate.weight"] = lp.moe.w_shared_gate.T
-        else:
-            out[p + "mlp.gate_proj.weight"] = lp.mlp.w_gate.T
-            out[p + "mlp.up_proj.weight"] = lp.mlp.w_up.T
-            out[p + "mlp.down_proj.weight"] = lp.mlp.w_down.T
+    """Inverse of `load_hf_params`: HF tensor names -> arrays (per-expert layout), for export (`name_table`)."""
+    out: dict[str, np.ndarray] = {}
+    for row in name_table(cfg):
+        layers = range(cfg.n_layers) if "{l}" in row.hf else [None]
+        for l in layers:
+            path = tuple(l if p == "{l}" else p for p in row.path)
+            if "{e}" in row.hf:
+                lp = params.layers[l]
+                if lp.moe is None:
+                    continue
+                for e in range(cfg.n_experts):
+                    v = lp.moe.experts[e][:, path[-1]]  # [F, D]
+                    out[row.hf.format(l=l, e=e)] = v.T if row.transpose else v
+                continue
+            if l is not None and getattr(params.layers[l], path[2]) is None:
+                continue  # an MoE row on a dense layer, or the reverse
+            v = _get(params, path)
+            out[row.hf.format(l=l)] = v.T if row.transpose else v
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
