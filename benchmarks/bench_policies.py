@@ -68,6 +68,11 @@ def parse_args(argv=None):
                          " bN = batch N (default: each --batch), adapt = --adapt on for that run")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
+    ap.add_argument("--routing", default="own",
+                    help="own (the random routers; a stress case), calibrated (a trace drawn to match the published "
+                         "routing statistics of --model: benchmarks/routing_traces.py), or a trace .npz to replay; "
+                         "with a trace the planner profiles its first --trace-tokens rows and decode replays the next")
+    ap.add_argument("--trace-tokens", type=int, default=512, help="rows of a calibrated trace for each half")
     ap.add_argument("--name", default=None, help="result file name (default bench_policies_<model>[_zipf..])")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results/")
     return ap.parse_args(argv)
@@ -92,6 +97,26 @@ def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
     return [(parts[0], frac, b, adapt and parts[0] in ADAPTS) for b in bs]
 
 
+def load_trace(args, cfg, RoutingTrace):
+    """(RoutingTrace of 2 x --trace-tokens rows, a description) for --routing calibrated or a file."""
+    if args.routing != "calibrated":
+        return RoutingTrace.load(args.routing), f"replayed from {args.routing}"
+    import routing_traces as RT
+
+    n = 2 * args.trace_tokens
+    if args.tiny:  # the tiny stand-in has fewer experts: the model's shares, its own shapes, no coverage target
+        E, k, L, shares, reuse, _ = RT.MODELS[args.model]
+        tr = RT.generate_trace(cfg.n_experts, cfg.top_k, cfg.n_layers, n, args.seed, top_shares=shares, reuse=reuse,
+                               coverage=None)
+    else:
+        tr, _ = RT.model_trace(args.model, n, args.seed)
+    st = RT.trace_stats(tr["ids"], tr["predicted"], cfg.n_experts)
+    desc = (f"calibrated trace ({args.model}, seed {args.seed}): top 10/25/50 % of experts take "
+            f"{st['top10']:.2f}/{st['top25']:.2f}/{st['top50']:.2f} of routed pairs, reuse {st['reuse']:.2f}, "
+            f"recall {st['recall']:.2f}")
+    return RoutingTrace(tr["ids"], tr["weights"], tr["predicted"]), desc
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # the engine logs its warm-up re-plans (how far the compiled steps were over the estimated fixed part)
@@ -108,7 +133,8 @@ def main(argv=None) -> int:
     from moepic_jax.runtime.engine import device_memory_stats
     from moepic_jax.runtime.factory import make_engine
     from moepic_jax.generate import bucket as _bucket, generate
-    from moepic_jax.planning.calibrate import default_hardware, measure_hardware, profile_model
+    from moepic_jax.offload.decode import RoutingTrace
+    from moepic_jax.planning.calibrate import default_hardware, measure_hardware, profile_from_trace, profile_model
     from moepic_jax.planning.planner import plan_stats, predicted_tpot
 
     policies = tuple(p.strip() for p in (args.policies.split(",") if args.policies else DEFAULT_POLICIES[args.model])
@@ -165,7 +191,15 @@ def main(argv=None) -> int:
     fixed = fixed_of[min(fixed_of)]
     # Ascending budgets, resident last: each row's peak is the process-wide running maximum (it cannot be reset).
     runs.sort(key=lambda r: (r[0] == "resident", 0 if r[1] is None else fixed_of[r[2]] + r[1] * expert_bytes))
-    mp = profile_model(base.weights)
+    trace = None
+    if args.routing != "own":
+        trace, trace_info = load_trace(args, cfg, RoutingTrace)
+        half = trace.ids.shape[0] // 2  # the planner profiles the first half; decode replays the second
+        mp = profile_from_trace(RoutingTrace(*(x[:half] for x in trace)), cfg, model.dtype_bytes)
+        trace = RoutingTrace(*(x[half:] for x in trace))
+        print(f"routing: {trace_info}; {half} rows profiled, {trace.ids.shape[0]} replayed", flush=True)
+    else:
+        mp = profile_model(base.weights)
     hw_error = None
     try:
         hw = measure_hardware(base.weights) if args.hw == "measured" else default_hardware(cfg.n_layers)
@@ -197,6 +231,7 @@ def main(argv=None) -> int:
         "tiny": args.tiny, "config": cfg.to_hf_dict(), "random_model": info, "env": env, "h2d": h2d,
         "fixed_bytes": fixed, "fixed_bytes_per_batch": fixed_of, "expert_bytes": expert_bytes, "routing_profile": routing,
         "profiled_recall_mean": recall_prof,
+        "routing_source": args.routing if trace is None else trace_info,
         "hardware_profile": {"source": args.hw if hw_error is None else "default (measure failed)",
                              "error": hw_error, "h2d_latency_s": hw.h2d_latency_s,
                              "h2d_bandwidth_Bps": hw.h2d_bandwidth_Bps,
@@ -231,8 +266,10 @@ def main(argv=None) -> int:
                ("prefetch", "prefetch", ""), ("predictor_recall", "recall", ".1%"),
                ("planner_tpot_ms", "planner ms", ".2f"), ("planner_run_tpot_ms", "model ms (run routing)", ".2f"),
                ("distinct_new_tokens", "distinct tok", ""), ("cache_gib", "cache GiB", ".2f"), ("compile_s", "compile s", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("peak_le_budget", "peak<=budget", "")]
+    own = f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing (stress case)'}"
     title = (f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}, random weights, "
-             f"{'Zipf bias ' + format(args.zipf, 'g') if args.zipf else 'own routing'}: policies x VRAM budgets")
+             f"{own if trace is None else 'calibrated routing' if args.routing == 'calibrated' else 'replayed routing'}"
+             ": policies x VRAM budgets")
 
     def save():
         return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, title=title)
@@ -250,7 +287,7 @@ def main(argv=None) -> int:
                 eng = make_engine(model, "resident")
             else:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
-                                  prefetch=prefetch, adapt_to_prompt=adapt, max_batch=batch, **ekw)
+                                  prefetch=prefetch, adapt_to_prompt=adapt, max_batch=batch, routing=trace, **ekw)
             row["engine_build_s"] = time.perf_counter() - tb
             print(f"  {row['series']} @ {frac}: engine built in {row['engine_build_s']:.1f} s", flush=True)
             refs.append(weakref.ref(eng))
@@ -301,7 +338,7 @@ def main(argv=None) -> int:
                 row["plan_splits"] = sorted({lp.split for lp, m in zip(plan.layers, cfg.moe_layers) if m})
                 row["plan_slots"] = int(sum(plan.n_slots()))
                 row["prefetch"] = bool(eng.prefetches)
-                if policy in ("ondemand", "static", "moepic") and batch == 1:  # the cost model is batch 1
+                if policy in ("ondemand", "static", "moepic") and batch == 1 and trace is None:  # batch-1 model
                     try:
                         row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
                         # The cost model alone, without the calibration's error on which experts are hot: the

@@ -205,11 +205,17 @@ def cmd_bench(args) -> int:
     n_prompt = len(model.tokenizer.encode(prompt)) if model.tokenizer is not None else len(prompt)
     seq = bucket(bucket(n_prompt) + args.max_new_tokens)  # the KV cache generate() will reserve
     base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=seq).fixed_bytes
+    routing = None
+    if args.routing:
+        from moepic_jax.offload.decode import RoutingTrace
+
+        routing = RoutingTrace.load(args.routing)
     rows = []
     for frac in [float(x) for x in args.budgets.split(",")]:
         budget = base + int(frac * model.expert_bytes())
         for pol in args.policies.split(","):
-            kw = {} if pol == "resident" else {"granule": args.granule, "max_batch": 1, "max_seq_len": seq}
+            kw = {} if pol == "resident" else {"granule": args.granule, "max_batch": 1, "max_seq_len": seq,
+                                               "routing": routing}
             b = None if pol == "resident" else budget
             moepic_jax.generate(prompt, model=model, max_new_tokens=4, policy=pol, vram_budget=b, **kw)  # warm-up
             r = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, policy=pol,
@@ -278,6 +284,10 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.25,0.5", help="shares of the expert bytes cached, above the fixed part")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--granule", type=int, default=32)
+    p.add_argument("--routing", default=None,
+                   help="a routing trace .npz (benchmarks/routing_traces.py, or recorded from your model) that the "
+                        "offloading policies' decode replays instead of the model's own routing (the text is then "
+                        "meaningless; the costs are those of that routing)")
     p.set_defaults(fn=cmd_bench)
 
     args = ap.parse_args(argv)

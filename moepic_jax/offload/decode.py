@@ -12,6 +12,14 @@ Data flow per layer l (DESIGN.md; JAX_NOTES.md §2b), all on the device, through
 
 Every size comes from the plan (slots N_l, split s_l), so changing which expert sits in which slot never
 recompiles.
+
+For benchmarks the routing can come from a trace instead of the routers (`RoutingTrace`): recorded routing of a
+trained model, or a calibrated synthetic one (benchmarks/routing_traces.py). Then each MoE layer's routed ids and
+gate weights, and the predictor's ids, are read from the trace at the decode position; everything else (copies,
+cache rules, counters) is the product path. The tokens are then meaningless: only the costs are measured. A replayed
+id is tied to the hidden state its router would have read (`after`): otherwise XLA could start every layer's copies
+at the top of the step, which no real routing allows (it did: on the CPU the decode step's temporaries then held
+every layer's copied experts at once).
 """
 
 from __future__ import annotations
@@ -20,12 +28,63 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.offload import cache as C
 from moepic_jax.offload.copy_step import StepSpec, assemble, expert_outputs
 
 COUNTERS = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
+
+
+class RoutingTrace(NamedTuple):
+    """Routing to replay in the decode step (benchmarks; `routing=` of `make_engine` / `generate`).
+
+    Decode step n (counting from 0 over the engine's life) reads row (n * B + b) mod T for batch row b.
+    """
+
+    ids: jax.Array  # [T, L, K] int32 routed expert ids per decode position and layer (-1 in dense layers)
+    weights: jax.Array  # [T, L, K] float32 their gate weights
+    predicted: jax.Array  # [T, L, K'] int32 the predictor's ids for layer l (-1 at layer 0 and in dense layers)
+
+    @classmethod
+    def load(cls, path) -> RoutingTrace:
+        """Read a trace file (`benchmarks/routing_traces.py --out`: an .npz with ids, weights, predicted)."""
+        with np.load(path) as f:
+            missing = {"ids", "weights", "predicted"} - set(f.files)
+            if missing:
+                raise ValueError(f"routing trace {path} lacks {sorted(missing)}; write it with "
+                                 "benchmarks/routing_traces.py --out")
+            return cls(np.asarray(f["ids"], np.int32), np.asarray(f["weights"], np.float32),
+                       np.asarray(f["predicted"], np.int32))
+
+    def check(self, cfg, n_predicted: int) -> None:
+        """Raise ValueError unless the trace fits a model of `cfg` with k' = n_predicted."""
+        ids, w, pred = (np.asarray(x) for x in self)
+        T, L, K = ids.shape if ids.ndim == 3 else (0, 0, 0)
+        if ids.ndim != 3 or (L, K) != (cfg.n_layers, cfg.top_k) or w.shape != ids.shape:
+            raise ValueError(f"routing trace ids/weights must be [T, n_layers={cfg.n_layers}, top_k={cfg.top_k}], "
+                             f"got {ids.shape} / {w.shape}; write the trace for this model's config")
+        if pred.shape != (T, L, n_predicted):
+            raise ValueError(f"routing trace predicted must be [T, {L}, n_predicted={n_predicted}], got {pred.shape}")
+        moe = np.asarray(cfg.moe_layers)
+        if T < 1 or ids.min() < -1 or ids.max() >= cfg.n_experts or (ids[:, moe] < 0).any():
+            raise ValueError(f"routing trace ids must be in [0, {cfg.n_experts}) in MoE layers (-1 elsewhere)")
+        if any(len(set(r)) < K for r in ids[:, moe].reshape(-1, K).tolist()):
+            raise ValueError("routing trace: a token routes to the same expert twice in one layer")
+
+
+def trace_rows(trace: RoutingTrace, step, batch: int) -> jax.Array:
+    """[B] int32 the trace rows of decode step `step` (1-based, as the engine counts) for every batch row."""
+    T = trace.ids.shape[0]
+    return ((step - 1) * batch + jnp.arange(batch, dtype=jnp.int32)) % T
+
+
+def after(ids: jax.Array, h: jax.Array) -> jax.Array:
+    """`ids`, made to depend on `h`: a select on a test of h's values that never holds for a finite h, which XLA
+    cannot fold away. (An `optimization_barrier` on (ids, h) did not stop the CPU scheduler from starting the
+    copies early: 22.4 against 14.5 MB of decode temporaries on the embedded model.)"""
+    return jnp.where(jnp.sum(jnp.abs(h.astype(jnp.float32))) > 3e38, 0, ids)
 
 
 class Prefetch(NamedTuple):
@@ -37,15 +96,17 @@ class Prefetch(NamedTuple):
 
 
 def predict(spec: StepSpec, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array,
-            cache: C.LayerCache, P: int) -> Prefetch:
+            cache: C.LayerCache, P: int, traced: jax.Array | None = None) -> Prefetch:
     """Predict layer l_next's experts from the current residual stream and start their copies.
 
     DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]), take the top k'
-    per token, keep the distinct ones (P slots).
+    per token, keep the distinct ones (P slots). traced: [B, k'] predicted ids from a routing trace instead.
     """
+    if traced is not None:  # replayed ids become known when the router's would: after h_mid
+        traced = after(traced, h_mid)
     with jax.named_scope("predictor"):
-        pids, _ = M.route(M.rms_norm(h_mid, lp.mlp_norm, spec.cfg.rms_eps), lp.moe.w_router, spec.cfg,
-                          spec.n_predicted)
+        pids = traced if traced is not None else M.route(M.rms_norm(h_mid, lp.mlp_norm, spec.cfg.rms_eps),
+                                                         lp.moe.w_router, spec.cfg, spec.n_predicted)[0]
         pred = spec.place.distinct(spec.place.local(pids), P)
     with jax.named_scope("prefetch"):
         r = assemble(spec, spec.splits[l_next], stack, cache, pred, pred >= 0,
@@ -53,12 +114,16 @@ def predict(spec: StepSpec, l_next: int, lp: M.LayerParams, stack: jax.Array, h_
     return Prefetch(r.ids, r.outputs, r.h2d_bytes)
 
 
-def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred: Prefetch | None, step):
-    """MoE block of layer l for B tokens (x [B, D]). Returns (y [B, D], cache, counters of l {name: [] float32})."""
+def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred: Prefetch | None, step,
+               traced: tuple[jax.Array, jax.Array] | None = None):
+    """MoE block of layer l for B tokens (x [B, D]). traced: (ids [B, K], weights [B, K]) from a routing trace
+    instead of the router. Returns (y [B, D], cache, counters of l {name: [] float32})."""
     cfg, place = spec.cfg, spec.place
     B = x.shape[0]
+    if traced is not None:  # replayed ids become known when the router's would: after x
+        traced = (after(traced[0], x), traced[1])
     with jax.named_scope("router"):
-        gids, w = M.route(x, lp.moe.w_router, cfg)  # [B, K] global ids
+        gids, w = traced if traced is not None else M.route(x, lp.moe.w_router, cfg)  # [B, K] global ids
     ids = place.local(gids)  # this device's experts (-1: another device computes that pair)
     U = min(B * cfg.top_k, place.e_loc)
     uniq = place.distinct(ids, U)
@@ -105,13 +170,15 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
     return y, new_cache, counters
 
 
-def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple, kv: M.KVCache, tokens, step):
+def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple, kv: M.KVCache, tokens, step,
+                trace: RoutingTrace | None = None):
     """One token for every row.
 
     Args:
       resident: the parameters on the device (routed experts absent); stacks: [n_layers] pinned_host stacks
         [E, F, 3, D] (None for dense layers); caches: [n_layers] `LayerCache` (None for dense layers);
-      kv: the KV cache; tokens: [B] int32; step: [] int32, the decode step's number (the LRU clock).
+      kv: the KV cache; tokens: [B] int32; step: [] int32, the decode step's number from 1 (the LRU clock);
+      trace: routing to replay instead of the routers' (None: the model's own routing).
     Returns:
       (logits [B, V] float32, caches, kv, counters {name: [n_layers] float32} for the names in COUNTERS).
     """
@@ -125,17 +192,19 @@ def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple
     cnt = {n: [jnp.zeros((), jnp.float32)] * cfg.n_layers for n in COUNTERS}
     pred = None
     n_pred = min(B * spec.n_predicted, spec.place.e_loc)
+    rows = None if trace is None else trace_rows(trace, step, B)
     for l, lp in enumerate(resident.layers):
         nxt = l + 1
         predicts = spec.prefetch and nxt < cfg.n_layers and cfg.moe_layers[nxt]
 
         def ffn(x, h_mid, l=l, lp=lp, predicts=predicts, nxt=nxt):  # x, h_mid: [B, 1, D]
-            next_pred = predict(spec, nxt, resident.layers[nxt], stacks[nxt], h_mid[:, 0], caches[nxt],
-                                n_pred) if predicts else None
+            next_pred = predict(spec, nxt, resident.layers[nxt], stacks[nxt], h_mid[:, 0], caches[nxt], n_pred,
+                                None if rows is None else trace.predicted[rows, nxt]) if predicts else None
             if not cfg.moe_layers[l]:
                 with jax.named_scope("ffn"):
                     return M.mlp(x[:, 0], lp.mlp)[:, None], (caches[l], None, next_pred)
-            y, cache, c = moe_decode(spec, l, lp, stacks[l], x[:, 0], caches[l], pred, step)
+            traced = None if rows is None else (trace.ids[rows, l], trace.weights[rows, l].astype(jnp.float32))
+            y, cache, c = moe_decode(spec, l, lp, stacks[l], x[:, 0], caches[l], pred, step, traced)
             return y[:, None], (cache, c, next_pred)
 
         h, k, v, (caches[l], c, next_pred) = M.decoder_layer(lp, h, k, v, l, pos, cfg, ffn)

@@ -187,6 +187,38 @@ def profile_model(weights: PlacedWeights, tokens: np.ndarray | None = None, scor
                         n_predicted=n_predicted)
 
 
+def profile_from_trace(trace: RoutingTrace, cfg, dtype_bytes: int, smoothing: float = 0.5) -> ModelProfile:
+    """A model profile from recorded (or calibrated) routing instead of a forward over calibration text.
+
+    Args:
+      trace: ids [T, L, K] routed experts (-1 in dense layers), predicted [T, L, K'] the predictor's picks (-1 where
+        none); weights are not read.
+      smoothing: as in `profile_model`: freq[l, e] = K (count + alpha) / (T K + alpha E).
+    Returns:
+      `ModelProfile` (freq [L, E], recall/precision [L], NaN where a layer has no predictions).
+    Raises:
+      ValueError: a trace that does not fit `cfg` (`RoutingTrace.check`), or a negative smoothing.
+    """
+    ids, pred = np.asarray(trace.ids), np.asarray(trace.predicted)
+    trace.check(cfg, pred.shape[2])
+    if not (math.isfinite(smoothing) and smoothing >= 0):
+        raise ValueError(f"smoothing={smoothing} must be a finite pseudo-count >= 0")
+    T, L, K = ids.shape
+    E = cfg.n_experts
+    freq = np.zeros((L, E))
+    recall = np.full(L, np.nan)
+    precision = np.full(L, np.nan)
+    for l in cfg.moe_layer_ids:
+        counts = np.bincount(ids[:, l].ravel(), minlength=E)
+        freq[l] = K * (counts + smoothing) / (T * K + smoothing * E)
+        if (pred[:, l] >= 0).any():
+            inter = sum(len(set(a) & set(b)) for a, b in zip(ids[:, l].tolist(), pred[:, l].tolist()))
+            recall[l] = inter / ids[:, l].size
+            precision[l] = inter / pred[:, l].size
+    return ModelProfile(freq=freq, recall=recall, precision=precision, d_model=cfg.d_model, d_ff=cfg.d_ff, top_k=K,
+                        n_experts=E, dtype_bytes=dtype_bytes, model_id=cfg.identity(), n_predicted=pred.shape[2])
+
+
 def default_hardware(n_layers: int) -> HardwareProfile:
     """The unmeasured default (the H200 figures above); `measure_hardware` measures the machine in use."""
     return HardwareProfile(h2d_latency_s=DEFAULT_H2D_LATENCY_S, h2d_bandwidth_Bps=DEFAULT_H2D_BANDWIDTH_BPS,

@@ -29,7 +29,7 @@ from moepic_jax.model import grouped
 from moepic_jax.offload import cache as C
 from moepic_jax.offload import memory
 from moepic_jax.offload.copy_step import StepSpec, fetch_rows
-from moepic_jax.offload.decode import decode_step
+from moepic_jax.offload.decode import RoutingTrace, decode_step
 from moepic_jax.offload.memory import parse_budget, tree_bytes
 from moepic_jax.offload.placement import EXPERT_AXIS, P
 from moepic_jax.offload.policies import PolicySpec
@@ -164,13 +164,16 @@ class OffloadEngine:
         devices.
       replan: `cache_budget_bytes -> CachePlan`, called at warm-up when the compiled steps need more than the
         estimated fixed part (only for plans the factory made; a user's plan is never changed behind their back).
+      routing: a `RoutingTrace` whose routed ids, gate weights and predicted ids the decode step replays instead of
+        the routers' (benchmarks: recorded or calibrated routing; the tokens are then meaningless). None: off.
     Raises:
       ValueError: a plan that does not match the model, a plan bigger than the cache budget.
     """
 
     def __init__(self, weights: PlacedWeights, spec: PolicySpec, plan: CachePlan, vram_budget_bytes: int | None,
                  n_predicted: int, max_batch: int = 1, max_seq_len: int = 1024, prefetch: bool | None = None,
-                 adapt_to_prompt: bool = False, replan: Callable[[int], CachePlan] | None = None):
+                 adapt_to_prompt: bool = False, replan: Callable[[int], CachePlan] | None = None,
+                 routing: RoutingTrace | None = None):
         self.weights, self.spec, self.policy = weights, spec, spec.name
         self.cfg, self.dtype, self.place = weights.cfg, weights.dtype, weights.place
         self.stacks, self.resident = weights.stacks, weights.resident
@@ -187,6 +190,10 @@ class OffloadEngine:
         self.cache_budget = None if vram_budget_bytes is None else vram_budget_bytes - self.fixed_bytes
         self._replan = replan
         self.cache_plan = self._check_plan(plan)
+        if routing is not None:
+            routing.check(self.cfg, self.n_predicted)
+            routing = jax.device_put(RoutingTrace(*(jnp.asarray(x) for x in routing)), self.place.sharding())
+        self.routing = routing
         # The caches are allocated after the decode step is compiled (warmup): XLA's compile-time scratch (GEMM
         # autotuning buffers) then never coincides with full caches on the device.
         self.caches = None
@@ -386,7 +393,7 @@ class OffloadEngine:
             self.caches = self._build_caches()
         if self.mesh is not None:
             tokens = jax.device_put(tokens, self.replicated_sharding)
-        args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1))
+        args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1), self.routing)
         exe = self._get_decode(args)
         logits, self.caches, state, counters = exe(*args)
         self.step_count += 1
@@ -397,7 +404,7 @@ class OffloadEngine:
         placed explicitly: XLA would hand zero-size cache arrays back replicated, which the next call would
         refuse."""
         r, x = P(), P(EXPERT_AXIS)
-        fn = self.place.spmd(functools.partial(decode_step, self.step_spec), (r, x, x, r, r, r), (r, x, r, r))
+        fn = self.place.spmd(functools.partial(decode_step, self.step_spec), (r, x, x, r, r, r, r), (r, x, r, r))
         if self.mesh is None:
             return fn, None
         rep, exp = self.place.sharding(), self.place.sharding(expert=True)
@@ -405,11 +412,12 @@ class OffloadEngine:
 
     def _compile_decode(self, state, dec_tokens):
         """Compile the decode step for this KV cache and batch (against the caches' shapes when not built yet)."""
-        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0)))
+        self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0),
+                          self.routing))
 
     def _get_decode(self, args):
-        key_args = args  # the program is built only on a compile-cache miss (the key is the shapes, not the spec)
-        exe = self.compiles.lookup("decode", key_args, fixed=3)
+        # the program is built only on a compile-cache miss (the key is the shapes, not the spec)
+        exe = self.compiles.lookup("decode", args, fixed=3)
         if exe is not None:
             return exe
         fn, out = self._decode_program()

@@ -6,10 +6,15 @@ model profiles, engines); `generate` owns one (`generate.ENGINES`), callers may 
 from __future__ import annotations
 
 import gc
+import hashlib
+import os
 import weakref
+
+import numpy as np
 
 
 from moepic_jax.io.loading import Model
+from moepic_jax.offload.decode import RoutingTrace
 from moepic_jax.offload.memory import parse_budget
 from moepic_jax.offload.placement import make_placement
 from moepic_jax.offload.policies import policy_spec
@@ -59,7 +64,8 @@ class EngineCache:
 def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: CachePlan | None = None, *,
                 n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
                 profile: ModelProfile | None = None, hardware: HardwareProfile | None = None, devices=None,
-                prefetch: bool | None = None, adapt_to_prompt: bool = False, cache: EngineCache | None = None):
+                prefetch: bool | None = None, adapt_to_prompt: bool = False, routing=None,
+                cache: EngineCache | None = None):
     """Build the engine of `policy` for `model` under `vram_budget` (see `offload.memory.parse_budget`).
 
     Offloading policies: place the weights (experts pinned, the rest on the device), take the fixed part off the
@@ -77,12 +83,16 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: Ca
         split over an `expert` mesh axis (`offload/placement.py`) and `vram_budget` is per device.
       prefetch: None = as the plan says; True / False force next-layer prediction on / off.
       adapt_to_prompt: see `OffloadEngine`.
+      routing: a `RoutingTrace` (or the path of a trace .npz) that the decode step replays instead of the routers
+        (benchmarks; see `offload/decode.py`). Offloading policies only.
       cache: an `EngineCache` whose placed weights and profiles are reused (None: nothing kept).
     Raises:
       ValueError: unknown policy; bad arguments; a budget below what the policy needs (the message names the
         minimum); a plan that does not fit the model or the budget.
     """
     spec = policy_spec(policy)
+    if not spec.offloads and routing is not None:
+        raise ValueError("routing= replays routing in the offloaded decode step; use an offloading policy")
     if not spec.offloads:
         if devices is not None and (devices != 1 if isinstance(devices, int) else len(list(devices)) != 1):
             raise ValueError("policy 'resident' runs on one device; to spread the experts over several devices use an "
@@ -99,6 +109,10 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: Ca
                          "static or moepic")
     if not isinstance(adapt_to_prompt, bool):
         raise ValueError(f"adapt_to_prompt must be True or False, got {adapt_to_prompt!r}")
+    if isinstance(routing, (str, os.PathLike)):
+        routing = RoutingTrace.load(routing)
+    if routing is not None:
+        routing.check(cfg, n_predicted)
     if spec.plan == "none" and plan is not None:
         raise ValueError(f"policy {policy!r} caches nothing; do not pass a plan")
     budget = parse_budget(vram_budget, model.weight_bytes())
@@ -125,7 +139,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: Ca
 
         plan = replan(None if budget is None else budget - fixed)
     return OffloadEngine(weights, spec, plan, budget, n_predicted, max_batch=max_batch, max_seq_len=max_seq_len,
-                         prefetch=prefetch, adapt_to_prompt=adapt_to_prompt, replan=replan)
+                         prefetch=prefetch, adapt_to_prompt=adapt_to_prompt, replan=replan, routing=routing)
 
 
 def _placed(model: Model, place, cache: EngineCache | None) -> PlacedWeights:
@@ -154,6 +168,8 @@ def engine_key(policy: str, vram_budget, plan, engine_kw: dict):
     def hashable(v):
         if hasattr(v, "to_json"):
             return v.to_json()
+        if isinstance(v, RoutingTrace):  # arrays: keyed by their contents
+            return hashlib.sha1(b"".join(np.asarray(x).tobytes() for x in v)).hexdigest()
         if isinstance(v, (list, tuple)):
             return tuple(v)
         return v
