@@ -20,8 +20,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common as C  # noqa: E402
+import moepic_jax  # noqa: E402
 from moepic_jax.generate import generate  # noqa: E402
-from moepic_jax.offload import OffloadEngine  # noqa: E402
+from moepic_jax.runtime.factory import make_engine  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
     kw = dict(max_batch=1, max_seq_len=256, granule=16 if args.tiny else 128)
     # One per-device budget for every row: the largest fixed part of the runs plus a share of one device's experts.
-    fixed = max(OffloadEngine(model, policy="lru", devices=n, **kw).fixed_bytes for n in counts)
+    cache = moepic_jax.EngineCache().for_model(model)  # placed weights and the profile, kept between engines
+    fixed = max(make_engine(model, policy="lru", devices=n, cache=cache, **kw).fixed_bytes for n in counts)
     budget = int(fixed + args.frac * expert_bytes / max(counts))
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 128).tolist()
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     for n in counts:  # device count outermost: the pinned store is re-laid out once per count
         for policy in args.policies.split(","):
             t0 = time.perf_counter()
-            eng = OffloadEngine(model, policy=policy, vram_budget=budget, devices=n, **kw)
+            eng = make_engine(model, policy=policy, vram_budget=budget, devices=n, cache=cache, **kw)
             generate([warm], model=model, engine=eng, max_new_tokens=8, temperature=1.0)
             res = generate([prompt], model=model, engine=eng, max_new_tokens=args.new_tokens, temperature=1.0)
             s = res.stats
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
                              wall_s=time.perf_counter() - t0))
             print(rows[-1], flush=True)
             del eng, res
-            model.__dict__.pop("_engines", None)
+            moepic_jax.ENGINES.clear()
             gc.collect()  # free this engine's caches before the next is built (peak_bytes_in_use is process-wide)
     cols = [("policy", "policy", ""), ("devices", "GPUs", ""), ("budget_gib_per_device", "budget GiB/GPU", ".2f"),
             ("cache_gib_per_device", "cache GiB/GPU", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     res_b = resident_bytes_of(m)
     meta["resident_bytes"], meta["expert_bytes"] = res_b, expert_bytes
     if not budgets:  # OffloadEngine.fixed_bytes_for of the 'ondemand' engine bench_policies.py sizes budgets with
-        from moepic_jax.offload import WORKSPACE_MARGIN_BYTES, activation_bytes
+        from moepic_jax.offload.memory import WORKSPACE_MARGIN_BYTES, activation_bytes
 
         T = 1 << max(3, math.ceil(math.log2(args.prompt_len)))
         max_len = 1 << math.ceil(math.log2(T + 32))  # bench_policies: 32 new tokens

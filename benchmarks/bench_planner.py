@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moepic_jax.planner import HardwareProfile, ModelProfile, plan_bytes, plan_stats, predicted_tpot, solve
+from moepic_jax.planning.planner import plan_bytes, plan_stats, predicted_tpot, solve
+from moepic_jax.planning.profiles import HardwareProfile, ModelProfile
 
 N_LAYERS, N_EXPERTS, TOP_K, D_MODEL, D_FF, GRANULE, DTYPE_BYTES = 64, 256, 8, 2048, 4096, 128, 2
 

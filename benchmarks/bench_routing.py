@@ -11,7 +11,7 @@ recall depend on that, so every random-weight result should be read beside a tra
   * for each policy and budget (fixed part + frac x expert bytes): one `generate` of the prompt, and what the
     decode saw: full / top-only hit rates, misses, H2D bytes per token, predictor recall, TPOT on this device;
     the planner's expected hit rate of the plan on the calibration profile and on the prompt's own routing.
-Plans are solved with `profile.default_hardware` (the H200 figures), so they are the plans an H200 would run.
+Plans are solved with `calibrate.default_hardware` (the H200 figures), so they are the plans an H200 would run.
 TPOT is only meaningful on a GPU; on a CPU the hit rates, bytes and recall are the result.
 
 Usage (from the repo root):
@@ -60,12 +60,11 @@ def main(argv=None) -> int:
 
     import common as C
     import moepic_jax
-    from moepic_jax.checkpoint import default_checkpoint_dir
-    from moepic_jax.engine import make_engine
-    from moepic_jax.generate import _bucket, generate
-    from moepic_jax.offload import OffloadEngine
-    from moepic_jax.planner import plan_stats
-    from moepic_jax.profile import default_hardware, profile_model
+    from moepic_jax.generate import bucket as _bucket, generate
+    from moepic_jax.io.checkpoint import default_checkpoint_dir
+    from moepic_jax.planning.calibrate import default_hardware, profile_model
+    from moepic_jax.planning.planner import plan_stats
+    from moepic_jax.runtime.factory import make_engine
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ("trained", "random", "zipf")]
@@ -95,10 +94,10 @@ def main(argv=None) -> int:
         else:
             model = C.random_model(cfg, dtype=trained.dtype, seed=args.seed,
                                    zipf_bias=args.zipf if variant == "zipf" else None, progress=False)
-        base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+        base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
         fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
-        mp = profile_model(base, tokens=calib)
-        prompt_mp = profile_model(base, tokens=np.asarray(prompt, np.int32), smoothing=0.0)
+        mp = profile_model(base.weights, tokens=calib)
+        prompt_mp = profile_model(base.weights, tokens=np.asarray(prompt, np.int32), smoothing=0.0)
         del base
         r_cal = C.routing_entropy(mp.freq, cfg.top_k, cfg.moe_layers)
         r_prompt = C.routing_entropy(prompt_mp.freq, cfg.top_k, cfg.moe_layers)
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
                     hit = lambda p: float(np.mean((p["full_hit_rate"] + p["top_only_hit_rate"])[moe]))  # noqa: E731
                     row["planned_hit_rate"] = hit(plan_stats(plan, mp))
                     # the slots as the decode used them, on the routing this run decoded (raw counts)
-                    run_mp = profile_model(eng, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
+                    run_mp = profile_model(eng.weights, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
                                            score_from=len(prompt), smoothing=0.0)
                     row["run_routing_hit_rate"] = hit(plan_stats(eng.plan_in_use(), run_mp))
                 rows.append(row)
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
                                         f"share {s['calibration_top25_share']:.1%}/{s['prompt_top25_share']:.1%}, "
                                         f"recall {s['profiled_recall']:.1%}/{s['prompt_recall']:.1%} "
                                         "(calibration/prompt)" for v, s in summary.items()),
-                "plans solved with profile.default_hardware (H200 figures); TPOT is this device's "
+                "plans solved with calibrate.default_hardware (H200 figures); TPOT is this device's "
                 f"({env['device']}), meaningful on a GPU only",
             ],
             "total_s": round(time.perf_counter() - t_start, 1)}

@@ -2,7 +2,7 @@
 
 The parent writes a random-weight model with a real layer shape (fewer layers, to keep the run short) as a
 moepic_jax orbax checkpoint. Each policy then runs in a fresh process (the peak cannot be reset) with
-XLA_PYTHON_CLIENT_PREALLOCATE=false, restores that checkpoint into host memory (`moepic_jax.weights.load`) and
+XLA_PYTHON_CLIENT_PREALLOCATE=false, restores that checkpoint into host memory (`moepic_jax.io.loading.load`) and
 calls `generate`: the experts go straight to pinned_host, nothing touches the device before the engine does.
 
   PYTHONPATH=. python benchmarks/check_budget_peak.py [--model qwen15] [--layers 4] [--policies ondemand,moepic]
@@ -23,13 +23,13 @@ import common  # noqa: E402
 
 def write_checkpoint(model: str, layers: int, path: str) -> None:
     """A random bfloat16 model of `model`'s layer shapes, drawn in host NumPy (the big expert stacks from one shared
-    pool at random offsets: drawing every element would take minutes), saved with `moepic_jax.checkpoint.save`."""
+    pool at random offsets: drawing every element would take minutes), saved with `moepic_jax.io.checkpoint.save`."""
     import jax
     import numpy as np
 
-    from moepic_jax import checkpoint
     from moepic_jax.config import from_hf_config
-    from moepic_jax.weights import empty_params
+    from moepic_jax.io import checkpoint
+    from moepic_jax.model.params import empty_params
 
     d = dict(common.REAL_CONFIGS[model], num_hidden_layers=layers)
     cfg = from_hf_config(d)
@@ -55,13 +55,14 @@ def child(policy: str, ckpt: str, frac: float) -> dict:
     import jax
     import numpy as np
 
-    from moepic_jax import generate, weights
-    from moepic_jax.offload import OffloadEngine
+    from moepic_jax import generate
+    from moepic_jax.io.loading import load
+    from moepic_jax.runtime.factory import make_engine
 
     t = time.perf_counter()
-    model = weights.load(ckpt)
+    model = load(ckpt)
     restore_s = time.perf_counter() - t
-    fixed = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=256).fixed_bytes
+    fixed = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=256).fixed_bytes
     budget = fixed + int(frac * model.expert_bytes())
     gc.collect()  # the sizing engine above must be gone before the measured one is built (reference cycles)
     ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, 128).tolist()

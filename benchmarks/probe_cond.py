@@ -22,10 +22,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from moepic_jax.engine import make_engine  # noqa: E402
+import moepic_jax  # noqa: E402
 from moepic_jax.generate import generate  # noqa: E402
-from moepic_jax.offload import OffloadEngine  # noqa: E402
-from moepic_jax.profile import default_hardware, profile_model  # noqa: E402
+from moepic_jax.offload import copy_step  # noqa: E402
+from moepic_jax.planning.calibrate import default_hardware, profile_model  # noqa: E402
+from moepic_jax.runtime.factory import make_engine  # noqa: E402
 
 
 def time_steps(engine, state, tok, steps, sync_each):
@@ -50,7 +51,7 @@ def main():
     ap.add_argument("--tag", default="default")
     ap.add_argument("--frac", type=float, default=0.5, help="fraction of the expert bytes added to the fixed part")
     ap.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
-    ap.add_argument("--groups", default="", help="comma list of offload.COPY_GROUP values to try (default: as is)")
+    ap.add_argument("--groups", default="", help="comma list of copy_step.COPY_GROUP values to try (default: as is)")
     ap.add_argument("--variants", default="base",
                     help="comma list: base; noprefetch (the policy without its prefetch). A third variant, the prefetch "
                          "on GPU stream 1 (compute_on('gpu_stream:1')), was refused by XLA 0.11.2: "
@@ -62,9 +63,9 @@ def main():
     stack0 = model.params.layers[cfg.moe_layer_ids[0]].moe.experts
     bw = common.measure_peak_h2d(stack0, split=F // 2, k=cfg.top_k)["peak_Bps"]
     T, L = 128, 256
-    base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=L)
+    base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=L)
     fixed = base.fixed_bytes
-    mp = profile_model(base)
+    mp = profile_model(base.weights)
     del base
     hw = default_hardware(cfg.n_layers)
     budget = int(fixed + args.frac * cfg.total_expert_bytes(model.dtype_bytes))
@@ -72,15 +73,13 @@ def main():
     toks = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, T)), jnp.int32)
     mask = jnp.ones((1, T), bool)
     rows = {}
-    from moepic_jax import offload
-
     groups = [int(g) for g in args.groups.split(",")] if args.groups else [None]
     runs = [(p, g, v) for p in args.policies.split(",") for g in groups for v in args.variants.split(",")
             if p != "resident" or v == "base"]
     for policy, group, variant in runs:
         policy_key = policy
         if group is not None:
-            offload.COPY_GROUP = group
+            copy_step.COPY_GROUP = group  # read when the decode step is traced
             policy_key = f"{policy} group={group}"
         if variant != "base":
             policy_key = f"{policy_key} {variant}"
@@ -92,7 +91,7 @@ def main():
                 eng = make_engine(model, policy, vram_budget=budget, max_batch=1, max_seq_len=L, profile=mp, hardware=hw,
                                   granule=128 if not args.tiny else 16)
                 if variant == "noprefetch":
-                    eng.spec = dataclasses.replace(eng.spec, prefetch=False)
+                    eng.spec = dataclasses.replace(eng.spec, predicts=False)
             state = eng.new_state(1, L)
             tok = jnp.zeros((1,), jnp.int32)
             eng.warmup(state, toks, mask, tok)
@@ -110,12 +109,12 @@ def main():
                             "splits": sorted({lp.split for lp in eng.cache_plan.layers}) if eng.cache_plan else None}
             print(policy_key, json.dumps(rows[policy_key]), flush=True)
             del eng, res
-            model.__dict__.pop("_engines", None)
+            moepic_jax.ENGINES.clear()
         except Exception as e:  # a variant XLA refuses is a result too; go on with the others
             rows[policy_key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             print(policy_key, "FAILED", rows[policy_key]["error"], flush=True)
             eng = res = None
-            model.__dict__.pop("_engines", None)
+            moepic_jax.ENGINES.clear()
     env = common.env_info()
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"probe_cond_{args.tag}.json"), "w") as f:

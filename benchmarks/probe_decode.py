@@ -18,9 +18,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+import moepic_jax  # noqa: E402
 from moepic_jax import model as M  # noqa: E402
-from moepic_jax.engine import ResidentEngine  # noqa: E402
-from moepic_jax.offload import OffloadEngine  # noqa: E402
+from moepic_jax.model import layers as ML  # noqa: E402
+from moepic_jax.runtime.engine import ResidentEngine  # noqa: E402
+from moepic_jax.runtime.factory import make_engine  # noqa: E402
 
 
 def experts_indexed(x, experts, ids, w):
@@ -67,14 +69,14 @@ def main():
     e = ResidentEngine(model)
     rows["resident gather"] = run(e, cfg)
     del e
-    orig = M.experts_gathered
-    M.experts_gathered = experts_indexed
+    orig = ML.experts_gathered
+    ML.experts_gathered = experts_indexed  # moe_resident reads it from model/layers.py when the step is traced
     e = ResidentEngine(model)
     rows["resident indexed"] = run(e, cfg)
     del e
-    M.experts_gathered = orig
-    model.__dict__.pop("_engines", None)
-    e = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=256)
+    ML.experts_gathered = orig
+    moepic_jax.ENGINES.clear()
+    e = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=256)
     rows["ondemand"] = run(e, cfg)
     del e
     print(json.dumps(rows, indent=1))

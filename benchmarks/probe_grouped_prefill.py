@@ -43,8 +43,8 @@ def kernel_rows(model_names, token_counts, check_tokens: int) -> list[dict]:
     import numpy as np
 
     import common as C
-    from moepic_jax import grouped
     from moepic_jax import model as M
+    from moepic_jax.model import grouped
 
     dev = jax.devices()[0]
     rows = []
@@ -83,8 +83,8 @@ def e2e_rows(model_name: str, prompt_len: int, policies: list[str], new_tokens: 
     import numpy as np
 
     import common as C
-    from moepic_jax.engine import make_engine
     from moepic_jax.generate import generate
+    from moepic_jax.runtime.factory import make_engine
 
     cfg = C.get_config(model_name)
     model = C.random_model(cfg, seed=0)

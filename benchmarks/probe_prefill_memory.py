@@ -36,9 +36,10 @@ def main(argv=None) -> int:
 
     import common as C
     C.set_gpu_env(args.model, args.tiny)
-    from moepic_jax.engine import device_memory_stats, make_engine, tree_bytes
-    from moepic_jax.generate import _bucket
-    from moepic_jax.offload import OffloadEngine
+    from moepic_jax.generate import bucket as _bucket
+    from moepic_jax.offload.memory import tree_bytes
+    from moepic_jax.runtime.engine import device_memory_stats
+    from moepic_jax.runtime.factory import make_engine
 
     GiB = 2**30
     cfg = C.get_config(args.model, tiny=args.tiny, n_layers=args.layers)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + 32)
     # The budget as bench_policies sets it, computed without building anything on the device.
-    sizing = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+    sizing = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
     fixed = sizing.fixed_bytes_for(1, max_len, prefetch=True)
     del sizing
     C.release_engine(model, None)

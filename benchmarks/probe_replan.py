@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_policies  # noqa: E402
 
-from moepic_jax.offload import OffloadEngine  # noqa: E402
+from moepic_jax.runtime.engine import OffloadEngine  # noqa: E402
 
 
 def main(argv=None) -> int:

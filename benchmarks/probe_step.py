@@ -7,8 +7,9 @@ run in one process on one model build, so machine-to-machine spread is out of th
 
 A variant is `policy:fraction[:option...]`, options:
   adapt     static/moepic refill the cache from the prompt (adapt_to_prompt)
-  unrollN   `offload.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
-  rule=R    the policy's cache replacement rule replaced by R (`cache.RULES`: static, lru, freq)
+  unrollN   `copy_step.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
+  rule=R    the policy's cache replacement rule replaced by R (`cache.RULES`: static, lru, freq), in
+            `policies.POLICY_SPECS` while the engine is built
 
 Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase, which
 only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3 untraced
@@ -131,11 +132,11 @@ def main(argv=None) -> int:
 
     import common as C
     C.set_gpu_env(args.model, args.tiny)  # before the first device use
-    from moepic_jax import offload
-    from moepic_jax.engine import device_memory_stats, make_engine
-    from moepic_jax.generate import _bucket, generate
-    from moepic_jax.offload import OffloadEngine
-    from moepic_jax.profile import measure_hardware, profile_model
+    from moepic_jax.generate import bucket as _bucket, generate
+    from moepic_jax.offload import copy_step, policies
+    from moepic_jax.planning.calibrate import measure_hardware, profile_model
+    from moepic_jax.runtime.engine import device_memory_stats
+    from moepic_jax.runtime.factory import make_engine
 
     name = args.name or f"probe_step_{args.model}" + (f"_l{args.layers}" if args.layers else "")
     env = C.env_info()
@@ -145,10 +146,10 @@ def main(argv=None) -> int:
     granule = 16 if args.tiny else 128
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + args.new_tokens)
-    base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+    base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
     fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
     expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
-    mp, hw = profile_model(base), measure_hardware(base)
+    mp, hw = profile_model(base.weights), measure_hardware(base.weights)
     ref = weakref.ref(base)
     del base
     C.release_engine(model, ref)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     def peak():
         return (device_memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
-    real_unroll, real_specs = offload.COPY_UNROLL_GROUPS, offload.SPECS
+    real_unroll, real_specs = copy_step.COPY_UNROLL_GROUPS, dict(policies.POLICY_SPECS)
 
     meta = {"benchmark": "probe_step: decode step time by variant, with a device profile", "env": env,
             "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
@@ -198,9 +199,9 @@ def main(argv=None) -> int:
         eng = state = tok = None
         try:
             if v["unroll"] is not None:
-                offload.COPY_UNROLL_GROUPS = v["unroll"]
-            if v["rule"] is not None:  # read when the engine is built
-                offload.SPECS = {**real_specs, v["policy"]: dataclasses.replace(real_specs[v["policy"]], rule=v["rule"])}
+                copy_step.COPY_UNROLL_GROUPS = v["unroll"]  # read when the copy step is traced (warm-up)
+            if v["rule"] is not None:  # read when the engine is built (`policies.policy_spec` in make_engine)
+                policies.POLICY_SPECS[v["policy"]] = dataclasses.replace(real_specs[v["policy"]], rule=v["rule"])
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
                               adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len)
             row["cache_gib_planned"] = eng.cache_bytes() / 2**30
@@ -275,7 +276,8 @@ def main(argv=None) -> int:
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
         finally:  # a failed engine too: its caches would skew the next variants' memory
-            offload.COPY_UNROLL_GROUPS, offload.SPECS = real_unroll, real_specs
+            copy_step.COPY_UNROLL_GROUPS = real_unroll
+            policies.POLICY_SPECS.update(real_specs)
             ref = weakref.ref(eng) if eng is not None else None
             eng = state = tok = None
             row["engine_freed"] = C.release_engine(model, ref)["engine_freed"]

@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moepic_jax.planner import CachePlan, HardwareProfile, ModelProfile, plan_stats  # noqa: E402
+from moepic_jax.planning.planner import plan_stats  # noqa: E402
+from moepic_jax.planning.profiles import CachePlan, HardwareProfile, ModelProfile  # noqa: E402
 
 
 def unsmooth(mp: ModelProfile, n_tokens: int, alpha: float = 0.5) -> ModelProfile:

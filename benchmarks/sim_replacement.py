@@ -2,7 +2,7 @@
 
 The decode's routing does not depend on the cache (the engine is exact), so each rule can be replayed on one
 recorded routing trace: per MoE layer, the routed experts of every token of a text ([T, top_k], from
-`profile._route_all`, the same forward the profiler runs). With n whole-expert slots per layer (n = frac x E):
+`calibrate.route_all`, the same forward the profiler runs). With n whole-expert slots per layer (n = frac x E):
   static     the n experts most frequent in the calibration text (what `static` / `moepic` keep);
   lru        least recently used out, every miss admitted (the engine's rule, `cache.lru_slots`: hits first);
   lfu        least frequently used out (counts start from the calibration counts), every miss admitted;
@@ -126,10 +126,10 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import common as C
     import moepic_jax
-    from moepic_jax.cache import FREQ_DECAY
-    from moepic_jax.checkpoint import default_checkpoint_dir
-    from moepic_jax.offload import OffloadEngine
-    from moepic_jax.profile import _route_all
+    from moepic_jax.io.checkpoint import default_checkpoint_dir
+    from moepic_jax.offload.cache import FREQ_DECAY
+    from moepic_jax.planning.calibrate import route_all
+    from moepic_jax.runtime.factory import make_engine
 
     a.decay = FREQ_DECAY if a.decay is None else a.decay
     trained = moepic_jax.load(dtype="float32")
@@ -143,9 +143,9 @@ def main(argv=None) -> int:
     for variant in a.variants.split(","):
         model = trained if variant == "trained" else C.random_model(
             cfg, dtype="float32", seed=0, zipf_bias=a.zipf if variant == "zipf" else None, progress=False)
-        eng = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=max(a.calib_tokens, a.trace_tokens))
-        cal, _ = _route_all(eng, calib)
-        run, _ = _route_all(eng, trace_tokens)
+        eng = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max(a.calib_tokens, a.trace_tokens))
+        cal, _ = route_all(eng.weights, calib)
+        run, _ = route_all(eng.weights, trace_tokens)
         del eng
         for frac in fracs:
             n = int(round(frac * cfg.n_experts))

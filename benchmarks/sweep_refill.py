@@ -4,8 +4,8 @@ The engine is exact, so the tokens a decode produces, and therefore the routing 
 policy: one resident `generate` gives every rule's decode routing. For each variant ("trained": the embedded
 checkpoint; "random" / "zipf": random weights of its config, zipf with the labelled router bias), each budget and
 each rule, this script picks each layer's slots from the prompt's routing with the engine's rule
-(`offload.prompt_refill`, the one `OffloadEngine._refill_from_prompt` applies) at the prior under test, or by a
-blend with the calibration profile, and reports the hit rate of those slots on the decode's routing. The rule
+(`offload.prefill.prompt_refill`, the one `OffloadEngine._refill_from_prompt` applies) at the prior under test, or
+by a blend with the calibration profile, and reports the hit rate of those slots on the decode's routing. The rule
 "prompt, prior 1 token" is the engine's (PROMPT_PRIOR_TOKENS = 1) and "plan" is the static cache without refill;
 both reproduce the engine's measured hit rates (`bench_routing_embedded.md`). Hit rates only; CPU is enough.
 
@@ -42,11 +42,11 @@ def main(argv=None) -> int:
 
     import common as C
     import moepic_jax
-    from moepic_jax.checkpoint import default_checkpoint_dir
-    from moepic_jax.engine import make_engine
-    from moepic_jax.generate import _bucket, generate
-    from moepic_jax.offload import PROMPT_PRIOR_TOKENS, OffloadEngine, prompt_refill
-    from moepic_jax.profile import default_hardware, profile_model
+    from moepic_jax.generate import bucket as _bucket, generate
+    from moepic_jax.io.checkpoint import default_checkpoint_dir
+    from moepic_jax.offload.prefill import PROMPT_PRIOR_TOKENS, prompt_refill
+    from moepic_jax.planning.calibrate import default_hardware, profile_model
+    from moepic_jax.runtime.factory import make_engine
 
     trained = moepic_jax.load(dtype="float32")
     cfg = trained.cfg
@@ -64,12 +64,13 @@ def main(argv=None) -> int:
     for variant in ("trained", "random", "zipf"):
         model = trained if variant == "trained" else C.random_model(
             cfg, dtype="float32", seed=0, zipf_bias=args.zipf if variant == "zipf" else None, progress=False)
-        base = OffloadEngine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+        base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
         fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
-        mp = profile_model(base, tokens=calib)
-        pm = profile_model(base, tokens=np.asarray(prompt, np.int32), smoothing=0.0)
+        mp = profile_model(base.weights, tokens=calib)
+        pm = profile_model(base.weights, tokens=np.asarray(prompt, np.int32), smoothing=0.0)
         res = generate([prompt], model=model, max_new_tokens=args.new_tokens, policy="resident")  # greedy
-        run = profile_model(base, np.asarray(prompt + res.token_ids[0][:-1], np.int32), score_from=T, smoothing=0.0)
+        run = profile_model(base.weights, np.asarray(prompt + res.token_ids[0][:-1], np.int32), score_from=T,
+                            smoothing=0.0)
         for frac in sorted(float(x) for x in args.budgets.split(",")):
             eng = make_engine(model, "static", vram_budget=int(fixed + frac * cfg.total_expert_bytes(model.dtype_bytes)),
                               granule=16, profile=mp, hardware=hw, max_batch=1, max_seq_len=max_len)

@@ -25,6 +25,7 @@ import numpy as np
 from moepic_jax import model as M
 from moepic_jax.offload import cache as C
 from moepic_jax.offload.copy_step import StepSpec, expert_outputs, fetch_rows
+from moepic_jax.offload.decode import RoutingTrace
 from moepic_jax.offload.placement import make_placement
 from moepic_jax.offload.store import PlacedWeights
 from moepic_jax.planning.profiles import HardwareProfile, ModelProfile
