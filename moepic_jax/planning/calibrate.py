@@ -24,7 +24,8 @@ import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.offload import cache as C
-from moepic_jax.offload.copy_step import StepSpec, expert_outputs, fetch_rows
+from moepic_jax.offload import copy_step as CS
+from moepic_jax.offload.copy_step import StepSpec, fetch_rows
 from moepic_jax.offload.decode import RoutingTrace
 from moepic_jax.offload.placement import make_placement
 from moepic_jax.offload.store import PlacedWeights
@@ -342,14 +343,14 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
 
     def assemble(h, r, cache, stack):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
         ids = ids_for(h, r, False)
-        return assemble(spec, F, stack, cache, ids, ids >= 0).outputs[0]
+        return CS.assemble(spec, F, stack, cache, ids, ids >= 0).outputs[0]
 
     def apply(h, w):
         return h + M.segment_ffn(h[0], w)[None].astype(h.dtype)
 
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
-        return h + expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
+        return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):
         pending = assemble(h, 0, cache, stack) if mode == "ahead" else None
