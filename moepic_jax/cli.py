@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 
 def _env_before_jax(args) -> None:
@@ -25,6 +26,20 @@ def _env_before_jax(args) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
     if getattr(args, "host_memory_gb", None):
         os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(args.host_memory_gb)
+    # transformers advises that PyTorch is missing on every import; this package needs only its tokenizers.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _compile_cache(args) -> None:
+    """JAX's persistent compilation cache in a user cache directory (off with --no-compile-cache): a second run
+    of the same command loads its compiled steps instead of compiling them again."""
+    if getattr(args, "no_compile_cache", True):
+        return
+    import jax
+
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moepic_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _budget(s: str | None):
@@ -47,10 +62,17 @@ def _add_model_args(p):
                    help="pinned host memory limit for JAX (needed above 64 GiB of experts)")
 
 
-def _add_engine_args(p, default_policy="moepic", default_budget="40%"):
-    p.add_argument("--policy", default=default_policy, choices=["resident", "ondemand", "lru", "static", "moepic"])
+def _add_engine_args(p, default_policy="moepic", default_budget="auto"):
+    from moepic_jax.offload.policies import POLICIES
+
+    p.add_argument("--policy", default=default_policy, choices=POLICIES)
     p.add_argument("--vram-budget", default=default_budget,
-                   help="bytes, fraction of the weights (0.4), '6GiB', '500MB', '40%%', or 'none' (default %(default)s)")
+                   help="everything the engine may hold on the device: 'auto' (a GPU's free memory less a margin, "
+                        "resident when the model fits; on the CPU the minimum plus 25%% of the expert bytes), "
+                        "'6GiB', '500MB', bytes, a share of the expert bytes on top of the minimum ('40%%' or 0.4), "
+                        "or 'none'")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled steps in ~/.cache/moepic_jax/xla between runs")
     p.add_argument("--plan", default=None, help="a CachePlan JSON file (static/moepic)")
     p.add_argument("--granule", type=int, default=32, help="split granularity in neurons")
     p.add_argument("--devices", type=int, default=1,
@@ -87,7 +109,9 @@ def _engine_kw(args, model):
 def cmd_generate(args) -> int:
     import moepic_jax
 
+    t0 = time.perf_counter()
     model = _load(args)
+    load_s = time.perf_counter() - t0
     plan, kw = _engine_kw(args, model)
     prompt = args.prompt
     if model.tokenizer is None:
@@ -95,6 +119,7 @@ def cmd_generate(args) -> int:
     print(f"[{args.policy}, VRAM budget {args.vram_budget}: placing the model and compiling the steps ...]",
           file=sys.stderr, flush=True)
     print(args.prompt, end="", flush=True)
+    _PENDING_LINE.append(True)
     res = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                               policy=args.policy, vram_budget=_budget(args.vram_budget), plan=plan,
@@ -102,7 +127,9 @@ def cmd_generate(args) -> int:
     if model.tokenizer is None:
         print(" ".join(map(str, res.token_ids[0])), end="")
     print()
+    _PENDING_LINE.clear()
     print(res.stats.summary(), file=sys.stderr)
+    print(f"load {load_s:.1f} s, " + res.stats.timing(), file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(res.stats.to_dict(), f, indent=2, default=float)
@@ -231,11 +258,12 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="moepic-jax", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="moepic-jax", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("generate", help="generate text (streams it)")
+    p = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="generate text (streams it)")
     p.add_argument("prompt")
     _add_model_args(p)
     _add_engine_args(p)
@@ -248,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--stats-json", default=None, help="write the stats to this JSON file")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("profile", help="measure expert frequencies, predictor recall and the H2D copy curve")
+    p = sub.add_parser("profile", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="measure expert frequencies, predictor recall and the H2D copy curve")
     _add_model_args(p)
     _add_engine_args(p)
     p.add_argument("--out", default=None, help="prefix of the JSON files to write")
@@ -256,7 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens the engine's KV cache is sized for")
     p.set_defaults(fn=cmd_profile)
 
-    p = sub.add_parser("plan", help="solve and print the cache plan (per layer split and cached experts)")
+    p = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="solve and print the cache plan (per layer split and cached experts)")
     _add_model_args(p)
     _add_engine_args(p)
     p.add_argument("--profile", default=None, help="ModelProfile JSON (default: profile now)")
@@ -266,18 +294,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens the engine's KV cache is sized for")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face directory to a moepic_jax (orbax) checkpoint")
+    p = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="convert a Hugging Face directory to a moepic_jax (orbax) checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("export-hf", help="write a model as a Hugging Face directory (config + safetensors)")
+    p = sub.add_parser("export-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="write a model as a Hugging Face directory (config + safetensors)")
     p.add_argument("out_dir")
     _add_model_args(p)
     p.set_defaults(fn=cmd_export_hf)
 
-    p = sub.add_parser("bench", help="TTFT/TPOT/hit rates of several policies and budgets on this machine")
+    p = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="TTFT/TPOT/hit rates of several policies and budgets on this machine")
     _add_model_args(p)
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
@@ -294,10 +322,30 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     _env_before_jax(args)
     try:
+        _check_args(args)  # before anything is loaded
+        _compile_cache(args)
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"\nerror: {e}" if _PENDING_LINE else f"error: {e}", file=sys.stderr)
+        _PENDING_LINE.clear()
         return 2
+
+
+_PENDING_LINE = []  # non-empty while generate has printed text without a newline (an error then starts a new line)
+
+
+def _check_args(args) -> None:
+    """The checks that need no model: the budget's form, sampling arguments, token counts."""
+    from moepic_jax import sampling
+    from moepic_jax.offload.memory import parse_budget
+
+    if hasattr(args, "vram_budget"):
+        parse_budget(_budget(args.vram_budget))
+    if hasattr(args, "temperature"):
+        sampling.check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
 
 if __name__ == "__main__":

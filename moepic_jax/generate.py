@@ -120,7 +120,7 @@ def generate(
     seed: int = 0,
     stop: Sequence[str] | str | None = None,
     policy: str = "moepic",
-    vram_budget=None,
+    vram_budget="auto",
     plan=None,
     stream: Callable[[int, str], None] | None = None,
     engine=None,
@@ -137,8 +137,10 @@ def generate(
       stop: strings that end a prompt's generation (the text is cut before them); the model's EOS
         tokens always stop.
       policy: "resident", "ondemand", "lru", "static" or "moepic" (DESIGN.md, Policies).
-      vram_budget: everything the engine may hold on the device: bytes, a fraction of the weights,
-        "6GiB", "500MB", "40%"; None = no limit.
+      vram_budget: everything the engine may hold on the device (`offload/memory.py`): "auto" (default: on a GPU
+        its free memory less a margin, resident when the model fits; on the CPU the minimum plus 25 % of the expert
+        bytes), bytes or "6GiB" / "500MB", a share of the expert bytes on top of the minimum ("40%" or 0.4), or
+        None (no limit).
       plan: a `planner.CachePlan` for "static"/"moepic"; None = solved from a profile.
       stream: called as `stream(prompt_index, new_text)` as text is produced (needs a tokenizer).
       engine: an engine from `moepic_jax.Engine(...)` to use instead of building one.
@@ -171,8 +173,11 @@ def generate(
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     B = len(ids)
-    T = bucket(longest)
-    max_len = bucket(T + max_new_tokens)  # a power of two bounds the number of compiled shapes
+    # Powers of two bound the number of compiled shapes; the KV cache never reserves more than the context (the
+    # prompt's padding shrinks first: longest + max_new_tokens <= context was checked above).
+    ctx = cfg.max_position_embeddings
+    T = min(bucket(longest), ctx - max_new_tokens)
+    max_len = min(bucket(T + max_new_tokens), ctx)
     reserved = getattr(engine, "max_seq_len", None)
     if reserved is not None and T + max_new_tokens <= reserved < max_len:
         max_len = reserved  # a held engine's reservation is enough

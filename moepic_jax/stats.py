@@ -60,13 +60,22 @@ class GenerateStats:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        """One line: TTFT, TPOT, hit rate, H2D MB per token, policy, budget."""
+        """One line: TTFT, TPOT, hit rate, H2D MB per token, recall, policy, budget ("-" where not applicable)."""
         b = "none" if self.vram_budget_bytes is None else f"{self.vram_budget_bytes / 2**30:.3g} GiB"
-        hit = self.full_hit_rate + self.top_only_hit_rate
+
+        def pct(x):
+            return "-" if x != x else f"{x:.1%}"
+
         return (f"policy={self.policy} budget={b} TTFT={self.ttft_s * 1e3:.1f} ms TPOT={self.tpot_s * 1e3:.2f} ms "
-                f"({self.tokens_per_s:.1f} tok/s) hit={hit:.1%} (full {self.full_hit_rate:.1%}) "
-                f"H2D={self.h2d_bytes_per_token / 1e6:.2f} MB/token recall={self.predictor_recall:.1%} "
-                f"compiles={self.compile_count} ({self.compile_s:.1f} s)")
+                f"({self.tokens_per_s:.1f} tok/s) hit={pct(self.full_hit_rate + self.top_only_hit_rate)} "
+                f"(full {pct(self.full_hit_rate)}) H2D={self.h2d_bytes_per_token / 1e6:.2f} MB/token "
+                f"recall={pct(self.predictor_recall)} compiles={self.compile_count} ({self.compile_s:.1f} s)")
+
+    def timing(self) -> str:
+        """One line of where the time went: compile, TTFT, TPOT, tokens/s and the H2D rate of the decode."""
+        gbps = self.h2d_bytes_per_token / self.tpot_s / 1e9 if self.tpot_s == self.tpot_s and self.tpot_s else 0.0
+        return (f"compile {self.compile_s:.1f} s, TTFT {self.ttft_s * 1e3:.1f} ms, TPOT {self.tpot_s * 1e3:.2f} ms, "
+                f"{self.tokens_per_s:.1f} tok/s, H2D {gbps:.2f} GB/s")
 
 
 def collect_stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c_prefill, compiles0) -> GenerateStats:

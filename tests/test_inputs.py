@@ -3,13 +3,14 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import build_hf_model
 from safetensors.numpy import load_file, save_file
 
 import moepic_jax
-from moepic_jax.offload.memory import parse_budget
+from moepic_jax.offload.memory import parse_budget, resolve_budget
 from moepic_jax.config import from_hf_config
 
 
@@ -162,16 +163,30 @@ def test_bad_prompts(models):
 
 
 @pytest.mark.parametrize("budget, want", [
-    (1000, 1000), ("6GiB", 6 * 2**30), ("500MB", 500 * 10**6), ("40%", 400), (0.25, 250), ("1.5 GiB", int(1.5 * 2**30)),
+    (1000, 1000), ("6GiB", 6 * 2**30), ("500MB", 500 * 10**6), ("1.5 GiB", int(1.5 * 2**30)),
+    ("40%", 100 + 400), (0.25, 100 + 250), ("0%", 100), (None, None), ("none", None), ("auto", 100 + 250),
 ])
 def test_parse_budget(budget, want):
-    assert parse_budget(budget, 1000) == want
+    """Bytes are bytes; a share is the minimum (here 100 bytes) plus that share of the expert bytes (here 1000);
+    "auto" on the CPU is the minimum plus 25 % of the expert bytes."""
+    assert resolve_budget(parse_budget(budget), 100, 1000, jax.devices("cpu")[0]) == want
 
 
 @pytest.mark.parametrize("budget", [-5, 0, 1.5, "lots", "120%", True])
 def test_parse_budget_errors(budget):
     with pytest.raises(ValueError, match="vram_budget|budget"):
-        parse_budget(budget, 1000)
+        parse_budget(budget)
+
+
+def test_budget_below_minimum_names_the_smallest_value_in_the_form_typed(models):
+    """The error names the minimum and the smallest budget in the unit the user typed (and the share form)."""
+    m = models["qwen3_moe"]
+    base = moepic_jax.make_engine(m, "moepic", max_seq_len=32).fixed_bytes
+    with pytest.raises(ValueError, match=r"below the minimum of \d+\.\d+ GiB.*at least (\d+\.\d+)MiB.*25%") as e:
+        moepic_jax.make_engine(m, "moepic", vram_budget="0.01MiB", max_seq_len=32)
+    smallest = float(e.value.args[0].split("at least ")[1].split("MiB")[0]) * 2**20
+    assert base <= smallest <= base + 0.001 * 2**20 + 1  # rounded to the thousandth of a MiB, up from the minimum
+    moepic_jax.make_engine(m, "moepic", vram_budget=f"{smallest / 2**20 + 0.001:.3f}MiB", max_seq_len=32)  # fits
 
 
 def test_sampling_is_seeded_and_respects_top_k(models):
@@ -203,8 +218,8 @@ def test_top_p_filters_the_nucleus():
 
 
 def test_parse_budget_numpy_scalars():
-    assert parse_budget(np.int64(10**9), 100) == 10**9
-    assert parse_budget(np.float32(0.5), 1000) == 500
+    assert parse_budget(np.int64(10**9)).value == 10**9 and parse_budget(np.int64(10**9)).kind == "bytes"
+    assert parse_budget(np.float32(0.5)).kind == "share" and parse_budget(np.float32(0.5)).value == 0.5
 
 
 @pytest.mark.parametrize("edit, msg", [
@@ -219,3 +234,17 @@ def test_config_checkpoint_mismatch_is_a_value_error(hf_dirs, tmp_path, edit, ms
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=msg):
         moepic_jax.load(d, dtype="float32")
+
+
+def test_kv_cache_never_reserves_past_the_context(models):
+    """A prompt whose power-of-two bucket plus the new tokens would pass the context: the padding shrinks and the
+    KV cache holds at most the context, and the tokens equal those of an unpadded run (the resident forward)."""
+    m = models["qwen3_moe"]
+    ctx = m.cfg.max_position_embeddings  # 256
+    prompt = [int(t) for t in np.random.RandomState(0).randint(0, 96, 140)]  # bucket 256 + 16 > 256
+    res = moepic_jax.generate(prompt, model=m, max_new_tokens=16, policy="lru", vram_budget="30%",
+                              max_batch=1, granule=16)
+    eng = moepic_jax.ENGINES.engines[next(iter(moepic_jax.ENGINES.engines))]
+    assert eng.max_seq_len <= ctx
+    ref = moepic_jax.generate(prompt, model=m, max_new_tokens=16, policy="resident")
+    assert res.token_ids == ref.token_ids

@@ -97,3 +97,15 @@ def test_no_private_names_imported_across_modules(folder):
             if mod.startswith("moepic_jax"):
                 bad += [f"{path.relative_to(ROOT)}: from {mod} import {n}" for n in names if n.startswith("_")]
     assert not bad, bad
+
+
+def test_the_wheel_ships_every_file_of_the_embedded_checkpoint():
+    """pyproject's data-files list the embedded model file by file (setuptools takes no recursive globs): it must
+    name exactly the files under checkpoints/, or an installed wheel cannot load the default model."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    listed = {f for files in data.values() for f in files}
+    present = {str(p.relative_to(ROOT)) for p in (ROOT / "checkpoints").rglob("*") if p.is_file()}
+    assert listed == present
+    assert all(dest == "share/moepic_jax/" + str(pathlib.Path(files[0]).parent) for dest, files in data.items())

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -27,12 +28,16 @@ FORMAT_VERSION = 1
 
 
 def default_checkpoint_dir() -> pathlib.Path:
-    """The embedded default model shipped under `checkpoints/` (first directory holding a manifest)."""
-    root = pathlib.Path(__file__).resolve().parents[2] / "checkpoints"
-    found = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
-    if not found:
-        raise FileNotFoundError(f"no embedded model under {root}; pass a model path")
-    return found[0]
+    """The embedded default model: under the source tree's `checkpoints/`, or where a wheel installs it
+    (`<prefix>/share/moepic_jax/checkpoints/`); the first directory holding a manifest."""
+    roots = [pathlib.Path(__file__).resolve().parents[2] / "checkpoints",
+             pathlib.Path(sys.prefix) / "share" / "moepic_jax" / "checkpoints"]
+    for root in roots:
+        found = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no embedded model under {' or '.join(map(str, roots))}; pass a model path "
+                            "(reinstall moepic_jax to restore the embedded one)")
 
 
 def is_orbax_checkpoint(path) -> bool:

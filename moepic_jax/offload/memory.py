@@ -1,13 +1,20 @@
 """Device memory: the VRAM budget, and the bytes of everything an offloading engine holds besides its caches.
 
-Budget (DESIGN.md, "Public API contract"): an int is bytes; a float in (0, 1] is a fraction of the model's total
-weight bytes; strings "6GiB" (2^30), "500MB" (10^6), "40%" (of total weight bytes); None means no limit.
-The fixed part (resident weights, KV cache, copy buffers, activations, workspace) comes off the budget first; the
+The budget (DESIGN.md, "Public API contract") is everything an engine may hold on the device. It is given as
+  bytes:   an int, or a string with a unit: "6GiB" (2^30), "500MB" (10^6), "1.5 GiB";
+  a share: "40%" or a float 0.4: the engine's minimum plus that share of the experts' bytes, that is "how much of
+           the experts the cache may hold" (one meaning in the API, the CLI, the benchmarks and the README);
+  "auto":  on a GPU the device's free memory less AUTO_GPU_MARGIN (and the model runs resident when it fits);
+           on the CPU the minimum plus AUTO_CPU_SHARE of the expert bytes, so that a demo offloads and caches;
+  None:    no limit.
+The minimum (the fixed part: resident weights, KV cache, copy buffers, activations, workspace) comes off first; the
 rest is the cache budget the planner fills.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 import re
 
@@ -16,45 +23,104 @@ import numpy as np
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNIT_NAMES = {k: k.upper().replace("I", "i") if k else "" for k in _UNITS}  # "gib" -> "GiB", "mb" -> "MB"
+AUTO_CPU_SHARE = 0.25  # "auto" on the CPU: the minimum plus this share of the expert bytes
+AUTO_GPU_MARGIN_BYTES = 2**30  # "auto" on a GPU: free memory less this (and less 5 %), for other users of the GPU
+AUTO_GPU_MARGIN_SHARE = 0.05
 
 
-def parse_budget(budget, total_weight_bytes: int) -> int | None:
-    """Return the budget in bytes (or None for no limit).
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A VRAM budget as the user gave it (`parse_budget`); `resolve_budget` turns it into bytes."""
+
+    kind: str  # "bytes" | "share" | "auto" | "none"
+    value: float = 0.0  # bytes (kind "bytes") or the share of the expert bytes in [0, 1] (kind "share")
+    unit: str = ""  # the unit typed ("GiB", "MB"; "" for an int), so that messages answer in the same form
+
+    def describe(self, nbytes: int, up: bool = False) -> str:
+        """`nbytes` in the unit the user typed (GiB for shares and auto), to the thousandth (rounded up: `up`)."""
+        unit = self.unit if self.kind == "bytes" else "GiB"
+        if not unit:
+            return str(int(nbytes))
+        x = nbytes / _UNITS[unit.lower()]
+        return f"{math.ceil(x * 1000) / 1000 if up else x:.3f}{unit}"
+
+
+def parse_budget(budget) -> Budget:
+    """Read a VRAM budget (see the module docstring). An existing `Budget` is returned as is.
 
     Raises:
-      ValueError: a negative or zero budget, a float outside (0, 1], or a string that is not
-        "<number><unit>" with unit in B/KB/MB/GB/TB/KiB/MiB/GiB/TiB or "<number>%".
+      ValueError: a negative or zero byte count, a share outside [0, 1] (0-100 %), or a string that is none of
+        "<number><unit>" (B/KB/MB/GB/TB/KiB/MiB/GiB/TiB), "<number>%", "auto", "none".
     """
-    if budget is None:
-        return None
-    if isinstance(budget, bool):
-        raise ValueError(f"vram_budget must be bytes, a fraction, or a string like '6GiB'; got {budget!r}")
-    if isinstance(budget, numbers.Integral):
-        budget = int(budget)
-        if budget <= 0:
-            raise ValueError(f"vram_budget must be > 0 bytes, got {budget}")
+    if isinstance(budget, Budget):
         return budget
+    if budget is None:
+        return Budget("none")
+    if isinstance(budget, bool):
+        raise ValueError(f"vram_budget must be bytes, a share, 'auto' or a string like '6GiB'; got {budget!r}")
+    if isinstance(budget, numbers.Integral):
+        if int(budget) <= 0:
+            raise ValueError(f"vram_budget must be > 0 bytes, got {budget}")
+        return Budget("bytes", int(budget))
     if isinstance(budget, numbers.Real):
-        budget = float(budget)
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"a float vram_budget is a fraction of the weights in (0, 1]; got {budget} "
+        if not 0.0 <= float(budget) <= 1.0:
+            raise ValueError(f"a float vram_budget is a share of the expert bytes in [0, 1]; got {budget} "
                              "(pass an int for bytes, or a string like '6GiB')")
-        return int(budget * total_weight_bytes)
+        return Budget("share", float(budget))
     if isinstance(budget, str):
         s = budget.strip().replace(" ", "")
+        if s.lower() in ("auto", "none"):
+            return Budget(s.lower())
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)%", s)
         if m:
-            frac = float(m[1]) / 100
-            if not 0.0 < frac <= 1.0:
-                raise ValueError(f"a percentage vram_budget must be in (0, 100]%, got {budget!r}")
-            return int(frac * total_weight_bytes)
+            share = float(m[1]) / 100
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"a percentage vram_budget is the share of the expert bytes the cache may hold, in "
+                                 f"[0, 100]%; got {budget!r}")
+            return Budget("share", share)
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)([A-Za-z]*)", s)
         if m and m[2].lower() in _UNITS:
             n = int(float(m[1]) * _UNITS[m[2].lower()])
             if n <= 0:
                 raise ValueError(f"vram_budget must be > 0, got {budget!r}")
-            return n
-    raise ValueError(f"cannot read vram_budget {budget!r}; use bytes (int), a fraction (0.4), '6GiB', '500MB' or '40%'")
+            return Budget("bytes", n, _UNIT_NAMES[m[2].lower()])
+    raise ValueError(f"cannot read vram_budget {budget!r}; use 'auto', bytes (int), '6GiB', '500MB', a share of the "
+                     "expert bytes ('40%' or 0.4), or 'none'")
+
+
+def free_device_bytes(device) -> int | None:
+    """Free memory of `device` in bytes (its allocator's limit less what is in use); None where not reported."""
+    try:
+        st = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+    if not st or "bytes_limit" not in st:
+        return None
+    return int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
+
+
+def resolve_budget(budget: Budget, minimum: int, expert_bytes: int, device) -> int | None:
+    """The budget in bytes (None: no limit) for an engine whose minimum is `minimum` bytes and whose experts take
+    `expert_bytes` (per device). See the module docstring."""
+    if budget.kind == "none":
+        return None
+    if budget.kind == "bytes":
+        return int(budget.value)
+    if budget.kind == "share":
+        return minimum + int(budget.value * expert_bytes)
+    free = free_device_bytes(device) if device.platform != "cpu" else None
+    if free is None:
+        return minimum + int(AUTO_CPU_SHARE * expert_bytes)
+    return int(free * (1 - AUTO_GPU_MARGIN_SHARE)) - AUTO_GPU_MARGIN_BYTES
+
+
+def below_minimum(budget: Budget, nbytes: int, minimum: int, what: str) -> ValueError:
+    """The error for a budget below the minimum: it names the minimum, the smallest value in the form the user
+    typed, and the share form that always fits."""
+    return ValueError(f"VRAM budget {budget.describe(nbytes)} ({nbytes / 2**30:.3f} GiB) is below the minimum of "
+                      f"{minimum / 2**30:.3f} GiB for {what}; pass at least {budget.describe(minimum, up=True)}, or a "
+                      "share such as 25% (the minimum plus 25 % of the expert bytes), or 'auto'")
 
 
 WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator slack beyond what is sized below

@@ -30,7 +30,7 @@ from moepic_jax.offload import cache as C
 from moepic_jax.offload import memory
 from moepic_jax.offload.copy_step import StepSpec, fetch_rows
 from moepic_jax.offload.decode import RoutingTrace, decode_step
-from moepic_jax.offload.memory import parse_budget, tree_bytes
+from moepic_jax.offload.memory import parse_budget, resolve_budget, tree_bytes
 from moepic_jax.offload.placement import EXPERT_AXIS, P
 from moepic_jax.offload.policies import PolicySpec
 from moepic_jax.offload.prefill import gather_stack, partial_stack, prefill_layer, prompt_refill, refill_tops
@@ -71,14 +71,18 @@ class ResidentEngine:
         self.model = model
         self.cfg = model.cfg
         self.dtype = jnp.dtype(model.dtype)
-        self.vram_budget_bytes = parse_budget(vram_budget, model.weight_bytes())
-        self.compiles = CompileCache()
+        device = jax.devices()[0]
+        budget = parse_budget(vram_budget)
         need = model.weight_bytes()
+        # A share of the experts on top of the minimum: all of them are resident here, so any share fits; "auto" on
+        # the CPU is host memory: no limit.
+        no_limit = budget.kind == "share" or (budget.kind == "auto" and device.platform == "cpu")
+        self.vram_budget_bytes = None if no_limit else resolve_budget(budget, need, 0, device)
+        self.compiles = CompileCache()
         if self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
             raise ValueError(
                 f"policy 'resident' needs all {need / 2**30:.3f} GiB of weights on the device, more than the VRAM "
                 f"budget of {self.vram_budget_bytes / 2**30:.3f} GiB; use an offloading policy (e.g. 'moepic')")
-        device = jax.devices()[0]
         self.params = jax.device_put(model.params, jax.sharding.SingleDeviceSharding(device))
         self.matmul = grouped.matmul_for(device, self.cfg.d_model, self.cfg.d_ff, self.dtype)  # prefill's experts
         self.cache_plan = None
@@ -166,6 +170,9 @@ class OffloadEngine:
         estimated fixed part (only for plans the factory made; a user's plan is never changed behind their back).
       routing: a `RoutingTrace` whose routed ids, gate weights and predicted ids the decode step replays instead of
         the routers' (benchmarks: recorded or calibrated routing; the tokens are then meaningless). None: off.
+      budget_follows_minimum: the budget was given as the minimum plus a share of the experts (a share, or "auto"
+        on the CPU): where the compiled steps need more than the estimated minimum, the budget grows by the
+        difference and the caches keep their share, instead of the caches shrinking (`_check_compiled_budget`).
     Raises:
       ValueError: a plan that does not match the model, a plan bigger than the cache budget.
     """
@@ -173,7 +180,7 @@ class OffloadEngine:
     def __init__(self, weights: PlacedWeights, spec: PolicySpec, plan: CachePlan, vram_budget_bytes: int | None,
                  n_predicted: int, max_batch: int = 1, max_seq_len: int = 1024, prefetch: bool | None = None,
                  adapt_to_prompt: bool = False, replan: Callable[[int], CachePlan] | None = None,
-                 routing: RoutingTrace | None = None):
+                 routing: RoutingTrace | None = None, budget_follows_minimum: bool = False):
         self.weights, self.spec, self.policy = weights, spec, spec.name
         self.cfg, self.dtype, self.place = weights.cfg, weights.dtype, weights.place
         self.stacks, self.resident = weights.stacks, weights.resident
@@ -189,6 +196,7 @@ class OffloadEngine:
         self.fixed_bytes = self.fixed_bytes_for(self.max_batch, self.max_seq_len, prefetch)
         self.cache_budget = None if vram_budget_bytes is None else vram_budget_bytes - self.fixed_bytes
         self._replan = replan
+        self._grow_budget = budget_follows_minimum
         self.cache_plan = self._check_plan(plan)
         if routing is not None:
             routing.check(self.cfg, self.n_predicted)
@@ -604,6 +612,12 @@ class OffloadEngine:
         still do. decode=False: before the decode step is compiled (its temporaries count as 0 and it is not
         recompiled)."""
         need = self.device_bytes_needed(state)
+        if self._grow_budget and self.vram_budget_bytes is not None and need > self.vram_budget_bytes:
+            # "minimum + share": the minimum was an estimate; the share of the experts is what the user asked for.
+            log.info("the compiled steps need %.1f MiB more than the estimated minimum; the budget grows by as much",
+                     (need - self.vram_budget_bytes) / 2**20)
+            self.vram_budget_bytes = need
+            return
         for _ in range(3):
             if not (self.vram_budget_bytes is not None and need > self.vram_budget_bytes and self._replan is not None
                     and self.cache_bytes()):

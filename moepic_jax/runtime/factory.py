@@ -13,9 +13,11 @@ import weakref
 import numpy as np
 
 
+from moepic_jax import model as M
 from moepic_jax.io.loading import Model
+from moepic_jax.offload import memory
 from moepic_jax.offload.decode import RoutingTrace
-from moepic_jax.offload.memory import parse_budget
+from moepic_jax.offload.memory import below_minimum, parse_budget, resolve_budget
 from moepic_jax.offload.placement import make_placement
 from moepic_jax.offload.policies import policy_spec
 from moepic_jax.offload.store import PlacedWeights, place_weights
@@ -61,7 +63,7 @@ class EngineCache:
         gc.collect()
 
 
-def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: CachePlan | None = None, *,
+def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: CachePlan | None = None, *,
                 n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
                 profile: ModelProfile | None = None, hardware: HardwareProfile | None = None, devices=None,
                 prefetch: bool | None = None, adapt_to_prompt: bool = False, routing=None,
@@ -115,17 +117,20 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: Ca
         routing.check(cfg, n_predicted)
     if spec.plan == "none" and plan is not None:
         raise ValueError(f"policy {policy!r} caches nothing; do not pass a plan")
-    budget = parse_budget(vram_budget, model.weight_bytes())
+    given = parse_budget(vram_budget)
     place = make_placement(devices, cfg.n_experts)
     weights = _placed(model, place, cache)
     fixed = offload_fixed_bytes(cfg, weights.dtype.itemsize, tree_bytes(weights.resident), place.e_loc, n_predicted,
                                 spec.predicts if prefetch is None else prefetch, max_batch, max_seq_len,
                                 place.device.platform)
+    budget = resolve_budget(given, fixed, model.expert_bytes() // place.n_dev, place.device)
+    if given.kind == "auto" and place.n_dev == 1 and place.device.platform != "cpu" and routing is None and (
+            model.weight_bytes() + M.kv_cache_bytes(cfg, max_batch, max_seq_len, weights.dtype.itemsize)
+            + memory.workspace_bytes(place.device.platform, 0) <= budget):
+        return ResidentEngine(model, budget)  # "auto": the whole model fits the free memory
     if budget is not None and budget < fixed:
-        raise ValueError(
-            f"VRAM budget {budget / 2**30:.3f} GiB is below the minimum of {fixed / 2**30:.3f} GiB for policy "
-            f"{policy!r} (non-expert weights, KV cache for {max_batch} x {max_seq_len} tokens, copy buffers, "
-            "workspace); raise vram_budget")
+        raise below_minimum(given, budget, fixed, f"policy {policy!r} (non-expert weights, KV cache for {max_batch} x "
+                            f"{max_seq_len} tokens, copy buffers, workspace)")
     replan = None
     if spec.plan == "none":
         plan = empty_plan(cfg)
@@ -139,7 +144,9 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget=None, plan: Ca
 
         plan = replan(None if budget is None else budget - fixed)
     return OffloadEngine(weights, spec, plan, budget, n_predicted, max_batch=max_batch, max_seq_len=max_seq_len,
-                         prefetch=prefetch, adapt_to_prompt=adapt_to_prompt, replan=replan, routing=routing)
+                         prefetch=prefetch, adapt_to_prompt=adapt_to_prompt, replan=replan, routing=routing,
+                         budget_follows_minimum=given.kind == "share" or (given.kind == "auto" and
+                                                                          place.device.platform == "cpu"))
 
 
 def _placed(model: Model, place, cache: EngineCache | None) -> PlacedWeights:
