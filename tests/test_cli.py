@@ -1,5 +1,7 @@
 """The `moepic-jax` command on the embedded model: the README's main command path, plan, and errors."""
 
+import pytest
+
 from moepic_jax import cli
 
 
@@ -52,3 +54,43 @@ def test_bench_replays_a_routing_trace(capsys, tmp_path):
             if line.startswith("| 25%")}
     assert float(rows["lru"][6]) == 1.0 and float(rows["lru"][8]) == 0.0  # full hit, miss
     assert float(rows["ondemand"][6]) == 0.0 and float(rows["ondemand"][8]) == 1.0
+
+
+def test_corrupt_shard_and_config_name_the_file_and_the_fix(capsys, tmp_path, hf_dirs):
+    import shutil
+
+    for broken in ("shard", "config"):
+        d = tmp_path / broken
+        shutil.copytree(hf_dirs["mixtral"], d)
+        target = next(d.glob("*.safetensors")) if broken == "shard" else d / "config.json"
+        target.write_bytes(target.read_bytes()[:100])  # truncated
+        assert cli.main(["generate", "1 2 3", "--model", str(d), "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert target.name in err and ("download it again" if broken == "shard" else "re-download") in err
+
+
+def test_default_command_offloads_and_caches(capsys):
+    """The README's main command with no flags: 'auto' on the CPU offloads (minimum + 25 % of the expert bytes)
+    and the cache holds experts that decoding hits; an error after the echoed prompt starts its own line."""
+    assert cli.main(["generate", "import os", "--max-new-tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    hit = float(err.split("hit=")[1].split("%")[0])
+    assert "policy=moepic" in err and hit > 0 and "nan" not in err
+    assert cli.main(["generate", "import os", "--vram-budget", "1MB", "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("import os") and "\n\nerror: VRAM budget 1.000MB" in err  # after the echo: a new line
+    assert "pass at least" in err and "MB" in err.split("pass at least")[1].split(",")[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("policy", ["lru", "static", "moepic"])
+def test_every_policy_caches_at_a_share_budget(dtype, policy):
+    """A share of the experts on top of the minimum is what the cache gets, whatever the compiled steps' temporaries
+    turn out to be (the budget follows the minimum): every caching policy holds experts and hits them."""
+    import moepic_jax
+
+    m = moepic_jax.load(None, dtype=dtype)
+    res = moepic_jax.generate("import os", model=m, max_new_tokens=8, policy=policy, vram_budget="25%")
+    eng = next(iter(moepic_jax.ENGINES.engines.values()))
+    assert eng.cache_bytes() > 0.2 * m.expert_bytes()  # 25 %, less the rounding to whole slots
+    assert res.stats.full_hit_rate + res.stats.top_only_hit_rate > 0

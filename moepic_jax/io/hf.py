@@ -192,7 +192,12 @@ def load_hf_params(path: str | pathlib.Path, cfg: MoEConfig, dtype="bfloat16", p
 
         files = tqdm(files, desc="loading shards", unit="shard")
     for file in files:
-        with safe_open(str(file), framework="np") as f:
+        try:
+            f = safe_open(str(file), framework="np")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise ValueError(f"shard {file} is unreadable ({type(e).__name__}: {e}): the file is truncated or "
+                             "corrupt; download it again") from e
+        with f:
             for name in f.keys():
                 match = None
                 for rx, fn in rules:
@@ -259,7 +264,12 @@ def read_config_and_params(path, dtype="bfloat16", progress: bool = False) -> tu
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: point at a Hugging Face model directory "
                                 "(config.json + *.safetensors) or a moepic_jax checkpoint")
-    cfg = from_hf_config(json.loads(cfg_file.read_text()))
+    try:
+        d = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file} is unreadable ({type(e).__name__}: {e}); re-download config.json with the "
+                         "checkpoint") from e
+    cfg = from_hf_config(d)
     return cfg, load_hf_params(path, cfg, dtype, progress)
 
 
