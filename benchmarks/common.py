@@ -178,31 +178,35 @@ def _normal(key, shape, dtype, scale):
 _normal_jit = jax.jit(_normal, static_argnums=(1, 2))
 
 
-def _calib_layer(lp: M.LayerParams, h: jax.Array, cfg: MoEConfig):
-    """One layer over calibration tokens h [1, N, D] (`model.decoder_layer`, every expert at hand).
-
-    Returns (h_out [1, N, D], routed ids [N, K] (zeros in a dense layer), rms(h_mid) [N]).
-    """
+def _calib_attention(lp: M.LayerParams, h: jax.Array, cfg: MoEConfig):
+    """Causal self-attention of calibration tokens h [1, N, D] through one layer -> (h_mid, rms(h_mid) [N])."""
     N = h.shape[1]
     kc = jnp.zeros((1, 1, N, cfg.n_kv_heads, cfg.head_dim), h.dtype)
-    pos = M.Positions(jnp.arange(N, dtype=jnp.int32)[None], jnp.ones((1, N), bool), jnp.int32(0))
+    positions = jnp.arange(N, dtype=jnp.int32)[None]
+    valid = jnp.ones((1, N), bool)
+    def no_ffn(x, h_mid):  # the layer's attention half only (`model.decoder_layer`); the FFN half runs apart
+        return jnp.zeros_like(x), None
 
-    def ffn(x, h_mid):
-        x = x[0]
-        hf = h_mid.astype(jnp.float32)[0]
-        rms = jnp.sqrt(jnp.mean(hf * hf, axis=-1) + cfg.rms_eps)
-        if lp.moe is not None:
-            ids, w = M.route(x, lp.moe.w_router, cfg)
-            y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
-        else:
-            ids, y = jnp.zeros((x.shape[0], cfg.top_k), jnp.int32), M.mlp(x, lp.mlp)
-        return y[None], (ids, rms)
-
-    h, _, _, (ids, rms) = M.decoder_layer(lp, h, kc, kc, 0, pos, cfg, ffn)
-    return h, ids, rms
+    h_mid = M.decoder_layer(lp, h, kc, kc, 0, M.Positions(positions, valid, jnp.int32(0)), cfg, no_ffn)[0]
+    hf = h_mid.astype(jnp.float32)[0]
+    return h_mid, jnp.sqrt(jnp.mean(hf * hf, axis=-1) + cfg.rms_eps)
 
 
-_calib_layer_jit = jax.jit(_calib_layer, static_argnums=2)
+def _calib_ffn(lp: M.LayerParams, h_mid: jax.Array, cfg: MoEConfig):
+    """FFN half of a layer for calibration tokens -> (h_out [1, N, D], routed ids [N, K] or zeros). A program apart
+    from the attention half, so that h_mid is rounded to the weights' dtype in between, as the random weights of
+    earlier runs were drawn (one program may keep it in float32)."""
+    x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)[0]
+    if lp.moe is not None:
+        ids, w = M.route(x, lp.moe.w_router, cfg)
+        y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+    else:
+        ids, y = jnp.zeros((x.shape[0], cfg.top_k), jnp.int32), M.mlp(x, lp.mlp)
+    return h_mid + y[None], ids
+
+
+_calib_attention_jit = jax.jit(_calib_attention, static_argnums=2)
+_calib_ffn_jit = jax.jit(_calib_ffn, static_argnums=2)
 
 
 def zipf_bias_vector(n_experts: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -293,8 +297,8 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
         if calibrate:
             if zipf:
                 lp = _zero_writes_to_coord0(lp)
-            dlp = jax.device_put(lp, dev_sh)  # this layer (its experts too) on the device while it calibrates
-            _, _, rms = _calib_layer_jit(dlp, state["h"], cfg)  # rms(h_mid) does not depend on the FFN half
+            dlp = jax.device_put(lp.replace(moe=None if lp.moe is None else lp.moe.replace(experts=None)), dev_sh)
+            h_mid, rms = _calib_attention_jit(dlp, state["h"], cfg)
             rms = np.asarray(rms, np.float64)
             mean_rms = float(rms.mean())
             fac = mean_rms / rms  # realised bias / intended bias, per token
@@ -309,12 +313,14 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
                 lp = lp.replace(mlp_norm=mlp_norm, moe=lp.moe.replace(w_router=w_router))
                 dlp = dlp.replace(mlp_norm=jax.device_put(mlp_norm, dev_sh),
                                   moe=dlp.moe.replace(w_router=jax.device_put(w_router, dev_sh)))
-            h_new, ids, _ = _calib_layer_jit(dlp, state["h"], cfg)
+            if lp.moe is not None:
+                dlp = dlp.replace(moe=dlp.moe.replace(experts=jax.device_put(lp.moe.experts, dev_sh)))
+            h_new, ids = _calib_ffn_jit(dlp, h_mid, cfg)
             if lp.moe is not None:
                 counts = np.bincount(np.asarray(ids).ravel(), minlength=cfg.n_experts)
             calib["routed_counts"].append(counts)
             state["h"] = h_new
-            del dlp, h_new
+            del dlp, h_mid, h_new
         if progress:
             print(f"  layer {l + 1}/{cfg.n_layers} built ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
                   flush=True)

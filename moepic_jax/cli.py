@@ -144,13 +144,23 @@ def _offload_engine(args, model, **kw):
                        max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices, **kw)
 
 
+def _placed_and_profiled(args, model):
+    """(an EngineCache holding the model's placed weights and its profile, the placed weights, the profile): one
+    placement and one calibration for everything the command builds."""
+    from moepic_jax.offload.placement import make_placement
+    from moepic_jax.runtime.factory import EngineCache
+
+    cache = EngineCache().for_model(model)
+    weights = cache.weights(make_placement(args.devices, model.cfg.n_experts))
+    return cache, weights, cache.profile(weights, model.cfg.top_k)
+
+
 def cmd_profile(args) -> int:
     from moepic_jax.planning import calibrate
 
     model = _load(args)
-    engine = _offload_engine(args, model)
-    mp = calibrate.profile_model(engine.weights, n_predicted=engine.n_predicted)
-    hw = calibrate.measure_hardware(engine.weights)
+    _, weights, mp = _placed_and_profiled(args, model)
+    hw = calibrate.measure_hardware(weights)
     if args.out:
         mp.save(args.out + ".model.json")
         hw.save(args.out + ".hardware.json")
@@ -187,12 +197,12 @@ def cmd_plan(args) -> int:
     from moepic_jax.planning.profiles import HardwareProfile, ModelProfile
 
     model = _load(args)
-    mp = ModelProfile.load(args.profile) if args.profile else None
     hw = HardwareProfile.load(args.hardware) if args.hardware else calibrate.default_hardware(model.cfg.n_layers)
-    engine = _offload_engine(args, model, profile=mp, hardware=hw)
-    if mp is None:
-        mp = calibrate.profile_model(engine.weights, n_predicted=engine.n_predicted)
-    plan = engine.cache_plan
+    if args.profile:
+        mp, cache = ModelProfile.load(args.profile), None
+    else:
+        cache, _, mp = _placed_and_profiled(args, model)
+    plan = _offload_engine(args, model, profile=mp, hardware=hw, cache=cache).cache_plan
     if args.prefetch != "auto":
         plan = dataclasses.replace(plan, prefetch=args.prefetch == "on")
     print_plan(plan, mp, hw)

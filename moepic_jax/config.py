@@ -34,7 +34,7 @@ ARCHITECTURES = {
 class MoEConfig:
     """Static description of an MoE decoder-only transformer.
 
-    Dims use the legend of `model.py`: D = d_model, F = d_ff (per expert), E = n_experts,
+    Dims use the legend of `model/layers.py`: D = d_model, F = d_ff (per expert), E = n_experts,
     K = top_k, H = n_heads, G = n_kv_heads, hd = head_dim.
     """
 

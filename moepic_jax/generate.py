@@ -141,9 +141,9 @@ def generate(
         its free memory less a margin, resident when the model fits; on the CPU the minimum plus 25 % of the expert
         bytes), bytes or "6GiB" / "500MB", a share of the expert bytes on top of the minimum ("40%" or 0.4), or
         None (no limit).
-      plan: a `planner.CachePlan` for "static"/"moepic"; None = solved from a profile.
+      plan: a `planning.profiles.CachePlan` for "static"/"moepic"; None = solved from a profile.
       stream: called as `stream(prompt_index, new_text)` as text is produced (needs a tokenizer).
-      engine: an engine from `moepic_jax.Engine(...)` to use instead of building one.
+      engine: an engine from `moepic_jax.make_engine(...)` to use instead of building one.
       **engine_kw: for the offloading policies, passed to `make_engine`: max_batch, max_seq_len, granule,
         n_predicted, prefetch (None = as the plan says, True/False to force next-layer prefetch), profile,
         hardware, and devices (a device count or list: the experts are split over an `expert` mesh axis of those

@@ -1,4 +1,4 @@
-"""The embedded default model (checkpoints/stdlib_moe, made by moepic_jax/train.py): it loads with no path, its
+"""The embedded default model (checkpoints/stdlib_moe, made by tools/train_embedded.py): it loads with no path, its
 held-out perplexity has not regressed, every policy reproduces the resident greedy tokens under a VRAM budget
 below the model's size, its Hugging Face export agrees with transformers, a damaged checkpoint is a clear
 ValueError, and the training script runs on CPU.

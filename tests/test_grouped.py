@@ -34,7 +34,7 @@ def test_grouped_equals_scan(n, k, e, f, d):
 
 
 def test_ids_of_another_device_contribute_nothing():
-    """An id outside [0, E) (an expert another device holds, `OffloadEngine._local`) adds zero, as in the scan."""
+    """An id outside [0, E) (an expert another device holds, `Placement.local`) adds zero, as in the scan."""
     x, experts, ids, w = _case(11, 3, 8, 16, 32, seed=1)
     ids = ids.at[0, 1].set(8).at[4, 0].set(-1).at[10].set(8)  # one token with no local expert at all
     got = np.asarray(grouped.experts_grouped(x, experts, ids, w, grouped.ragged_matmul_lax))

@@ -291,7 +291,7 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
         temps[layers] = engine.compiles.temp_bytes_of("decode")
         shapes[layers] = {c.tops.shape for c in engine.caches}
         # LRU admission writes each copy group's rows into the loop-carried cache in place. Written inside the
-        # switch, XLA copied the whole cache in every branch (CPU HLO, session 7): no copy of a cache may remain.
+        # switch, XLA copied the whole cache in every branch (seen in the CPU HLO): no copy of a cache may remain.
         cache_types = {"f32[" + ",".join(map(str, shape)) + "]" for shape in shapes[layers]}
         copies = [line for exe in decode for line in exe.as_text().splitlines()
                   if " copy(" in line and any(t in line.split("=", 1)[-1].split(" copy(")[0] for t in cache_types)]

@@ -1,4 +1,4 @@
-"""Tests for moepic_jax.planner: cost model, solver against brute force, dataclasses and errors (CPU, NumPy)."""
+"""Tests for moepic_jax.planning.planner: cost model, solver against brute force, dataclasses and errors (CPU, NumPy)."""
 
 import dataclasses
 import itertools

@@ -10,14 +10,14 @@ version): `sha256(path) % 20 == 0` -> **test** (5 %, the held-out perplexity and
 Training (optax): AdamW, linear warm-up + cosine decay, global-norm clipping, and the Switch/Mixtral
 load-balancing loss `E * sum_e f_e * P_e` per MoE layer (f_e: share of the top-k slots routed to e, P_e: mean
 router probability; 1 when uniform), averaged over layers, times a small coefficient. The forward pass is
-`model.py`'s own functions (attention with a cache of length T, `route`, `experts_dense` over all experts),
+`moepic_jax.model`'s own functions (attention with a cache of length T, `route`, `experts_dense` over all experts),
 so training and inference share one definition of the model. Params are float32 masters, compute in
 bfloat16 by default. The val split is evaluated every `--eval-every` steps and the best params are kept.
 
 Two phases, so the GPU run brings back few files:
 
-  python -m moepic_jax.train --run-dir RUN [--steps N --minutes M ...]      # train (GPU)
-  python -m moepic_jax.train --from-run RUN --out checkpoints/stdlib_moe     # assemble (CPU)
+  python tools/train_embedded.py --run-dir RUN [--steps N --minutes M ...]      # train (GPU)
+  python tools/train_embedded.py --from-run RUN --out checkpoints/stdlib_moe     # assemble (CPU)
 
 `RUN` holds the bf16 weights as a few `params-*.npz` shards, `tokenizer.json`, `log.json` (config, loss
 curve, val curve, test perplexity, expert popularity, versions) and `heldout_sample.txt`. The assemble
@@ -186,7 +186,7 @@ def init_params(cfg, seed: int):
 
 
 def train_forward(params, cfg, tokens, compute_dtype):
-    """Training forward over [B, T] tokens with `model.py`'s blocks; every expert computed densely.
+    """Training forward over [B, T] tokens with `model.decoder_layer`; every expert computed densely.
 
     Returns (logits [B, T, V] float32, aux [n_moe] load-balancing losses, counts [n_moe, E] routed slots).
     """
@@ -328,7 +328,7 @@ def train(args) -> pathlib.Path:
 
     val_w = _windows(val_ids, T, args.val_tokens)
     argv = [("RUN_DIR" if a == args.run_dir else a) for a in (args.argv or [])]
-    log = {"config": cfg.to_hf_dict(), "args": vars(args), "command": " ".join(["python -m moepic_jax.train"] + argv),
+    log = {"config": cfg.to_hf_dict(), "args": vars(args), "command": " ".join(["python tools/train_embedded.py"] + argv),
            "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "n_devices": jax.device_count(),
            "versions": _versions(), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(),
            "data": {"stdlib": str(args.stdlib or sysconfig.get_paths()["stdlib"]), "python": platform.python_version(),
@@ -547,7 +547,7 @@ def _training_md(log: dict, ev: dict, out: pathlib.Path, notes: str | None = Non
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     md = f"""# {out.name}: the embedded default model
 
-A Qwen3-MoE-layout model (`model_type: qwen3_moe`) trained from scratch by `moepic_jax/train.py` on the Python
+A Qwen3-MoE-layout model (`model_type: qwen3_moe`) trained from scratch by `tools/train_embedded.py` on the Python
 standard library's source. Data split, tokenizer, objective and the two phases are described in that module's
 docstring.
 
@@ -575,7 +575,7 @@ Training (on `{log['device']}`, {log['date_utc'][:19]} UTC):
 then, on a CPU machine, the run directory it wrote was turned into this checkpoint:
 
 ```
-python -m moepic_jax.train --from-run RUN_DIR --out checkpoints/{out.name}{' --notes NOTES.md' if notes else ''}
+python tools/train_embedded.py --from-run RUN_DIR --out checkpoints/{out.name}{' --notes NOTES.md' if notes else ''}
 ```
 {'(NOTES.md: the Notes section at the end.)' if notes else ''}
 
@@ -625,7 +625,7 @@ curves, per-expert shares).
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m moepic_jax.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/train_embedded.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="checkpoint directory to write (e.g. checkpoints/stdlib_moe)")
     ap.add_argument("--run-dir", help="where the training run writes its files (default OUT/../OUT.run)")
     ap.add_argument("--from-run", help="skip training: assemble OUT from this run directory")

@@ -47,8 +47,8 @@ def is_orbax_checkpoint(path) -> bool:
 def _to_tree(params: M.Params):
     """Params -> nested dict of NumPy arrays (orbax-friendly, None leaves dropped)."""
     def conv(x):
-        if isinstance(x, np.ndarray):
-            return x
+        if isinstance(x, (np.ndarray, jax.Array)):
+            return np.asarray(x)
         if isinstance(x, tuple):
             return {str(i): conv(v) for i, v in enumerate(x)}
         return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x) if getattr(x, f.name) is not None}
@@ -179,7 +179,7 @@ def export_hf(model, out_dir, dtype: str = "float32") -> pathlib.Path:
     target = np_dtype(dtype)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    host = jax.tree.map(lambda a: np.asarray(a), model.params)  # experts may be pinned jax arrays by an engine
+    host = jax.tree.map(lambda a: np.asarray(a), model.params)  # experts are pinned jax arrays
     state = {k: np.ascontiguousarray(np.asarray(v).astype(target))
              for k, v in to_hf_state_dict(host, model.cfg).items()}
     cfg = model.cfg.to_hf_dict()

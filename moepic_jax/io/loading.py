@@ -17,13 +17,15 @@ from moepic_jax.model.params import np_dtype
 
 @dataclasses.dataclass
 class Model:
-    """A model on the host: config, NumPy weights (experts neuron-major), optional tokenizer.
+    """A model on the host: config, weights, optional tokenizer.
 
-    Nothing is on the device; an `Engine` places the weights for one policy and VRAM budget.
+    The routed experts are `jax.Array` stacks [E, F, 3, D] (neuron-major) in the `pinned_host` memory kind, the rest
+    NumPy arrays. Nothing is on the device; an engine (`make_engine`) places the weights for one policy and VRAM
+    budget, and reads the experts where they are (one host copy, whatever the policy).
     """
 
     cfg: MoEConfig
-    params: M.Params  # NumPy leaves
+    params: M.Params  # NumPy leaves; experts pinned_host jax.Array
     tokenizer: Any = None  # a transformers PreTrainedTokenizerFast, or None
     dtype: str = "bfloat16"
     path: str | None = None
@@ -41,15 +43,18 @@ class Model:
         return self.cfg.total_expert_bytes(self.dtype_bytes)
 
 
-def load(path: str | pathlib.Path | None = None, dtype: str = "bfloat16", progress: bool = False) -> Model:
+def load(path: str | pathlib.Path | None = None, dtype: str = "bfloat16", progress: bool = False,
+         pin_experts: bool = True) -> Model:
     """Load a model onto the host.
 
     Args:
       path: a Hugging Face directory (config.json + safetensors shards, optional tokenizer files), a
         moepic_jax orbax checkpoint directory, or None for the embedded default model (`checkpoints/`).
       dtype: "bfloat16" (default), "float32" or "float16": every weight is cast to it.
+      pin_experts: move the expert stacks to pinned host memory as they are read, one layer at a time, so the
+        host holds one copy of them (False: keep NumPy stacks).
     Returns:
-      `Model` with NumPy weights (nothing on the device).
+      `Model` (nothing on the device).
     Raises:
       FileNotFoundError / ValueError: see `read_config_and_params`; unsupported dtype.
     """
@@ -63,4 +68,19 @@ def load(path: str | pathlib.Path | None = None, dtype: str = "bfloat16", progre
         cfg, params = checkpoint.restore(path, dtype)
     else:
         cfg, params = read_config_and_params(path, dtype, progress)
+    if pin_experts:
+        params = pinned_experts(params)
     return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path), dtype=dtype, path=str(path))
+
+
+def pinned_experts(params: M.Params) -> M.Params:
+    """`params` with every expert stack moved to the `pinned_host` memory of the default device, layer by layer: each
+    NumPy stack can be freed as soon as its pinned copy exists, so the host never holds two copies of all experts."""
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    layers = list(params.layers)
+    for l, lp in enumerate(layers):
+        if lp.moe is not None and not isinstance(lp.moe.experts, jax.Array):
+            pinned = jax.device_put(lp.moe.experts, sh)
+            pinned.block_until_ready()
+            layers[l] = lp.replace(moe=lp.moe.replace(experts=pinned))
+    return params.replace(layers=tuple(layers))

@@ -79,7 +79,7 @@ def experts_grouped(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Arr
     """Routed-expert output with the (token, expert) pairs sorted by expert: the same sum as `model.experts_scan`.
 
     Args:
-      x: [N, D] tokens; experts: [E, F, 3, D] neuron-major stack (`weights.py`); ids, w: [N, K] routed experts and
+      x: [N, D] tokens; experts: [E, F, 3, D] neuron-major stack (`io/hf.py`); ids, w: [N, K] routed experts and
         their weights (`model.route`). An id outside [0, E) contributes nothing (an expert another device holds).
       matmul: a `RaggedMatmul` (`matmul_for`, or `ragged_matmul_lax` in tests).
     Returns:

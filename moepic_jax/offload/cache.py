@@ -78,7 +78,7 @@ def classify(cache: LayerCache, experts: jax.Array, split: int, d_ff: int) -> tu
 def lru_slots(cache: LayerCache, experts: jax.Array, step: jax.Array) -> tuple[LayerCache, jax.Array]:
     """LRU admission of the experts [U] used at `step`, without the write of the rows: the slot map, owners and
     last uses after the step, and the slot each one is admitted to ([U] int32; distinct values >= N for those not
-    written). The engine writes each admitted expert's rows where its copy arrives (`OffloadEngine._copy_step`), so
+    written). The engine writes each admitted expert's rows where its copy arrives (`copy_step.copy_step`), so
     that no [U, s, 3, D] buffer of rows to admit is assembled. Requires a cache with slots (N > 0, s > 0).
 
     A hit refreshes its slot's last use; a miss takes the least recently used slot (empty slots first, lowest slot
@@ -88,9 +88,9 @@ def lru_slots(cache: LayerCache, experts: jax.Array, step: jax.Array) -> tuple[L
     uses (tests/test_cache.py replays traces against an OrderedDict).
 
     The sequence is applied in one vectorised update, not use by use: on the GPU every small op of a per-use loop is
-    a kernel launch, which made LRU's step slower than the static rule's at equal bytes (benchmarks/results,
-    Session 4). After the hits are refreshed, the i-th miss takes the i-th oldest slot (the slots sorted by last use,
-    stable, so empty slots come first, lowest first); with more misses than slots the order wraps around, and an
+    a kernel launch, which made LRU's step slower than the static rule's at equal bytes (benchmarks/results, the
+    LRU benchmark rows). After the hits are refreshed, the i-th miss takes the i-th oldest slot (the slots sorted by
+    last use, stable, so empty slots come first, lowest first); with more misses than slots the order wraps around, and an
     admission that a later miss of the same step overwrites is not written."""
     n = cache.tops.shape[0]
     E = cache.slot_of.shape[0]

@@ -72,6 +72,13 @@ class RoutingTrace(NamedTuple):
             raise ValueError(f"routing trace ids must be in [0, {cfg.n_experts}) in MoE layers (-1 elsewhere)")
         if any(len(set(r)) < K for r in ids[:, moe].reshape(-1, K).tolist()):
             raise ValueError("routing trace: a token routes to the same expert twice in one layer")
+        if not np.isfinite(w).all():
+            raise ValueError("routing trace weights must be finite")
+        # a layer after an MoE layer's predictor: every slot names an expert (a -1 would be copied as expert 0)
+        predicted_layers = [l for l in range(1, L) if moe[l]]
+        if pred.min() < -1 or pred.max() >= cfg.n_experts or (pred[:, predicted_layers] < 0).any():
+            raise ValueError(f"routing trace predicted ids must be in [0, {cfg.n_experts}) for every MoE layer after "
+                             "the first (-1 at layer 0 and in dense layers)")
 
 
 def trace_rows(trace: RoutingTrace, step, batch: int) -> jax.Array:

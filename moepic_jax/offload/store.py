@@ -1,6 +1,6 @@
 """Host side of offloading: every routed expert lives in the `pinned_host` memory kind.
 
-One stack per MoE layer, `[E, F, 3, D]` neuron-major (model.py), so that a whole expert is the
+One stack per MoE layer, `[E, F, 3, D]` neuron-major (`model/layers.py`), so that a whole expert is the
 contiguous slice `[e, 0:F]` and a bottom segment is `[e, s:F]`: each is ONE copy (DESIGN.md). One
 stack per layer (not separate top/bottom stacks) keeps a single host copy of the weights whatever
 split the plan picks, and a split change never rebuilds the store.

@@ -202,7 +202,7 @@ class CachePlan:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelProfile:
-    """What the planner needs to know about a model (measured by profile.py).
+    """What the planner needs to know about a model (measured by `calibrate.py`).
 
     freq: [n_layers, n_experts] probability that each expert is routed for a token; each MoE row sums to top_k,
       dense rows are all zeros.
@@ -320,7 +320,7 @@ class ModelProfile:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class HardwareProfile:
-    """What the planner needs to know about the machine (measured by profile.py).
+    """What the planner needs to know about the machine (measured by `calibrate.py`).
 
     h2d_latency_s: fixed cost per host->device copy step (seconds): the copies a layer issues together stream back
       to back and pay it once (`profile.measure_h2d` fits it from steps of top_k copies).

@@ -68,8 +68,8 @@ class ResidentEngine:
     policy = "resident"
 
     def __init__(self, model: Model, vram_budget=None):
-        self.model = model
-        self.cfg = model.cfg
+        self.cfg = model.cfg  # the model itself is not kept: an engine cache must not keep a dropped model alive
+        self.weight_bytes = model.weight_bytes()
         self.dtype = jnp.dtype(model.dtype)
         device = jax.devices()[0]
         budget = parse_budget(vram_budget)
@@ -88,7 +88,7 @@ class ResidentEngine:
         self.cache_plan = None
 
     def fixed_bytes(self, batch: int, max_len: int) -> int:
-        return self.model.weight_bytes() + M.kv_cache_bytes(self.cfg, batch, max_len, self.dtype.itemsize)
+        return self.weight_bytes + M.kv_cache_bytes(self.cfg, batch, max_len, self.dtype.itemsize)
 
     def new_state(self, batch: int, max_len: int):
         """A zeroed KV cache for `batch` rows of `max_len` slots ([layers, batch, max_len, kv_heads, head_dim]).
@@ -382,7 +382,7 @@ class OffloadEngine:
         """A zeroed KV cache for `batch` x `max_len` tokens. Raises ValueError beyond the reserved size."""
         if batch > self.max_batch or max_len > self.max_seq_len:
             raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
-                             f"batch {batch} x {max_len} needs a new engine (Engine(..., max_batch=, max_seq_len=))")
+                             f"batch {batch} x {max_len} needs a new engine (make_engine(..., max_batch=, max_seq_len=))")
         make = self._kv_makers.get((batch, max_len))
         if make is None:  # zeros made in place on the engine's device(s), not on the default one and copied
             make = functools.partial(M.init_kv_cache, self.cfg, batch, max_len, self.dtype)

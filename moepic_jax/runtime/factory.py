@@ -46,7 +46,10 @@ class EngineCache:
         """Self, emptied first when it held another model's state."""
         if self._model is None or self._model() is not model:
             self.clear()
-            self._model = weakref.ref(model)
+            self._model = ref = weakref.ref(model)
+            # Nothing here references the model, so when the caller drops it, this frees what was held for it
+            # (unless another model has taken its place by then).
+            weakref.finalize(model, lambda: self.clear() if self._model is ref else None)
         return self
 
     def clear(self) -> None:
@@ -56,6 +59,21 @@ class EngineCache:
         self.engines.clear()
         self._model = None
         gc.collect()  # engines hold compiled executables; free their device buffers now, not at the next GC
+
+    def weights(self, place) -> PlacedWeights:
+        """The held model's weights placed on `place` (`offload.store.place_weights`), placed once per device set."""
+        key = str(place.devices)
+        if key not in self.placed:
+            self.placed.clear()  # one placement at a time: each holds the experts in pinned memory
+            self.placed[key] = place_weights(self._model(), place)
+        return self.placed[key]
+
+    def profile(self, weights: PlacedWeights, n_predicted: int) -> ModelProfile:
+        """The model profile on the default calibration tokens (`calibrate.profile_model`), computed once per k'."""
+        key = (n_predicted, weights.cfg.identity())
+        if key not in self.profiles:
+            self.profiles[key] = calibrate.profile_model(weights, n_predicted=n_predicted)
+        return self.profiles[key]
 
     def drop_engines(self) -> None:
         """Drop the engines (keep the placed weights and profiles): each engine holds device memory."""
@@ -151,23 +169,14 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
 
 def _placed(model: Model, place, cache: EngineCache | None) -> PlacedWeights:
     """The model's weights placed on `place` (kept in `cache` for the next engine on the same devices)."""
-    if cache is None:
-        return place_weights(model, place)
-    key = str(place.devices)
-    if key not in cache.placed:
-        cache.placed.clear()  # one placement at a time: each holds the experts in pinned memory
-        cache.placed[key] = place_weights(model, place)
-    return cache.placed[key]
+    return place_weights(model, place) if cache is None else cache.for_model(model).weights(place)
 
 
 def _profile(weights: PlacedWeights, n_predicted: int, cache: EngineCache | None) -> ModelProfile:
-    """The model profile on the default calibration tokens, kept in `cache` (it depends on the weights and k')."""
+    """The model profile on the default calibration tokens (kept in `cache`: it depends on the weights and k')."""
     if cache is None:
         return calibrate.profile_model(weights, n_predicted=n_predicted)
-    key = (n_predicted, weights.cfg.identity())
-    if key not in cache.profiles:
-        cache.profiles[key] = calibrate.profile_model(weights, n_predicted=n_predicted)
-    return cache.profiles[key]
+    return cache.profile(weights, n_predicted)
 
 
 def engine_key(policy: str, vram_budget, plan, engine_kw: dict):
