@@ -15,6 +15,15 @@ import sys
 import time
 
 
+class HELP(argparse.HelpFormatter):
+    """--help shows every option's default (argparse's own formatter skips options without a help text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return text + " (default: %(default)s)" if shown and "%(default)" not in text else text
+
+
 def _env_before_jax(args) -> None:
     # The VRAM budget is enforced by the engine; JAX's default preallocation of 75 % of the GPU would
     # make the process look like it uses far more than the budget.
@@ -56,8 +65,8 @@ def _budget(s: str | None):
 
 
 def _add_model_args(p):
-    p.add_argument("--model", default=None, help="HF directory or moepic checkpoint (default: the embedded model)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--model", default=None, help="HF directory or moepic checkpoint (none: the embedded model)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="weights' dtype")
     p.add_argument("--host-memory-gb", type=int, default=None,
                    help="pinned host memory limit for JAX (needed above 64 GiB of experts)")
 
@@ -65,7 +74,7 @@ def _add_model_args(p):
 def _add_engine_args(p, default_policy="moepic", default_budget="auto"):
     from moepic_jax.offload.policies import POLICIES
 
-    p.add_argument("--policy", default=default_policy, choices=POLICIES)
+    p.add_argument("--policy", default=default_policy, choices=POLICIES, help="what stays on the device (README)")
     p.add_argument("--vram-budget", default=default_budget,
                    help="everything the engine may hold on the device: 'auto' (a GPU's free memory less a margin, "
                         "resident when the model fits; on the CPU the minimum plus 25%% of the expert bytes), "
@@ -269,24 +278,26 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moepic-jax", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="store_true")
+                                 formatter_class=HELP)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log the engine's plan and re-plans")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="generate text (streams it)")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", formatter_class=HELP,
+                       help="generate text (streams it)")
+    p.add_argument("prompt", help="text (token ids separated by spaces for a model without a tokenizer)")
     _add_model_args(p)
     _add_engine_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--stats-json", default=None, help="write the stats to this JSON file")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("profile", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="measure expert frequencies, predictor recall and the H2D copy curve")
+    p = sub.add_parser("profile", formatter_class=HELP,
+                       help="measure expert frequencies, predictor recall and the H2D copy curve")
     _add_model_args(p)
     _add_engine_args(p)
     p.add_argument("--out", default=None, help="prefix of the JSON files to write")
@@ -294,7 +305,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens the engine's KV cache is sized for")
     p.set_defaults(fn=cmd_profile)
 
-    p = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="solve and print the cache plan (per layer split and cached experts)")
+    p = sub.add_parser("plan", formatter_class=HELP,
+                       help="solve and print the cache plan (per layer split and cached experts)")
     _add_model_args(p)
     _add_engine_args(p)
     p.add_argument("--profile", default=None, help="ModelProfile JSON (default: profile now)")
@@ -304,24 +316,27 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens the engine's KV cache is sized for")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="convert a Hugging Face directory to a moepic_jax (orbax) checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p = sub.add_parser("convert", formatter_class=HELP,
+                       help="convert a Hugging Face directory to a moepic_jax (orbax) checkpoint")
+    p.add_argument("hf_dir", help="a Hugging Face model directory")
+    p.add_argument("out_dir", help="where to write the checkpoint")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="stored dtype")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("export-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="write a model as a Hugging Face directory (config + safetensors)")
+    p = sub.add_parser("export-hf", formatter_class=HELP,
+                       help="write a model as a Hugging Face directory (config + safetensors)")
     p.add_argument("out_dir")
     _add_model_args(p)
     p.set_defaults(fn=cmd_export_hf)
 
-    p = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="TTFT/TPOT/hit rates of several policies and budgets on this machine")
+    p = sub.add_parser("bench", formatter_class=HELP,
+                       help="TTFT/TPOT/hit rates of several policies and budgets on this machine")
     _add_model_args(p)
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--policies", default="resident,ondemand,lru,static,moepic")
+    p.add_argument("--prompt", default="def fibonacci(n):", help="the prompt of every run")
+    p.add_argument("--policies", default="resident,ondemand,lru,static,moepic", help="comma list")
     p.add_argument("--budgets", default="0.25,0.5", help="shares of the expert bytes cached, above the fixed part")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--granule", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per timed run")
+    p.add_argument("--granule", type=int, default=32, help="split granularity in neurons")
     p.add_argument("--routing", default=None,
                    help="a routing trace .npz (benchmarks/routing_traces.py, or recorded from your model) that the "
                         "offloading policies' decode replays instead of the model's own routing (the text is then "
