@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -103,13 +104,16 @@ def _engine_kw(args, model):
     from moepic_jax.planning.profiles import CachePlan
 
     kw = {}
-    if args.policy != "resident":
+    from moepic_jax.offload.policies import POLICY_SPECS
+
+    offloads = POLICY_SPECS[args.policy].offloads
+    if offloads:
         kw["granule"] = args.granule
     if args.devices != 1:
         kw["devices"] = args.devices
-    if args.prefetch != "auto" and args.policy != "resident":
+    if args.prefetch != "auto" and offloads:
         kw["prefetch"] = args.prefetch == "on"
-    if args.adapt_to_prompt and args.policy != "resident":
+    if args.adapt_to_prompt and offloads:
         kw["adapt_to_prompt"] = True
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
@@ -148,7 +152,9 @@ def cmd_generate(args) -> int:
 def _offload_engine(args, model, **kw):
     from moepic_jax.runtime.factory import make_engine
 
-    policy = args.policy if args.policy in ("static", "moepic", "lru") else "moepic"
+    from moepic_jax.offload.policies import POLICY_SPECS
+
+    policy = args.policy if POLICY_SPECS[args.policy].plan != "none" else "moepic"  # a policy that plans
     return make_engine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
                        max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices, **kw)
 
@@ -243,14 +249,13 @@ def cmd_export_hf(args) -> int:
 def cmd_bench(args) -> int:
     import moepic_jax
     from moepic_jax.generate import bucket
-    from moepic_jax.runtime.factory import make_engine
+    from moepic_jax.offload.policies import POLICY_SPECS
 
     model = _load(args)
     prompt = args.prompt if model.tokenizer is not None else [1, 2, 3, 4]
 
     n_prompt = len(model.tokenizer.encode(prompt)) if model.tokenizer is not None else len(prompt)
     seq = bucket(bucket(n_prompt) + args.max_new_tokens)  # the KV cache generate() will reserve
-    base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=seq).fixed_bytes
     routing = None
     if args.routing:
         from moepic_jax.offload.decode import RoutingTrace
@@ -258,11 +263,10 @@ def cmd_bench(args) -> int:
         routing = RoutingTrace.load(args.routing)
     rows = []
     for frac in [float(x) for x in args.budgets.split(",")]:
-        budget = base + int(frac * model.expert_bytes())
         for pol in args.policies.split(","):
-            kw = {} if pol == "resident" else {"granule": args.granule, "max_batch": 1, "max_seq_len": seq,
-                                               "routing": routing}
-            b = None if pol == "resident" else budget
+            offloads = POLICY_SPECS[pol].offloads
+            kw = {"granule": args.granule, "max_batch": 1, "max_seq_len": seq, "routing": routing} if offloads else {}
+            b = frac if offloads else None  # each policy's own minimum plus that share of the expert bytes
             moepic_jax.generate(prompt, model=model, max_new_tokens=4, policy=pol, vram_budget=b, **kw)  # warm-up
             r = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, policy=pol,
                                     vram_budget=b, **kw)
@@ -272,7 +276,7 @@ def cmd_bench(args) -> int:
     for frac, s in rows:
         print(f"| {frac:.0%} | {s.policy} | {s.ttft_s * 1e3:.1f} | {s.tpot_s * 1e3:.2f} | "
               f"{s.h2d_bytes_per_token / 1e6:.2f} | {s.full_hit_rate:.2f} | {s.top_only_hit_rate:.2f} | "
-              f"{s.miss_rate:.2f} | {s.predictor_recall:.2f} |")
+              f"{s.miss_rate:.2f} | {'-' if math.isnan(s.predictor_recall) else f'{s.predictor_recall:.2f}'} |")
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from moepic_jax import model as M
 from moepic_jax import sampling
 from moepic_jax.io.loading import Model, load
+from moepic_jax.offload.policies import policy_spec
 from moepic_jax.runtime.factory import EngineCache, engine_key, make_engine
 from moepic_jax.stats import GenerateStats, collect_stats
 
@@ -75,15 +76,16 @@ def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: 
     Offloading engines reserve a KV cache of max_batch x max_seq_len in their budget; unless the caller
     fixes them, they are sized for this call and the engine is rebuilt when a later call needs more.
     """
+    offloads = policy_spec(policy).offloads
     cache = ENGINES.for_model(model)
     key = engine_key(policy, vram_budget, plan, engine_kw)
     eng = cache.engines.get(key)
-    if eng is not None and policy != "resident" and (eng.max_batch < batch or eng.max_seq_len < max_len):
+    if eng is not None and offloads and (eng.max_batch < batch or eng.max_seq_len < max_len):
         eng = None
     if eng is None:
         cache.drop_engines()  # one engine at a time: each holds device memory
         kw = dict(engine_kw)
-        if policy != "resident":
+        if offloads:
             kw.setdefault("max_batch", batch)
             kw.setdefault("max_seq_len", max_len)
         eng = cache.engines[key] = make_engine(model, policy=policy, vram_budget=vram_budget, plan=plan, cache=cache,

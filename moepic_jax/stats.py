@@ -13,6 +13,7 @@ import statistics
 
 import numpy as np
 
+from moepic_jax.offload.policies import POLICY_SPECS
 from moepic_jax.runtime.engine import device_memory_stats
 
 
@@ -108,7 +109,7 @@ def collect_stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, coun
         pred_routed = float(routed[1:].sum())
         prefetches = getattr(engine, "prefetches", False)
         recall = float(agg["predicted"][1:].sum() / pred_routed) if pred_routed and prefetches else nan
-    elif engine.policy == "resident":
+    elif not POLICY_SPECS[engine.policy].offloads:
         full, top, miss, recall = 1.0, 0.0, 0.0, nan
     else:
         full = top = miss = recall = nan

@@ -194,7 +194,8 @@ def experts_many(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array,
 
 def moe_resident(x: jax.Array, p: MoEParams, cfg: MoEConfig, matmul=None) -> jax.Array:
     """MoE block with all experts on the device. x: [N, D] -> [N, D]. matmul: see `experts_many`."""
-    ids, w = route(x, p.w_router, cfg)
+    with jax.named_scope("router"):
+        ids, w = route(x, p.w_router, cfg)
     n = x.shape[0]
     # Reading only the routed experts is cheaper while N*K is small; the dense form avoids a huge gather.
     routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_many(
