@@ -257,8 +257,8 @@ def generate(
             break
         counters.append(c)
         nxt = nxt_next
-    stats = collect_stats(engine, cfg, B, len(ids[0]) if B == 1 else sum(map(len, ids)), out, ttft, step_times, counters,
-                   c_prefill, compiles0)
+    n_prompt = len(ids[0]) if B == 1 else sum(map(len, ids))
+    stats = collect_stats(engine, cfg, B, n_prompt, out, ttft, step_times, counters, c_prefill, compiles0)
     text = None
     if tok is not None:
         text = []

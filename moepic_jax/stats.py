@@ -79,7 +79,9 @@ class GenerateStats:
                 f"{self.tokens_per_s:.1f} tok/s, H2D {gbps:.2f} GB/s")
 
 
-def collect_stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c_prefill, compiles0) -> GenerateStats:
+def collect_stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, counters, c_prefill,
+                  compiles0) -> GenerateStats:
+    """The `GenerateStats` of one call: counters [steps] of {name: [n_layers]} summed over steps and rows."""
     n_new = sum(len(o) for o in out)
     tpot = statistics.median(step_times) if step_times else float("nan")
     p90 = float(np.percentile(step_times, 90)) if step_times else float("nan")

@@ -1,6 +1,7 @@
 """Hugging Face safetensors -> host (NumPy) parameter pytrees, with experts packed neuron-major.
 
-A tensor name is mapped by one two-way table per family (`name_table`: load and export) to a slot of the `model.Params` tree with an
+A tensor name is mapped by one two-way table per family (`name_table`: load and export) to a slot of the
+`model.Params` tree with an
 expected shape; a name that matches nothing, a slot filled twice, a slot never filled or a shape
 that differs is an error naming the tensor (the JAX-LLM `chkpt_utils.py` discipline). Shards are
 read one at a time through safetensors' memory map, so the host never holds more than the packed

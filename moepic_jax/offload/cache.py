@@ -90,7 +90,8 @@ def lru_slots(cache: LayerCache, experts: jax.Array, step: jax.Array) -> tuple[L
     The sequence is applied in one vectorised update, not use by use: on the GPU every small op of a per-use loop is
     a kernel launch, which made LRU's step slower than the static rule's at equal bytes (benchmarks/results, the
     LRU benchmark rows). After the hits are refreshed, the i-th miss takes the i-th oldest slot (the slots sorted by
-    last use, stable, so empty slots come first, lowest first); with more misses than slots the order wraps around, and an
+    last use, stable, so empty slots come first, lowest first); with more misses than slots the order wraps around,
+    and an
     admission that a later miss of the same step overwrites is not written."""
     n = cache.tops.shape[0]
     E = cache.slot_of.shape[0]

@@ -316,7 +316,8 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     `layer(h, experts, weights)` is one resident decode layer ([1, 1, d_model] -> same; `weights` is passed to the
     jitted chains as an argument: closed over, they were constants that XLA folded, over 1 s per op for
     Mixtral-8x7B's attention on the H200), `stack` one layer's pinned_host
-    experts [E, F, 3, D] and `ex` the same experts on the device. Four jitted chains of `reps` layers, each layer's output feeding the next:
+    experts [E, F, 3, D] and `ex` the same experts on the device. Four jitted chains of `reps` layers, each layer's
+    output feeding the next:
       plain: the layers alone;
       hit:   each layer also applies one routed expert that sits in a one-slot cache, through the decode step's
              own `copy_step.expert_outputs` (its `lax.switch` picks "no copy");

@@ -382,7 +382,8 @@ class OffloadEngine:
         """A zeroed KV cache for `batch` x `max_len` tokens. Raises ValueError beyond the reserved size."""
         if batch > self.max_batch or max_len > self.max_seq_len:
             raise ValueError(f"this engine reserved a KV cache for batch {self.max_batch} x {self.max_seq_len} tokens; "
-                             f"batch {batch} x {max_len} needs a new engine (make_engine(..., max_batch=, max_seq_len=))")
+                             f"batch {batch} x {max_len} needs a new engine "
+                             "(make_engine(..., max_batch=, max_seq_len=))")
         make = self._kv_makers.get((batch, max_len))
         if make is None:  # zeros made in place on the engine's device(s), not on the default one and copied
             make = functools.partial(M.init_kv_cache, self.cfg, batch, max_len, self.dtype)
