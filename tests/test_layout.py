@@ -58,7 +58,7 @@ def part(module: str) -> str:
 
 def test_no_import_cycle():
     graph = package_graph()
-    state = {}
+    state, cycles = {}, []
 
     def visit(m, stack):
         state[m] = "open"
@@ -66,14 +66,16 @@ def test_no_import_cycle():
             if d not in graph:
                 continue
             if state.get(d) == "open":
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
-            if d not in state:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
                 visit(d, stack + [d])
         state[m] = "done"
 
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+    assert not cycles, cycles
+    assert sum(map(len, graph.values())) > 50  # the graph was read: the package's modules import each other
 
 
 def test_imports_run_one_way():
