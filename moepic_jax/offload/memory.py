@@ -21,6 +21,8 @@ import re
 import jax
 import numpy as np
 
+from moepic_jax.model.kv_cache import kv_cache_bytes
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _UNIT_NAMES = {k: k.upper().replace("I", "i") if k else "" for k in _UNITS}  # "gib" -> "GiB", "mb" -> "MB"
@@ -156,3 +158,18 @@ def workspace_bytes(platform: str, stack_bytes: int) -> int:
     if platform == "cpu":
         return WORKSPACE_MARGIN_BYTES
     return WORKSPACE_MARGIN_BYTES + ALLOCATOR_SLACK_CHUNKS * min(ALLOCATOR_MAX_SLACK_BYTES, stack_bytes)
+
+
+def offload_fixed_bytes(cfg, dtype_bytes: int, resident_bytes: int, e_loc: int, n_predicted: int, predicts: bool,
+                        batch: int, max_len: int, platform: str) -> int:
+    """Device bytes of everything but the top caches, per device, for a KV cache of batch x max_len tokens: the
+    resident weights, the KV cache, copy buffers (decode: routed + predicted experts of two layers in flight;
+    prefill: two layer stacks), prefill activations and the workspace (`workspace_bytes`)."""
+    expert = cfg.d_ff * 3 * cfg.d_model * dtype_bytes
+    stack = e_loc * expert
+    U = min(batch * cfg.top_k, e_loc)
+    Pn = min(batch * n_predicted, e_loc) if predicts else 0
+    kv = kv_cache_bytes(cfg, batch, max_len, dtype_bytes)
+    buffers = max(2 * (U + Pn) * expert, 2 * stack)
+    acts = activation_bytes(cfg, batch, max_len, dtype_bytes)
+    return resident_bytes + kv + buffers + acts + workspace_bytes(platform, stack)

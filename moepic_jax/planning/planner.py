@@ -62,7 +62,7 @@ or the k' predicted ones of a layer without cache, are always copied). On the H2
 `o = cond_overhead_s` (0.087 ms measured when the step assembled its experts' buffers, 0.036 ms since each expert is
 computed inside the conditional) and the copies made inside it hardly overlap compute (`cond_window_fraction` 0.08,
 then 0-0.02 measured; benchmarks/results/probe_cond_stream.json, bench_policies_qwen15_validation2.json and
-bench_policies_qwen15_s4.json). So, with C_l = [N_l > 0] and
+bench_policies_qwen15_2026-11-30.json). So, with C_l = [N_l > 0] and
 Q_l = [layer l is predicted]:
 
     n_cond_l = C_l * Q_l + max(C_l, Q_l)   (the prefetch's conditional, the on-demand conditional)

@@ -129,21 +129,6 @@ class ResidentEngine:
         self.compiles.get("decode", self._decode_step, (self.params, state, dec_tokens), donate_argnums=(1,), fixed=1)
 
 
-def offload_fixed_bytes(cfg, dtype_bytes: int, resident_bytes: int, e_loc: int, n_predicted: int, predicts: bool,
-                        batch: int, max_len: int, platform: str) -> int:
-    """Device bytes of everything but the top caches, per device, for a KV cache of batch x max_len tokens: the
-    resident weights, the KV cache, copy buffers (decode: routed + predicted experts of two layers in flight;
-    prefill: two layer stacks), prefill activations and the workspace (`memory.workspace_bytes`)."""
-    expert = cfg.d_ff * 3 * cfg.d_model * dtype_bytes
-    stack = e_loc * expert
-    U = min(batch * cfg.top_k, e_loc)
-    Pn = min(batch * n_predicted, e_loc) if predicts else 0
-    kv = M.kv_cache_bytes(cfg, batch, max_len, dtype_bytes)
-    buffers = max(2 * (U + Pn) * expert, 2 * stack)
-    acts = memory.activation_bytes(cfg, batch, max_len, dtype_bytes)
-    return resident_bytes + kv + buffers + acts + memory.workspace_bytes(platform, stack)
-
-
 class OffloadEngine:
     """Experts offloaded to pinned host memory; one of the policies ondemand, lru, static, moepic.
 
@@ -267,7 +252,7 @@ class OffloadEngine:
         """Device bytes of everything but the top caches, per device, for a KV cache of batch x max_len tokens.
         prefetch: reserve buffers for the next layer's predicted experts (default: if the policy predicts)."""
         predicts = self.spec.predicts if prefetch is None else prefetch
-        return offload_fixed_bytes(self.cfg, self.dtype.itemsize, tree_bytes(self.resident), self.e_loc,
+        return memory.offload_fixed_bytes(self.cfg, self.dtype.itemsize, tree_bytes(self.resident), self.e_loc,
                                    self.n_predicted, predicts, batch, max_len, self.device.platform)
 
     def workspace_bytes(self) -> int:

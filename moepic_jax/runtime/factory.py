@@ -12,20 +12,18 @@ import weakref
 
 import numpy as np
 
-
 from moepic_jax import model as M
 from moepic_jax.io.loading import Model
 from moepic_jax.offload import memory
 from moepic_jax.offload.decode import RoutingTrace
-from moepic_jax.offload.memory import below_minimum, parse_budget, resolve_budget
+from moepic_jax.offload.memory import below_minimum, offload_fixed_bytes, parse_budget, resolve_budget, tree_bytes
 from moepic_jax.offload.placement import make_placement
 from moepic_jax.offload.policies import policy_spec
 from moepic_jax.offload.store import PlacedWeights, place_weights
 from moepic_jax.planning import calibrate
 from moepic_jax.planning.plans import empty_plan, plan_for_policy
 from moepic_jax.planning.profiles import CachePlan, HardwareProfile, ModelProfile
-from moepic_jax.runtime.engine import OffloadEngine, ResidentEngine, offload_fixed_bytes
-from moepic_jax.offload.memory import tree_bytes
+from moepic_jax.runtime.engine import OffloadEngine, ResidentEngine
 
 
 class EngineCache:
