@@ -122,6 +122,14 @@ def _engine_kw(args, model):
 def cmd_generate(args) -> int:
     import moepic_jax
 
+    from moepic_jax.io.loading import peek
+
+    cfg, tok = peek(args.model)  # the request is checked before the weights are read
+    n_prompt = len(tok.encode(args.prompt)) if tok is not None else len(args.prompt.split())
+    if n_prompt + args.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"the prompt ({n_prompt} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"model's context of {cfg.max_position_embeddings} tokens; shorten the prompt or lower "
+                         "--max-new-tokens")
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0

@@ -94,3 +94,17 @@ def test_every_policy_caches_at_a_share_budget(dtype, policy):
     eng = next(iter(moepic_jax.ENGINES.engines.values()))
     assert eng.cache_bytes() > 0.2 * m.expert_bytes()  # 25 %, less the rounding to whole slots
     assert res.stats.full_hit_rate + res.stats.top_only_hit_rate > 0
+
+
+def test_a_too_long_request_fails_before_the_weights_load(capsys, monkeypatch):
+    """The prompt length is checked against the context from config.json and the tokenizer alone."""
+    import moepic_jax.io.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(loading, "load", no_load)
+    monkeypatch.setattr("moepic_jax.load", no_load)
+    assert cli.main(["generate", "x = 1 " * 50, "--max-new-tokens", "1020"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's context of 1024 tokens" in err and "error:" in err

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any
 
 import jax
 
 from moepic_jax import model as M
-from moepic_jax.config import MoEConfig
+from moepic_jax.config import MoEConfig, from_hf_config
 from moepic_jax.io import checkpoint
 from moepic_jax.io.hf import load_tokenizer, read_config_and_params
 from moepic_jax.model.params import np_dtype
@@ -71,6 +72,24 @@ def load(path: str | pathlib.Path | None = None, dtype: str = "bfloat16", progre
     if pin_experts:
         params = pinned_experts(params)
     return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path), dtype=dtype, path=str(path))
+
+
+def peek(path: str | pathlib.Path | None = None) -> tuple[MoEConfig, Any]:
+    """(config, tokenizer or None) of a model directory without reading its weights: enough to check a request
+    (prompt length against the context) before a long load. Raises as `load` does for a missing or bad path."""
+    path = checkpoint.default_checkpoint_dir() if path is None else pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    cfg_file = path / "config.json"
+    try:
+        cfg = from_hf_config(json.loads(cfg_file.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cfg_file} not found: point at a Hugging Face model directory (config.json + "
+                                "*.safetensors) or a moepic_jax checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file} is unreadable ({type(e).__name__}: {e}); re-download config.json with the "
+                         "checkpoint") from e
+    return cfg, load_tokenizer(path)
 
 
 def pinned_experts(params: M.Params) -> M.Params:
