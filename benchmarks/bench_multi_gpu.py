@@ -1,12 +1,12 @@
-"""Several GPUs of one host (issue 7 item 4): TPOT with the experts split over 2 (or 4) GPUs against 1 GPU at the
+"""Several GPUs of one host: TPOT with the experts split over 2 (or 4) GPUs against 1 GPU at the
 same per-device VRAM budget, for `lru` and `moepic` on the Qwen1.5-MoE-A2.7B configuration (random weights).
 
 With n GPUs each one holds 1/n of every layer's experts in its pinned host buffer, caches the hottest of them
 within its own budget and copies its own misses over its own PCIe link, so at equal per-device budget the cache
 covers n times more experts and the copies of one token spread over n links.
 
-  PYTHONPATH=. python benchmarks/bench_multi_gpu.py [--devices 1,2] [--policies lru,moepic] [--frac 0.25] [--tiny]
-Prints a short table last; JSON and markdown to $OUT (or --out-dir).
+  python -m benchmarks.bench_multi_gpu [--devices 1,2] [--policies lru,moepic] [--frac 0.25] [--tiny] [--out-dir DIR]
+Prints a short table last; JSON and markdown to --out-dir when given.
 """
 import argparse
 import os
@@ -14,12 +14,11 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common as C  # noqa: E402
+from benchmarks import common as C  # noqa: E402
 import moepic_jax  # noqa: E402
 from moepic_jax.generate import generate  # noqa: E402
 from moepic_jax.runtime.factory import make_engine  # noqa: E402
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
                     help="per-device budget = fixed part + frac x (expert bytes / devices of the largest count)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke run)")
-    ap.add_argument("--out-dir", default=os.environ.get("OUT"))
+    ap.add_argument("--out-dir", default=None, help="results folder (default: print only)")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.devices.split(",")]
     if max(counts) > jax.device_count():
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
             ("cache_gib_per_device", "cache GiB/GPU", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
             ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
             ("peak_gib_max", "peak GiB (max GPU)", ".2f")]
-    meta = {"benchmark": "1 vs several GPUs at equal per-device budget (issue 7)", "model": C.MODEL_NAMES[args.model],
+    meta = {"benchmark": "1 vs several GPUs at equal per-device budget", "model": C.MODEL_NAMES[args.model],
             "tiny": args.tiny, "env": C.env_info(), "frac": args.frac}
     if args.out_dir:
         C.write_results("bench_multi_gpu_" + args.model + ("_tiny" if args.tiny else ""), rows, meta, args.out_dir)

@@ -1,4 +1,4 @@
-"""The peer (issue 6 item 3): the same configuration in PyTorch transformers, fully on the GPU and with accelerate
+"""The peer: the same configuration in PyTorch transformers, fully on the GPU and with accelerate
 offloading (`device_map` from `infer_auto_device_map(max_memory={0: budget, "cpu": ...})`, what
 `from_pretrained(device_map="auto", max_memory=...)` does), TTFT and TPOT at batch 1, random weights.
 
@@ -7,14 +7,16 @@ N(0, 0.02), norms 1), never on the CPU. For an offloaded run the modules that th
 moved there and `accelerate.dispatch_model` attaches its hooks: at every forward the offloaded decoder layers are
 copied from (pageable) CPU memory to the GPU, exactly as after `from_pretrained(device_map="auto")`.
 
-Budgets: by default the VRAM budgets of the moepic_jax run of the same model (`benchmarks/results/
-bench_policies_<model>.json`, rows of budget fraction 0.25 / 0.5), else the same formula (fixed part + frac x
-expert bytes). The table puts the moepic_jax rows at the same budget beside it (speed-up = HF TPOT / ours).
+Budgets: by default the VRAM budgets of the moepic_jax run of the same model (bench_policies_<model>[_tiny].json
+in --out-dir, benchmarks/results/<model>/ or benchmarks/results/, the first found; rows of budget fraction 0.25 /
+0.5), else the same formula (fixed part + frac x expert bytes). The table puts the moepic_jax rows at the same
+budget beside it (speed-up = HF TPOT / ours).
 
-Usage (from the repo root, on the GPU machine; python3 there has torch, transformers and accelerate):
-  PYTHONPATH=. python3 benchmarks/bench_peer_hf.py --model qwen15
-  PYTHONPATH=. python3 benchmarks/bench_peer_hf.py --model olmoe
-  PYTHONPATH=. python benchmarks/bench_peer_hf.py --tiny            # CPU smoke test (no offloaded run)
+Usage (from the repo root, on the GPU machine with torch, transformers and accelerate; `python -m benchmarks`
+runs it after bench_policies when they are installed):
+  python -m benchmarks.bench_peer_hf --model qwen15
+  python -m benchmarks.bench_peer_hf --model olmoe
+  python -m benchmarks.bench_peer_hf --tiny            # CPU smoke test (no offloaded run)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen15", choices=("qwen15", "olmoe", "qwen3", "mixtral"))
-    ap.add_argument("--budgets", default="0.25,0.5", help="fractions of the expert bytes (as bench_policies.py)")
+    ap.add_argument("--budgets", default="0.25,0.5", help="fractions of the expert bytes (as bench_policies)")
     ap.add_argument("--budget-gib", default=None, help="explicit comma list of budgets in GiB (overrides --budgets)")
     ap.add_argument("--compare", default=None,
                     help="bench_policies JSON to take budgets from and compare with (default: the model's, if any)")
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=500.0)
     ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/)")
     return ap.parse_args(argv)
 
 
@@ -68,13 +70,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax is imported (common.py) but never started
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import numpy as np
     import torch
     import transformers
 
-    import common as C
+    from benchmarks import common as C
     from moepic_jax import model as M
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -98,8 +98,10 @@ def main(argv=None) -> int:
     print(f"# {name}: {gpu_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 
     expert_bytes = cfg.total_expert_bytes(2)
-    compare_path = Path(args.compare) if args.compare else (
-        C.RESULTS_DIR / f"bench_policies_{args.model}{'_tiny' if args.tiny else ''}.json")
+    ours_name = f"bench_policies_{args.model}{'_tiny' if args.tiny else ''}.json"
+    compare_path = Path(args.compare) if args.compare else next(
+        (p for d in ([Path(args.out_dir)] if args.out_dir else []) + [C.RESULTS_DIR / args.model, C.RESULTS_DIR]
+         if (p := d / ours_name).exists()), C.RESULTS_DIR / args.model / ours_name)
     ours = json.loads(compare_path.read_text()) if compare_path.exists() else None
 
     def build():

@@ -1,6 +1,6 @@
 """Time `planner.solve` on a large instance: 64 layers x 256 experts x 32 split points, k = 8, Zipf-like popularity.
 
-Usage: python benchmarks/bench_planner.py [--repeats 3] [--out benchmarks/results/planner_speed.json]
+Usage: python -m benchmarks.bench_planner [--repeats 3] [--out benchmarks/results/planner_speed.json]
 Target: < 2 s per solve on a 2-core CPU. Prints a table and writes JSON (date, versions, machine, timings).
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moepic_jax.planning.planner import plan_bytes, plan_stats, predicted_tpot, solve
 from moepic_jax.planning.profiles import HardwareProfile, ModelProfile
 
@@ -44,11 +43,11 @@ def make_instance(seed: int = 0):
     return mp, hw
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "planner_speed.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     mp, hw = make_instance()
     rows = []
     for frac in (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.9, 1.0):
@@ -70,7 +69,7 @@ def main() -> None:
         "benchmark": "planner.solve speed",
         "instance": {"n_layers": N_LAYERS, "n_experts": N_EXPERTS, "top_k": TOP_K, "d_model": D_MODEL, "d_ff": D_FF,
                      "granule": GRANULE, "split_points": D_FF // GRANULE, "dtype_bytes": DTYPE_BYTES},
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": " ".join([Path(sys.executable).name, "-m", __spec__.name if __spec__ else __file__] + sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(), "numpy": np.__version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

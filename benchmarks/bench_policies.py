@@ -1,4 +1,4 @@
-"""Every policy at several VRAM budgets on one random-weight model with a real configuration (issue 3 item 8).
+"""Every policy at several VRAM budgets on one random-weight model with a real configuration.
 
 For the model (default: Qwen1.5-MoE-A2.7B, bf16, weights drawn on the GPU, experts in pinned host memory):
   * the peak pinned_host -> device bandwidth of this run (`common.measure_peak_h2d`);
@@ -11,15 +11,16 @@ For the model (default: Qwen1.5-MoE-A2.7B, bf16, weights drawn on the GPU, exper
     polluted by it (the peak cannot be reset: each row's "peak" is the running maximum up to that row).
 Reports TTFT, TPOT median / p90, H2D bytes per token, hit rates, predictor recall, compile seconds, peak device
 bytes, floor = H2D bytes per token / peak H2D bandwidth, efficiency = floor / TPOT. Results are written after every
-row (JSON + markdown + PNG) into benchmarks/results/ and $OUT; a markdown table is printed last.
+row (JSON + markdown + PNG) into --out-dir (default benchmarks/results/<model>/); a markdown table is printed last.
 
-Usage (from the repo root):
-  PYTHONPATH=. python benchmarks/bench_policies.py                       # Qwen1.5-MoE-A2.7B, all policies
-  PYTHONPATH=. python benchmarks/bench_policies.py --zipf 1.0            # with the Zipf router bias
-  PYTHONPATH=. python benchmarks/bench_policies.py --tiny                # CPU smoke test (tiny config)
-  PYTHONPATH=. python benchmarks/bench_policies.py --policies lru,moepic --batch 4      # batch 4
-  PYTHONPATH=. python benchmarks/bench_policies.py --pairs lru:0.5:b4,moepic:0.5:b16,static:0.25:adapt  # one model
-  PYTHONPATH=. python benchmarks/bench_policies.py --policies lru,moepic --prompt-len 1024  # TTFT of long prompts
+Usage (from the repo root; `python -m benchmarks` runs it with the rest of a model's suite):
+  python -m benchmarks.bench_policies                       # Qwen1.5-MoE-A2.7B, all policies
+  python -m benchmarks.bench_policies --zipf 1.0            # with the Zipf router bias
+  python -m benchmarks.bench_policies --routing calibrated  # a trace drawn to the model's published routing
+  python -m benchmarks.bench_policies --tiny                # CPU smoke test (tiny config)
+  python -m benchmarks.bench_policies --policies lru,moepic --batch 4      # batch 4
+  python -m benchmarks.bench_policies --pairs lru:0.5:b4,moepic:0.5:b16,static:0.25:adapt  # one model
+  python -m benchmarks.bench_policies --policies lru,moepic --prompt-len 1024  # TTFT of long prompts
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen15", choices=("qwen15", "olmoe", "qwen3", "mixtral"))
     ap.add_argument("--policies", default=None,
-                    help=f"comma list from {','.join(ALL_POLICIES)} (default: all for qwen15; issue 6's set otherwise)")
+                    help=f"comma list from {','.join(ALL_POLICIES)} (default: all for qwen15; lru,static,moepic for "
+                         "olmoe and qwen3; static,moepic for mixtral)")
     ap.add_argument("--budgets", default="0.25,0.5", help="fractions of the expert bytes added to the fixed part")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warm-up call (compiles)")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--batch", default="1", help="prompts decoded together, a comma list (issue 6 item 4: 4 and 16)")
+    ap.add_argument("--batch", default="1", help="prompts decoded together, a comma list (e.g. 1,4,16)")
     ap.add_argument("--zipf", type=float, default=None, help="alpha of the Zipf router bias (default: own routing)")
     ap.add_argument("--tiny", action="store_true", help="tiny config of the same family (CPU smoke test)")
     ap.add_argument("--temperature", type=float, default=1.0,
@@ -69,11 +71,11 @@ def parse_args(argv=None):
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--routing", default="own",
                     help="own (the random routers; a stress case), calibrated (a trace drawn to match the published "
-                         "routing statistics of --model: benchmarks/routing_traces.py), or a trace .npz to replay; "
+                         "routing statistics of --model: benchmarks.routing_traces), or a trace .npz to replay; "
                          "with a trace the planner profiles its first --trace-tokens rows and decode replays the next")
     ap.add_argument("--trace-tokens", type=int, default=512, help="rows of a calibrated trace for each half")
     ap.add_argument("--name", default=None, help="result file name (default bench_policies_<model>[_zipf..])")
-    ap.add_argument("--out-dir", default=None, help="default benchmarks/results/")
+    ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<model>/)")
     return ap.parse_args(argv)
 
 
@@ -100,7 +102,7 @@ def load_trace(args, cfg, RoutingTrace):
     """(RoutingTrace of 2 x --trace-tokens rows, a description) for --routing calibrated or a file."""
     if args.routing != "calibrated":
         return RoutingTrace.load(args.routing), f"replayed from {args.routing}"
-    import routing_traces as RT
+    from benchmarks import routing_traces as RT
 
     n = 2 * args.trace_tokens
     if args.tiny:  # the tiny stand-in has fewer experts: the model's shares, its own shapes, no coverage target
@@ -122,12 +124,9 @@ def main(argv=None) -> int:
     logging.basicConfig(format="  %(name)s: %(message)s")
     logging.getLogger("moepic_jax").setLevel(logging.INFO)
     t_start = time.perf_counter()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     C.set_gpu_env(args.model, args.tiny)  # before the first device use
     from moepic_jax.runtime.engine import device_memory_stats
     from moepic_jax.runtime.factory import make_engine
@@ -156,6 +155,7 @@ def main(argv=None) -> int:
     name = args.name or ("bench_policies_" + args.model + ("_tiny" if args.tiny else "")
                          + (f"_zipf{args.zipf:g}" if args.zipf else "") + "".join(f"_b{b}" for b in run_batches if b > 1)
                          + (f"_p{args.prompt_len}" if args.prompt_len != 128 else ""))
+    out_dir = Path(args.out_dir) if args.out_dir else C.RESULTS_DIR / args.model
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
 
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     prompt = all_prompts[0]
     rows: list[dict] = []
     meta = {
-        "benchmark": "policies x VRAM budgets (issue 3 item 8)", "model": C.MODEL_NAMES[args.model],
+        "benchmark": "policies x VRAM budgets", "model": C.MODEL_NAMES[args.model],
         "tiny": args.tiny, "config": cfg.to_hf_dict(), "random_model": info, "env": env, "h2d": h2d,
         "fixed_bytes": fixed, "fixed_bytes_per_batch": fixed_of, "expert_bytes": expert_bytes, "routing_profile": routing,
         "profiled_recall_mean": recall_prof,
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
              ": policies x VRAM budgets")
 
     def save():
-        return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, title=title)
+        return C.write_results(name, rows, meta, out_dir=out_dir, columns=columns, title=title)
 
     def measure(policy, frac, budget, batch, adapt, refs) -> dict:
         """Build one engine, warm up, run the timed generate, and return the row (the engine dies on return)."""

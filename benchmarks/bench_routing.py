@@ -1,4 +1,4 @@
-"""Routing realism (issue 6 item 2): the trained embedded model's learned routing beside random weights of the
+"""Routing realism: the trained embedded model's learned routing beside random weights of the
 same configuration, with and without the Zipf router bias.
 
 Random weights route almost uniformly and by prompt, a trained model does not; cache hit rates and predictor
@@ -15,16 +15,14 @@ Plans are solved with `calibrate.default_hardware` (the H200 figures), so they a
 TPOT is only meaningful on a GPU; on a CPU the hit rates, bytes and recall are the result.
 
 Usage (from the repo root):
-  PYTHONPATH=. python benchmarks/bench_routing.py                 # CPU or GPU, ~3 minutes on 2 CPU cores
-  PYTHONPATH=. python benchmarks/bench_routing.py --variants trained --budgets 0.25
+  python -m benchmarks.bench_routing                 # CPU or GPU, ~3 minutes on 2 CPU cores
+  python -m benchmarks.bench_routing --variants trained --budgets 0.25
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -54,11 +52,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     import moepic_jax
     from moepic_jax.generate import bucket as _bucket, generate
     from moepic_jax.io.checkpoint import default_checkpoint_dir
@@ -144,7 +140,7 @@ def main(argv=None) -> int:
                          if "planned_hit_rate" in row else ""), flush=True)
                 del eng
 
-    meta = {"benchmark": "routing realism (issue 6 item 2)", "model": "embedded (checkpoints/stdlib_moe)",
+    meta = {"benchmark": "routing realism", "model": "embedded (checkpoints/stdlib_moe)",
             "config": cfg.to_hf_dict(), "env": env, "routing": summary,
             "settings": dict(vars(args)),
             "notes": [

@@ -5,8 +5,9 @@ moepic_jax orbax checkpoint. Each policy then runs in a fresh process (the peak 
 XLA_PYTHON_CLIENT_PREALLOCATE=false, restores that checkpoint into host memory (`moepic_jax.io.loading.load`) and
 calls `generate`: the experts go straight to pinned_host, nothing touches the device before the engine does.
 
-  PYTHONPATH=. python benchmarks/check_budget_peak.py [--model qwen15] [--layers 4] [--policies ondemand,moepic]
-      [--frac 0.25] [--ckpt DIR]
+  python -m benchmarks.check_budget_peak [--model qwen15] [--layers 4] [--policies ondemand,moepic]
+      [--frac 0.25] [--ckpt DIR] [--out-dir DIR]
+Prints a table; JSON to --out-dir when given.
 """
 import argparse
 import datetime
@@ -16,9 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
+from benchmarks import common
+
+ROOT = Path(__file__).resolve().parents[1]  # the repo root: `python -m benchmarks...` runs from there
 
 
 def write_checkpoint(model: str, layers: int, path: str) -> None:
@@ -74,15 +77,16 @@ def child(policy: str, ckpt: str, frac: float) -> dict:
             "env": common.env_info()}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen15", choices=tuple(common.REAL_CONFIGS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--policies", default="ondemand,moepic")
     ap.add_argument("--frac", type=float, default=0.25, help="cache budget as a fraction of the expert bytes")
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (written when missing; default: a temp dir)")
+    ap.add_argument("--out-dir", default=None, help="folder of the JSON result (default: print only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.child:
         print("RESULT " + json.dumps(child(a.child, a.ckpt, a.frac)))
         return
@@ -92,7 +96,7 @@ def main():
 
     jax.config.update("jax_platforms", "cpu")
     tmp = tempfile.TemporaryDirectory() if a.ckpt is None else None
-    ckpt = a.ckpt or os.path.join(tmp.name, "ckpt")
+    ckpt = os.path.abspath(a.ckpt or os.path.join(tmp.name, "ckpt"))  # the children run from the repo root
     t = time.perf_counter()
     if not os.path.exists(ckpt):
         write_checkpoint(a.model, a.layers, ckpt)
@@ -105,15 +109,16 @@ def main():
     print(f"checkpoint {ckpt} ready in {time.perf_counter() - t:.1f} s", flush=True)
     rows = []
     for pol in a.policies.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", pol, "--ckpt", ckpt, "--frac", str(a.frac)],
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.check_budget_peak", "--child", pol, "--ckpt", ckpt,
+                              "--frac", str(a.frac)], capture_output=True, text=True, cwd=ROOT)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         rows.append(json.loads(line[0][7:]) if line else {"policy": pol, "error": out.stderr[-800:]})
-    result = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "date": datetime.datetime.now(
+    result = {"command": common.command_line(), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "model": a.model, "layers": a.layers, "frac": a.frac,
         "env": next((r.pop("env") for r in rows if "env" in r), None), "rows": rows}
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"check_budget_peak_{a.model}_l{a.layers}.json"), "w") as f:
+    if a.out_dir:
+        os.makedirs(a.out_dir, exist_ok=True)
+        with open(os.path.join(a.out_dir, f"check_budget_peak_{a.model}_l{a.layers}.json"), "w") as f:
             json.dump(result, f, indent=1)
     print(f"{common.MODEL_NAMES[a.model]}, {a.layers} layers, cache budget {a.frac:.0%} of the expert bytes")
     print("| policy | budget GiB | peak GiB | peak <= budget | TPOT ms |\n|---|---|---|---|---|")

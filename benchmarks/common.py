@@ -1,5 +1,6 @@
-"""Helpers shared by the GPU benchmark scripts: real configs, random models built on the device, the peak
-host->device bandwidth of the run, environment info, and result files (JSON + markdown + PNG).
+"""Helpers shared by the GPU benchmark scripts (`from benchmarks import common as C`): real configs, random models
+built on the device, the peak host->device bandwidth of the run, environment info, and result files (JSON +
+markdown + PNG).
 
 Import this module AFTER setting the XLA_* environment variables of the run (it imports jax).
 
@@ -125,7 +126,7 @@ def set_gpu_env(model: str, tiny: bool = False) -> None:
     """Settings read when JAX starts its backend (call before the first device use; importing jax is fine): no
     preallocation, so that peak_bytes_in_use means something; Mixtral-8x7B's 84 GiB of experts need a pinned host
     pool above the 64 GiB default, and 112 GiB let the pool grow until the 128 GiB H200 host OOM-killed the
-    process (benchmarks/results/README.md, session 7). Values already in the environment win."""
+    process (benchmarks/results/README.md). Values already in the environment win."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if model == "mixtral" and not tiny:
         os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "100")
@@ -493,6 +494,14 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def command_line() -> str:
+    """This process's command line as typed: `python -m benchmarks.<name> ARGS` for a module run (`sys.argv[0]` is
+    then the file's path), else the interpreter and `sys.argv`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = ["-m", spec.name.removesuffix(".__main__")] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join([pathlib.Path(sys.executable).name] + prog + sys.argv[1:])
+
+
 def env_info(device: str | None = None) -> dict:
     """GPU, package versions, python, date (UTC), host, command line and the XLA settings of this run.
 
@@ -510,7 +519,7 @@ def env_info(device: str | None = None) -> dict:
         "versions": versions, "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
-        "command": " ".join([pathlib.Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "TF_GPU"))},
     }
 
@@ -601,12 +610,9 @@ def write_results(name: str, rows: Sequence[dict], meta: dict, out_dir: str | os
                   columns: Sequence[tuple[str, str, str]] | None = None, plot: bool = True,
                   title: str | None = None) -> list[str]:
     """Write `<name>.json` (meta + rows), `<name>.md` (meta summary + table) and `<name>.png` (TPOT vs budget)
-    into `out_dir` (default `benchmarks/results/`) AND into `$OUT` when that variable is set. Returns the paths."""
+    into `out_dir` (default `benchmarks/results/`). Returns the paths."""
     name = _safe_name(name)
     dirs = [pathlib.Path(out_dir) if out_dir else RESULTS_DIR]
-    if os.environ.get("OUT"):
-        dirs.append(pathlib.Path(os.environ["OUT"]))
-    dirs = list(dict.fromkeys(d.resolve() for d in dirs))  # --out-dir $OUT: written (and listed) once
     if columns is None:
         keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
         columns = [(k, k, ".4g") for k in keys]

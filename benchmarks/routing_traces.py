@@ -1,9 +1,9 @@
 """Routing traces for cache and prefetch studies: drawn from a calibrated model (NumPy), or recorded from the
 trained embedded model.
 
-  python benchmarks/routing_traces.py --model qwen15 --tokens 512 --seed 0 --out trace.npz
-  python benchmarks/routing_traces.py --model embedded --tokens 512 --out embedded.npz
-  python benchmarks/routing_traces.py --model all --tokens 512          # statistics of every model, no file
+  python -m benchmarks.routing_traces --model qwen15 --tokens 512 --seed 0 --out trace.npz
+  python -m benchmarks.routing_traces --model embedded --tokens 512 --out embedded.npz
+  python -m benchmarks.routing_traces --model all --tokens 512          # statistics of every model, no file
 
 A trace holds, per decode token t and layer l: `ids [T, L, k]` int32, the routed experts (-1 in dense layers),
 `weights [T, L, k]` float32, their gate weights (sum 1 over k), and `predicted [T, L, k]` int32, the experts the
@@ -355,6 +355,7 @@ def record_embedded(tokens: int = 512, model=None) -> dict:
       ValueError: tokens out of range.
     The forward is the package's own layer body (`model.decoder_layer`) with the resident MoE block.
     """
+    import jax
     import jax.numpy as jnp
 
     import moepic_jax
@@ -362,7 +363,8 @@ def record_embedded(tokens: int = 512, model=None) -> dict:
     from moepic_jax.io.checkpoint import default_checkpoint_dir
 
     model = moepic_jax.load(None, dtype="float32") if model is None else model
-    cfg, params = model.cfg, model.params
+    # the experts are pinned in host memory at load; the resident forward reads them from the device
+    cfg, params = model.cfg, jax.device_put(model.params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     if not 2 <= tokens <= cfg.max_position_embeddings:
         raise ValueError(f"tokens must be in [2, {cfg.max_position_embeddings}], got {tokens}")
     text = (default_checkpoint_dir() / "heldout_sample.txt").read_text(encoding="utf-8")

@@ -1,25 +1,20 @@
-"""benchmarks/routing_traces.py: the drawn traces meet the published statistics (arXiv 2505.16056) on a fixed
+"""benchmarks.routing_traces: the drawn traces meet the published statistics (arXiv 2505.16056) on a fixed
 seed, `trace_stats` matches a hand-worked example, the arrays are well formed, and the embedded model's recorded
 routing equals what the resident forward routes."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import numpy as np
 import pytest
 
-PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "routing_traces.py"
+from benchmarks import routing_traces
 
 
 @pytest.fixture(scope="module")
 def rt():
-    spec = importlib.util.spec_from_file_location("routing_traces", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return routing_traces
 
 
 @pytest.fixture(scope="module")

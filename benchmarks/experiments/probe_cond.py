@@ -4,24 +4,22 @@ steps queued back to back (`engine.decode` in a loop, no host read), with a host
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=...,CONDITIONAL,WHILE` (CUDA-graph conditional nodes, no host sync
 per `lax.cond`) to see whether the syncs or the copies themselves cost the time.
 
-  PYTHONPATH=. python benchmarks/probe_cond.py --tag default [--tiny]
-Prints a short table; JSON to $OUT/probe_cond_<tag>.json.
+  python -m benchmarks.experiments.probe_cond --tag default [--tiny] [--out-dir DIR]
+Prints a short table; JSON to DIR/probe_cond_<tag>.json when --out-dir is given.
 """
 import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 import moepic_jax  # noqa: E402
 from moepic_jax.generate import generate  # noqa: E402
 from moepic_jax.offload import copy_step  # noqa: E402
@@ -56,6 +54,7 @@ def main():
                     help="comma list: base; noprefetch (the policy without its prefetch). A third variant, the prefetch "
                          "on GPU stream 1 (compute_on('gpu_stream:1')), was refused by XLA 0.11.2: "
                          "probe_cond_stream.json")
+    ap.add_argument("--out-dir", default=None, help="folder of the JSON result (default: print only)")
     args = ap.parse_args()
     cfg = common.get_config("qwen15", tiny=args.tiny)
     model = common.random_model(cfg, progress=False)
@@ -116,8 +115,9 @@ def main():
             eng = res = None
             moepic_jax.ENGINES.clear()
     env = common.env_info()
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"probe_cond_{args.tag}.json"), "w") as f:
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, f"probe_cond_{args.tag}.json"), "w") as f:
             json.dump({"rows": rows, "peak_h2d_Bps": bw, "budget_bytes": budget, "env": env,
                        "xla_flags": os.environ.get("XLA_FLAGS", "")}, f, indent=1)
     print(f"\n{args.tag}: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, budget {budget / 2**30:.2f} GiB, "

@@ -1,23 +1,21 @@
 """Where does decode time go? Device time vs host overhead of the resident and ondemand decode steps, and two
 formulations of the resident MoE (gather of the routed experts vs one dynamic index per routed expert).
 
-  PYTHONPATH=. python benchmarks/probe_decode.py [--tiny]
-Prints a short table; JSON to $OUT/probe_decode.json.
+  python -m benchmarks.experiments.probe_decode [--tiny] [--out-dir DIR]
+Prints a short table; JSON to DIR/probe_decode.json when --out-dir is given.
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 import moepic_jax  # noqa: E402
 from moepic_jax import model as M  # noqa: E402
 from moepic_jax.model import layers as ML  # noqa: E402
@@ -62,6 +60,7 @@ def run(engine, cfg, steps=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out-dir", default=None, help="folder of the JSON result (default: print only)")
     args = ap.parse_args()
     cfg = common.get_config("qwen15", tiny=args.tiny)
     model = common.random_model(cfg, progress=False)
@@ -80,8 +79,9 @@ def main():
     rows["ondemand"] = run(e, cfg)
     del e
     print(json.dumps(rows, indent=1))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "probe_decode.json"), "w") as f:
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "probe_decode.json"), "w") as f:
             json.dump({"rows": rows, "env": common.env_info()}, f, indent=1)
     print("| step | ms/token pipelined | ms/token with a sync each step |\n|---|---|---|")
     for k, v in rows.items():

@@ -8,19 +8,15 @@ Part 2, `generate` on a random-weight model with a long prompt: TTFT with the gr
 pick on Hopper) and with the scan, per policy, in one process on one model build; the greedy tokens of both must
 be the same.
 
-  PYTHONPATH=. python3 benchmarks/probe_grouped_prefill.py --out-dir $OUT [--models qwen15,qwen3]
+  python -m benchmarks.experiments.probe_grouped_prefill --out-dir DIR [--models qwen15,qwen3]
       [--tokens 128,1024,4096] [--e2e-model qwen15] [--prompt-len 1024] [--policies resident,lru:0.25]
 """
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def timed(fn, *args, repeats: int = 10) -> float:
@@ -42,7 +38,7 @@ def kernel_rows(model_names, token_counts, check_tokens: int) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     from moepic_jax import model as M
     from moepic_jax.model import grouped
 
@@ -82,7 +78,7 @@ def kernel_rows(model_names, token_counts, check_tokens: int) -> list[dict]:
 def e2e_rows(model_name: str, prompt_len: int, policies: list[str], new_tokens: int) -> list[dict]:
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     from moepic_jax.generate import generate
     from moepic_jax.runtime.factory import make_engine
 
@@ -127,14 +123,14 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args()
-    import common as C
+    from benchmarks import common as C
 
     C.set_gpu_env(a.e2e_model)
     env = C.env_info()
     print(f"# {env['device']}, jax {env['versions'].get('jax')}", flush=True)
     kr = kernel_rows(a.models.split(","), [int(t) for t in a.tokens.split(",")], a.check_tokens)
     er = e2e_rows(a.e2e_model, a.prompt_len, a.policies.split(","), a.new_tokens) if a.e2e_model else []
-    out = {"command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "date": datetime.datetime.now(
+    out = {"command": C.command_line(), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "env": env, "kernel": kr, "generate": er}
     if a.out_dir:
         Path(a.out_dir).mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,21 @@
-"""Where does prefill's device peak go past the engine's own estimate? (issue 3, invariant 3)
+"""Where does prefill's device peak go past the engine's own estimate? (invariant 3)
 
-Session 7 measured the cached policies 0.07 GiB (Qwen1.5-MoE) to 0.22 GiB (Qwen3-30B-A3B, 24 layers) over
-`OffloadEngine.device_bytes_needed`, with the excess in prefill. This script builds one engine per policy, one
-policy per process (the device peak cannot be reset), and records after each step, each waited for:
+The GPU runs (benchmarks/results/README.md) measured the cached policies 0.07 GiB (Qwen1.5-MoE) to 0.22 GiB
+(Qwen3-30B-A3B, 24 layers) over `OffloadEngine.device_bytes_needed`, with the excess in prefill. This script builds
+one engine per policy, one policy per process (the device peak cannot be reset), and records after each step, each
+waited for:
 `bytes_in_use` and `peak_bytes_in_use` from the allocator and the bytes of live jax arrays on the device; the
 estimate's parts beside them. The first prefill runs with every compiled program and stack copy waited for (per
 step peaks), the second as the engine runs it (programs queued ahead). Prints a table, writes JSON to --out-dir.
 
-  PYTHONPATH=. python3 benchmarks/probe_prefill_memory.py --model qwen3 --layers 24 --policy lru --frac 0.25 \
-      --out-dir $OUT
+  python -m benchmarks.experiments.probe_prefill_memory --model qwen3 --layers 24 --policy lru --frac 0.25 \
+      --out-dir DIR
 """
 
 import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -28,13 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test: no allocator stats)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     C.set_gpu_env(args.model, args.tiny)
     from moepic_jax.generate import bucket as _bucket
     from moepic_jax.offload.memory import tree_bytes
@@ -131,7 +129,7 @@ def main(argv=None) -> int:
     jax.block_until_ready(eng.decode(state, jnp.argmax(logits, -1).astype(jnp.int32)))
     mark("one decode step")
     peak = max(r["peak_gib"] for r in log)
-    result = {"command": " ".join(["python3"] + sys.argv), "model": C.MODEL_NAMES[args.model],
+    result = {"command": C.command_line(), "model": C.MODEL_NAMES[args.model],
               "n_layers": cfg.n_layers, "policy": args.policy, "frac": args.frac, "env": C.env_info(),
               "estimate_parts_gib": {k: v / GiB for k, v in parts.items()},
               "peak_gib": peak, "over_estimate_gib": peak - parts["needed (estimate)"] / GiB, "log": log}

@@ -1,31 +1,27 @@
-"""Does a warm-up re-plan slow the decode? bench_policies.py with every `moepic` engine forced to re-plan once.
+"""Does a warm-up re-plan slow the decode? bench_policies with every `moepic` engine forced to re-plan once.
 
-Session 5 and 6 saw `static`/`moepic` + adapt_to_prompt at 25 % decode at 17-25 ms per token after a warm-up
+Earlier GPU runs saw `static`/`moepic` + adapt_to_prompt at 25 % decode at 17-25 ms per token after a warm-up
 re-plan against 9.7 ms without one, at about the same hits and bytes (benchmarks/results/README.md). Where the
 planner picks whole experts and no prediction (Qwen1.5-MoE on the H200), `moepic` runs as `static`, so this probe
 compares the two: a `moepic` engine's first budget check sees --extra-gib more than the compiled steps need, and
 the engine re-plans its caches with about that much less, as a real overshoot would. Everything else is
-bench_policies.py (same arguments, same output).
+benchmarks.bench_policies (same arguments, same output).
 
 Usage (GPU):
-  PYTHONPATH=. python benchmarks/probe_replan.py --extra-gib 0.43 -- --pairs static:0.25:adapt,moepic:0.25:adapt
+  python -m benchmarks.experiments.probe_replan --extra-gib 0.43 -- --pairs static:0.25:adapt,moepic:0.25:adapt
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_policies  # noqa: E402
-
-from moepic_jax.runtime.engine import OffloadEngine  # noqa: E402
+from benchmarks import bench_policies
+from moepic_jax.runtime.engine import OffloadEngine
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extra-gib", type=float, default=0.43, help="added to the first budget check of moepic engines")
-    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: bench_policies.py's arguments")
+    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: bench_policies' arguments")
     args = ap.parse_args(argv)
     real = OffloadEngine.device_bytes_needed
 

@@ -1,7 +1,7 @@
 """Where does a decode step's time go? TPOT per engine variant, then a device profile of a few decode steps.
 
-Questions from session 6 (benchmarks/results/README.md): why Qwen3-30B-A3B `lru` decoded at 59.6 ms with the shared
-copy-loop buffer against 43.0 ms before, why `static` + adapt_to_prompt is either ~10 ms or 17-25 ms per token at
+Questions from earlier GPU runs (benchmarks/results/README.md): why Qwen3-30B-A3B `lru` decoded at 59.6 ms with the
+shared copy-loop buffer against 43.0 ms before, why `static` + adapt_to_prompt is either ~10 ms or 17-25 ms per token at
 the same hits and bytes, and why the byte-bound `static` rows reach only 0.75-0.78 of the PCIe floor. All variants
 run in one process on one model build, so machine-to-machine spread is out of the comparison.
 
@@ -20,8 +20,8 @@ read pinned host memory; the count includes dynamic slices of device arrays too,
 other kernels.
 
 Usage (GPU):
-  PYTHONPATH=. python3 benchmarks/probe_step.py --model qwen3 --layers 24 \
-      --variants lru:0.25,static:0.25,static:0.25:unroll2 --out-dir $OUT
+  python -m benchmarks.experiments.probe_step --model qwen3 --layers 24 \
+      --variants lru:0.25,static:0.25,static:0.25:unroll2 --out-dir DIR
 
 (The `noshare` rows of probe_step_qwen3_l24*.json come from an option of commits 2ed5836-6a2f5d5, when the
 copy loops of all layers shared one result buffer: it gave each layer its own. The engine now does that.)
@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import weakref
-from pathlib import Path
 
 def parse_variant(item: str) -> dict:
     parts = item.split(":")
@@ -82,7 +81,7 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
                         "d2h" if any(s in low for s in ("dtoh", "d2h")) else
                         "d2d" if any(s in low for s in ("dtod", "d2d")) else
                         "memset" if "memset" in low else
-                        # a data-dependent slice of a pinned_host stack: a kernel that reads host memory (session 7)
+                        # a data-dependent slice of a pinned_host stack: a kernel that reads host memory
                         "slice" if "dynamic_slice" in low else "kernel")
                 out[kind + "_n"] += 1
                 out[kind + "_ms"] += ev.duration_ns / 1e6
@@ -119,18 +118,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=540.0, help="skip variants after this many seconds")
     ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--out-dir", default=None, help="default benchmarks/results/")
     args = ap.parse_args(argv)
     variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]
     t_start = time.perf_counter()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     C.set_gpu_env(args.model, args.tiny)  # before the first device use
     from moepic_jax.generate import bucket as _bucket, generate
     from moepic_jax.offload import copy_step, policies

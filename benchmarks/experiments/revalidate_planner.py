@@ -1,13 +1,15 @@
-"""Re-evaluate the planner's cost model on saved H200 runs, with no GPU (issue 4 item 8).
+"""Re-evaluate the planner's cost model on saved H200 runs, with no GPU.
 
-`bench_policies.py` saves, for each static / moepic / ondemand row, the plan it ran, the measured hardware profile
-(meta) and the profile of the routing the run decoded (`run_profile_json`). This script re-predicts each row's TPOT
-with the current `planner.plan_stats`, so a change to the cost model can be checked against the same measurements.
+`benchmarks.bench_policies` saves, for each static / moepic / ondemand row, the plan it ran, the measured hardware
+profile (meta) and the profile of the routing the run decoded (`run_profile_json`). This script re-predicts each
+row's TPOT with the current `planner.plan_stats`, so a change to the cost model can be checked against the same
+measurements.
 
 Rows saved with the add-0.5 smoothing of `profile_model` (before the bench switched to raw counts) are unsmoothed
 first: counts = freq * (n k + 0.5 E) / k - 0.5, with n = --run-tokens scored tokens.
 
-  python benchmarks/revalidate_planner.py benchmarks/results/bench_policies_qwen15_validation2.json --run-tokens 32
+  python -m benchmarks.experiments.revalidate_planner benchmarks/results/bench_policies_qwen15_validation2.json \
+      --run-tokens 32
 Prints a markdown table: measured TPOT, predicted TPOT and error, measured and predicted miss rate.
 """
 
@@ -21,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moepic_jax.planning.planner import plan_stats  # noqa: E402
-from moepic_jax.planning.profiles import CachePlan, HardwareProfile, ModelProfile  # noqa: E402
+from moepic_jax.planning.planner import plan_stats
+from moepic_jax.planning.profiles import CachePlan, HardwareProfile, ModelProfile
 
 
 def unsmooth(mp: ModelProfile, n_tokens: int, alpha: float = 0.5) -> ModelProfile:

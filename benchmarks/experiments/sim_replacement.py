@@ -1,4 +1,4 @@
-"""Issue 3 item 2: would a frequency-based replacement rule beat the static hot set and LRU? Hit rates by replay.
+"""Would a frequency-based replacement rule beat the static hot set and LRU? Hit rates by replay.
 
 The decode's routing does not depend on the cache (the engine is exact), so each rule can be replayed on one
 recorded routing trace: per MoE layer, the routed experts of every token of a text ([T, top_k], from
@@ -14,9 +14,9 @@ recorded routing trace: per MoE layer, the routed experts of every token of a te
   belady     the offline optimum (evict the expert used again furthest in the future, admit only a newcomer
              needed sooner), from the static hot set: an upper bound.
 A rule never evicts an expert the same token uses. Hit rate = routed (token, expert) pairs found in the cache.
-The trained embedded model's routing is the realistic one; random weights route by prompt (bench_routing.py).
+The trained embedded model's routing is the realistic one; random weights route by prompt (benchmarks.bench_routing).
 
-  PYTHONPATH=. python benchmarks/sim_replacement.py [--variants trained,zipf] [--budgets 0.1,0.25,0.5]
+  python -m benchmarks.experiments.sim_replacement [--variants trained,zipf] [--budgets 0.1,0.25,0.5]
 """
 from __future__ import annotations
 
@@ -122,9 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import common as C
+    from benchmarks import common as C
     import moepic_jax
     from moepic_jax.io.checkpoint import default_checkpoint_dir
     from moepic_jax.offload.cache import FREQ_DECAY
@@ -157,7 +155,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     env = C.env_info()
-    out = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "env": env, "calib_tokens": a.calib_tokens,
+    out = {"command": C.command_line(), "env": env, "calib_tokens": a.calib_tokens,
            "trace_tokens": a.trace_tokens, "decay": a.decay, "rows": rows}
     head = "| routing | slots (of E) | " + " | ".join(RULES) + " |\n|---|---|" + "---|" * len(RULES)
     lines = [head] + [f"| {r['variant']} | {r['slots']} ({r['budget_frac']:.0%}) | " + " | ".join(

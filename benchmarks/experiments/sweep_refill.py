@@ -10,7 +10,7 @@ by a blend with the calibration profile, and reports the hit rate of those slots
 both reproduce the engine's measured hit rates (`bench_routing_embedded.md`). Hit rates only; CPU is enough.
 
 Usage (from the repo root):
-  PYTHONPATH=. python benchmarks/sweep_refill.py            # ~4 minutes on 2 CPU cores
+  python -m benchmarks.experiments.sweep_refill            # ~4 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -36,11 +35,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import numpy as np
 
-    import common as C
+    from benchmarks import common as C
     import moepic_jax
     from moepic_jax.generate import bucket as _bucket, generate
     from moepic_jax.io.checkpoint import default_checkpoint_dir
