@@ -1,6 +1,6 @@
 """Prefill's grouped-by-expert routed experts (`moepic_jax.grouped`) against the scan over all experts.
 
-The Mosaic-GPU kernel runs only on Hopper (benchmarks/probe_grouped_prefill.py checks it there against
+The Mosaic-GPU kernel runs only on Hopper (benchmarks/experiments/probe_grouped_prefill.py checks it there against
 `jax.lax.ragged_dot`: max abs difference 0). Here the grouping around the matmul (sort, the [E, 3F, D] view, the
 interleaved down projection, masking, unsort, combine) runs with `jax.lax.ragged_dot` as the matmul.
 """

@@ -163,7 +163,7 @@ def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Ar
     """Routed-expert output reading only the N*K routed experts (decode; few tokens). Returns [N, D] f32.
 
     One dynamic index per routed expert rather than one gather of [N, K, F, 3, D]: on the H200 the indexed
-    form decoded Qwen1.5-MoE-A2.7B faster (benchmarks/probe_decode.py).
+    form decoded Qwen1.5-MoE-A2.7B faster (benchmarks/experiments/probe_decode.py).
     """
     rows = []
     for n in range(ids.shape[0]):

@@ -496,7 +496,8 @@ class OffloadEngine:
         (routed tokens per expert) and copy their tops from `stack` ([E, F, 3, D], layer l's experts on the device
         during prefill). Slots whose expert stays keep it; the others take the newcomers, hottest first. The
         frequency rule's scores restart at zero: starting them from the counts did not raise its hits in the replay
-        (benchmarks/sim_replacement.py, `freq-seeded`, from the calibration profile: 47.0 against 47.5 % at 25 %)."""
+        (benchmarks/experiments/sim_replacement.py, `freq-seeded`, from the calibration profile: 47.0 against 47.5 %
+        at 25 %)."""
         cache = self.caches[l]
         new_owner = prompt_refill(np.asarray(jax.device_get(counts)), owner)
         if np.array_equal(new_owner, owner):
