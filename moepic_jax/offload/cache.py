@@ -19,8 +19,8 @@ scripted trace without a model (tests/test_cache.py).
 Why `freq` for `moepic` (kept because it measured better): replayed on the trained embedded
 model's routing of held-out text, at 10 / 25 / 50 % of the experts it finds 28.0 / 47.5 / 73.5 % of the routed
 experts in the cache, LRU 22.4 / 40.8 / 67.6 %, the static hot set 16.9 / 29.3 / 54.6 %
-(benchmarks/experiments/sim_replacement.py; decay 0.9-0.99 all within 1.5 points). On random weights, which route by prompt, it matches or beats LRU. On the H200
-(Qwen3-30B-A3B shapes, 24 layers, 25 %) `moepic` decoded at 17.0 ms per token with it against 33.6 ms with the
+(benchmarks/experiments/sim_replacement.py; decay 0.9-0.99 all within 1.5 points). On random weights, which route
+by prompt, it matches or beats LRU. On the H200 (Qwen3-30B-A3B shapes, 24 layers, 25 %) `moepic` decoded at 17.0 ms per token with it against 33.6 ms with the
 static hot set (96.3 % against 26.3 % hits; benchmarks/results/probe_step_qwen3_l24_freq.md).
 """
 

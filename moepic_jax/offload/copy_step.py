@@ -31,8 +31,8 @@ COPY_GROUP = 4  # experts per lax.switch in `copy_step`: 5 branches (15 with bot
 # Up to this many groups the switches are unrolled; beyond, one switch runs in a `lax.scan` over the groups. Unrolled,
 # every branch computes its experts, so the program grows as (groups x branches x COPY_GROUP) FFNs: 235 s to compile
 # Qwen1.5-MoE lru at batch 4 (4 groups) on the H200, 67 s with the loop at the same TPOT (55.1 vs 54.5 ms,
-# benchmarks/results/bench_policies_qwen15_2026-11-30a.json); Qwen3-30B-A3B (top-8, 2 groups, 48 layers) compiled for over
-# 250 s unrolled.
+# benchmarks/results/bench_policies_qwen15_2026-11-30a.json); Qwen3-30B-A3B (top-8, 2 groups, 48 layers) compiled
+# for over 250 s unrolled.
 COPY_UNROLL_GROUPS = 1
 
 
