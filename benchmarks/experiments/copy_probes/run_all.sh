@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs the four copy/compute overlap probes in one GPU call, each under its own `timeout`, all under one overall
-# deadline so that a hang cannot eat the call. Logs go to $OUT (default ./out_copy_probes):
+# deadline so that a hang cannot eat the call. Logs go to the folder given as the first argument (default ./out_copy_probes):
 #   header.txt  - date, nvidia-smi, jax version/devices, g++, CPU
 #   probes.log  - every probe's stdout+stderr, one section each (with its exact command, rc and seconds)
 #   summary.txt - the key result lines of each probe, printed last as well
 # Usage (repo root): bash benchmarks/experiments/copy_probes/run_all.sh      [DEADLINE=seconds, default 500]
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
-OUT="${OUT:-$PWD/out_copy_probes}"; mkdir -p "$OUT"
+OUT="${1:-$PWD/out_copy_probes}"; mkdir -p "$OUT"
 LOG="$OUT/probes.log"; HDR="$OUT/header.txt"; SUM="$OUT/summary.txt"
 : >"$LOG"; : >"$SUM"
 DEADLINE="${DEADLINE:-500}"
