@@ -278,8 +278,9 @@ class OffloadEngine:
                                  f"(device d owns experts [d*{self.e_loc}, (d+1)*{self.e_loc}))")
         need = sum(len(lp.cached) * lp.split * self.row_bytes for lp in plan.layers) // self.n_dev  # per device
         if self.cache_budget is not None and need > self.cache_budget:
-            raise ValueError(f"the plan's top caches need {need / 2**30:.3f} GiB but only "
-                             f"{self.cache_budget / 2**30:.3f} GiB of the VRAM budget is left for caches")
+            raise ValueError(f"the plan's top caches need {need / 2**20:.2f} MiB but only "
+                             f"{self.cache_budget / 2**20:.2f} MiB of the VRAM budget is left for caches; raise "
+                             "vram_budget or cache fewer experts")
         if plan.model_id and plan.model_id != cfg.identity():
             raise ValueError(f"plan was made for model {plan.model_id}, not this model ({cfg.identity()}); re-plan")
         return plan
