@@ -1,4 +1,4 @@
-"""Several devices (issue 7), run by tests/test_multi_device.py in a child process: the device count of the CPU
+"""Several devices, run by tests/test_multi_device.py in a child process: the device count of the CPU
 backend (`--xla_force_host_platform_device_count`) must be set before JAX starts, and the main test process has
 one device.
 

@@ -1,4 +1,4 @@
-"""Several devices (issue 7): experts split over an `expert` mesh axis of 2 and 4 virtual CPU devices give the same
+"""Several devices: experts split over an `expert` mesh axis of 2 and 4 virtual CPU devices give the same
 tokens and float32 logits as the one-device resident model, for every family and policy, within per-device budgets.
 
 The CPU device count must be set before JAX starts, so the cases run in a child process (tests/multi_device_check.py)
