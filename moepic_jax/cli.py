@@ -100,7 +100,7 @@ def _load(args):
     return moepic_jax.load(args.model, dtype=args.dtype, progress=True)
 
 
-def _engine_kw(args, model):
+def _engine_kw(args):
     from moepic_jax.planning.profiles import CachePlan
 
     kw = {}
@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0
-    plan, kw = _engine_kw(args, model)
+    plan, kw = _engine_kw(args)
     prompt = args.prompt
     if model.tokenizer is None:
         prompt = [int(t) for t in prompt.split()]

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 RULES = ("static", "lru", "freq")
+ADMITTING_RULES = ("lru", "freq")  # the rules that write slots during decode (in the copy step)
 FREQ_DECAY = 0.95  # the frequency rule's scores are multiplied by this every decode step
 
 
@@ -181,4 +182,4 @@ def admit_slots(rule: str, cache: LayerCache, experts: jax.Array, step: jax.Arra
         return lru_slots(cache, experts, step)
     if rule == "freq":
         return freq_slots(cache, experts)
-    raise ValueError(f"rule {rule!r} admits nothing; admitting rules: lru, freq")
+    raise ValueError(f"rule {rule!r} admits nothing; admitting rules: {', '.join(ADMITTING_RULES)}")

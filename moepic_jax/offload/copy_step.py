@@ -56,7 +56,8 @@ class StepSpec:
 
     @property
     def admits(self) -> bool:
-        return self.rule != "static"
+        """Whether the rule writes slots during decode (`cache.ADMITTING_RULES`), in the copy step."""
+        return self.rule in C.ADMITTING_RULES
 
 
 class CopyResult(NamedTuple):

@@ -27,11 +27,6 @@ class PolicySpec:
     plan: str  # "none" | "slots" | "solve"
     adapts_to_prompt: bool = False  # `adapt_to_prompt` may refill its slots from the prompt's routing
 
-    @property
-    def admits(self) -> bool:
-        """Whether the rule writes slots during decode (lru, freq), in the copy step."""
-        return self.rule != "static"
-
 
 POLICY_SPECS = {s.name: s for s in (
     PolicySpec("resident", offloads=False, rule="static", predicts=False, allow_split=False, plan="none"),
