@@ -123,6 +123,40 @@ def test_policies_exact(family, policy, frac, offload_models, reference):
     assert parts == routed == len(counters) * m.cfg.top_k * sum(m.cfg.moe_layers)
 
 
+@pytest.mark.parametrize("policy", ["ondemand", "lru", "static", "moepic"])
+def test_conditional_copy_step_exact(policy, offload_models, reference):
+    """The conditional copy step (`copy_step`, used where direct copies are unavailable: several devices, no C++
+    compiler) gives the resident model's logits and tokens too, with the same counters as direct copies."""
+    m = offload_models["qwen2_moe"]
+    engines = [make_engine(m, policy=policy, vram_budget=_budget(m, 0.3), direct=d, **kw(policy)) for d in (False, True)]
+    assert [e.direct for e in engines] == [False, True]
+    counters = [_check(e, "qwen2_moe", reference, m, SINGLE)[0] for e in engines]
+    for got, exp in zip(*counters):
+        for k in exp:
+            np.testing.assert_array_equal(got[k], exp[k])
+
+
+def test_direct_decode_step_has_no_conditional(offload_models):
+    """With direct copies the decode step holds no conditional and no loop (on a GPU each makes the host wait for
+    its predicate), only the two copy calls per MoE layer; the conditional copy step holds one switch per layer."""
+    m = offload_models["qwen2_moe"]
+    counts = {}
+    for d in (True, False):
+        engine = make_engine(m, policy="moepic", vram_budget=_budget(m, 0.3), direct=d, prefetch=True, **KW)
+        moepic_jax.generate(SINGLE, model=m, max_new_tokens=2, engine=engine)
+        text = "\n".join(exe.as_text() for key, exe in engine.compiles._fns.items() if key[0] == "decode")
+        counts[d] = (text.count(" conditional("), text.count(" while("), text.count("moepic_h2d_start"),
+                     text.count("moepic_h2d_wait"))
+    moe = m.cfg.moe_layers
+    n_moe = sum(moe)
+    prefetched = sum(moe[1:])  # every MoE layer after the first is prefetched into by the layer before it
+    assert counts[True][:2] == (0, 0), counts
+    # one start per layer that copies or prefetches; a wait for its layer's experts and one for the prefetch
+    assert counts[True][2] == sum(moe[l] or (l + 1 < len(moe) and moe[l + 1]) for l in range(len(moe))), counts
+    assert counts[True][3] == n_moe + prefetched, counts
+    assert counts[False][0] >= n_moe and counts[False][2] == 0, counts
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("split", [16, 32, 48])
 def test_explicit_split_plans_exact(family, split, offload_models, reference):
@@ -249,11 +283,11 @@ def test_copy_groups_in_a_loop_exact(policy, offload_models, reference, monkeypa
     from moepic_jax.offload import copy_step as offload
     m = offload_models["qwen2_moe"]
     budget = _budget(m, 0.3)
-    unrolled = make_engine(m, policy=policy, vram_budget=budget, **PKW)
+    unrolled = make_engine(m, policy=policy, vram_budget=budget, direct=False, **PKW)
     _, want = teacher_forced(unrolled, reference["qwen2_moe", 2][0], BATCH)
     monkeypatch.setattr(offload, "COPY_GROUP", 3)
     monkeypatch.setattr(offload, "COPY_UNROLL_GROUPS", 1)
-    looped = make_engine(m, policy=policy, vram_budget=budget, **PKW)
+    looped = make_engine(m, policy=policy, vram_budget=budget, direct=False, **PKW)
     counters, _ = _check(looped, "qwen2_moe", reference, m, BATCH)
     moved = _assert_slots_hold_host_rows(looped, m)
     assert moved > 0 or policy == "moepic"  # here the frequency rule keeps its two hottest (used every step)
@@ -283,7 +317,8 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
         d = tmp_path / str(layers)
         build_hf_model("qwen3_moe", num_hidden_layers=layers).save_pretrained(d)
         m = moepic_jax.load(d, dtype="float32")
-        engine = make_engine(m, policy="lru", vram_budget=_budget(m, 0.5) + 4 * 2**20, prefetch=False, **KW)
+        engine = make_engine(m, policy="lru", vram_budget=_budget(m, 0.5) + 4 * 2**20, prefetch=False, direct=False,
+                             **KW)
         moepic_jax.generate(BATCH, model=m, max_new_tokens=2, engine=engine)
         assert all(c is not None and c.tops.shape[0] > 0 for c in engine.caches)  # every layer admits
         decode = [exe for key, exe in engine.compiles._fns.items() if key[0] == "decode"]

@@ -48,6 +48,7 @@ class StepSpec:
     n_predicted: int  # k': experts predicted per token for the next layer
     prefetch: bool  # the decode step predicts and prefetches
     place: Placement
+    direct: bool = False  # decode copies by DMA on a private stream (`transfer`), not in conditionals
 
     @property
     def row_bytes(self) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.offload import cache as C
+from moepic_jax.offload import transfer
 from moepic_jax.offload.copy_step import StepSpec, assemble, expert_outputs
 
 COUNTERS = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
@@ -102,35 +103,46 @@ class Prefetch(NamedTuple):
     h2d_bytes: jax.Array  # [] float32
 
 
-def predict(spec: StepSpec, l_next: int, lp: M.LayerParams, stack: jax.Array, h_mid: jax.Array,
-            cache: C.LayerCache, P: int, traced: jax.Array | None = None) -> Prefetch:
-    """Predict layer l_next's experts from the current residual stream and start their copies.
+def routed(spec: StepSpec, lp: M.LayerParams, x: jax.Array, traced: tuple[jax.Array, jax.Array] | None):
+    """(ids [B, K] int32 global expert ids, weights [B, K]) of layer lp's router on x [B, D], or the routing trace's
+    (traced = (ids, weights)); replayed ids become known when the router's would: after x."""
+    if traced is not None:
+        return after(traced[0], x), traced[1]
+    with jax.named_scope("router"):
+        return M.route(x, lp.moe.w_router, spec.cfg)
 
-    DESIGN.md "Predictor": apply layer l+1's post-attention RMSNorm and router to h_mid ([B, D]), take the top k'
-    per token, keep the distinct ones (P slots). traced: [B, k'] predicted ids from a routing trace instead.
-    """
-    if traced is not None:  # replayed ids become known when the router's would: after h_mid
-        traced = after(traced, h_mid)
-    with jax.named_scope("predictor"):
-        pids = traced if traced is not None else M.route(M.rms_norm(h_mid, lp.mlp_norm, spec.cfg.rms_eps),
-                                                         lp.moe.w_router, spec.cfg, spec.n_predicted)[0]
-        pred = spec.place.distinct(spec.place.local(pids), P)
+
+def predicted_ids(spec: StepSpec, lp_next: M.LayerParams, h_mid: jax.Array, P: int,
+                  traced: jax.Array | None = None) -> jax.Array:
+    """[P] int32 the next layer's experts predicted from the residual stream h_mid [B, D] (this device's, distinct,
+    -1 padded). DESIGN.md "Predictor": layer l+1's post-attention RMSNorm and router applied to h_mid, top k' per
+    token. traced: [B, k'] the routing trace's predicted ids instead (known after h_mid, like the router's)."""
+    if traced is not None:
+        pids = after(traced, h_mid)
+    else:
+        with jax.named_scope("predictor"):
+            pids = M.route(M.rms_norm(h_mid, lp_next.mlp_norm, spec.cfg.rms_eps), lp_next.moe.w_router, spec.cfg,
+                           spec.n_predicted)[0]
+    return spec.place.distinct(spec.place.local(pids), P)
+
+
+def predict(spec: StepSpec, l_next: int, stack: jax.Array, cache: C.LayerCache, pred: jax.Array,
+            batch: int) -> Prefetch:
+    """Assemble the predicted experts pred [P] of layer l_next on the device now (the conditional copy step), to be
+    used a layer later."""
     with jax.named_scope("prefetch"):
         r = assemble(spec, spec.splits[l_next], stack, cache, pred, pred >= 0,
-                     every=h_mid.shape[0] == 1 and spec.place.mesh is None)
+                     every=batch == 1 and spec.place.mesh is None)
     return Prefetch(r.ids, r.outputs, r.h2d_bytes)
 
 
 def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred: Prefetch | None, step,
-               traced: tuple[jax.Array, jax.Array] | None = None):
-    """MoE block of layer l for B tokens (x [B, D]). traced: (ids [B, K], weights [B, K]) from a routing trace
-    instead of the router. Returns (y [B, D], cache, counters of l {name: [] float32})."""
+               gids: jax.Array, w: jax.Array):
+    """MoE block of layer l for B tokens (x [B, D]) with the conditional copy step (`copy_step`). gids, w: [B, K]
+    the routed experts (global ids) and gate weights (`routed`). Returns (y [B, D], cache, counters of l
+    {name: [] float32})."""
     cfg, place = spec.cfg, spec.place
     B = x.shape[0]
-    if traced is not None:  # replayed ids become known when the router's would: after x
-        traced = (after(traced[0], x), traced[1])
-    with jax.named_scope("router"):
-        gids, w = traced if traced is not None else M.route(x, lp.moe.w_router, cfg)  # [B, K] global ids
     ids = place.local(gids)  # this device's experts (-1: another device computes that pair)
     U = min(B * cfg.top_k, place.e_loc)
     uniq = place.distinct(ids, U)
@@ -160,13 +172,7 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
                 idx = jnp.where(g, r.admitted, n + jnp.arange(r.admitted.shape[0]))  # distinct; >= n is dropped
                 new_cache = new_cache.replace(tops=new_cache.tops.at[idx].set(
                     pred.buffers[j, :rows_kept].astype(new_cache.tops.dtype), mode="drop", unique_indices=True))
-    # outs: every distinct expert's output for every row [U, B, D]; summed in routing order (k = 0..K-1)
-    # exactly as the resident model does, so that bfloat16 results round identically, not just within tolerance.
-    rows = jnp.arange(B)
-    y = jnp.zeros((B, cfg.d_model), jnp.float32)
-    for k in range(cfg.top_k):
-        u = jnp.argmax(r.ids[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in the step's ids
-        y = y + jnp.where(ids[:, k, None] >= 0, w[:, k, None] * outs[u, rows], 0.0)
+    y = combine(cfg, ids, w, r.ids, outs)
     y = place.psum(y).astype(x.dtype) + M.shared_expert(x, lp.moe)
     f32 = jnp.float32
     counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
@@ -177,15 +183,134 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
     return y, new_cache, counters
 
 
+class InFlight(NamedTuple):
+    """The next layer's predicted experts, their copies queued by `transfer.start` (group 1) and not waited for."""
+
+    ids: jax.Array  # [P] int32 distinct predicted experts (-1 padded)
+    dst: jax.Array  # [P, F, 3, D] their rows once waited for (`transfer.wait`, group 1 of `tag`)
+    h2d_bytes: jax.Array  # [] float32
+    tag: int  # the layer whose start queued them
+
+
+def copy_plan(spec: StepSpec, split: int, cache: C.LayerCache, ids: jax.Array, need: jax.Array):
+    """The copy plan that makes experts `ids` whole on the device (`transfer`): [U, 2, 4] int32, two rows per expert.
+
+    A needed miss: rows [0, F) from the host. A needed cached expert: rows [0, s) from its slot (device to device)
+    and rows [s, F) from the host (none when s == F). Not needed (padding, or prefetched a layer ago): nothing.
+    Returns (plan, H2D bytes [] float32, miss [U] bool, top_hit [U] bool) with miss/top_hit among the needed.
+    """
+    F = spec.cfg.d_ff
+    s = split if cache.tops.shape[0] > 0 else 0
+    need = need & (ids >= 0)
+    slot, cached = C.lookup(cache, ids, s)
+    miss, top_hit = need & ~cached, need & cached & (s < F)
+    e = jnp.maximum(ids, 0)
+    zero = jnp.zeros_like(e)
+    first = jnp.stack([jnp.where(cached, transfer.FROM_CACHE, transfer.FROM_HOST), jnp.where(cached, slot, e), zero,
+                       jnp.where(need, jnp.where(cached, s, F), 0)], -1)
+    second = jnp.stack([zero, e, zero + s, jnp.where(need & cached, F - s, 0)], -1)
+    plan = jnp.stack([first, second], 1).astype(jnp.int32)
+    rows = jnp.sum(jnp.where(miss, F, 0) + jnp.where(top_hit, F - s, 0))
+    return plan, rows.astype(jnp.float32) * spec.row_bytes, miss, top_hit
+
+
+def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, cache: C.LayerCache, src: jax.Array,
+                      ids: jax.Array, w: jax.Array, pred: InFlight | None, nxt: tuple | None, step):
+    """MoE block of layer l for B tokens (x [B, D]) with direct copies (`transfer`): no conditional.
+
+    One `transfer.start` queues this layer's copies (group 0) and, when nxt = (layer l+1's src, its cache, its
+    predicted ids [P]) is given, the next layer's (group 1, waited for a layer later); the program only waits on
+    the device. ids, w: [B, K] the routed experts (global ids) and gate weights; pred: what the previous layer
+    queued for this one. Returns (y [B, D], cache, counters of l {name: [] float32}, the next layer's `InFlight`).
+    """
+    cfg, place = spec.cfg, spec.place
+    F, B = cfg.d_ff, x.shape[0]
+    U = min(B * cfg.top_k, place.e_loc)
+    uniq = place.distinct(ids, U)
+    full, top, miss_pairs = C.classify(cache, ids, spec.splits[l], F)
+    got = jnp.zeros((U,), bool)
+    predicted = jnp.zeros(ids.shape, bool)
+    if pred is not None:
+        got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0)
+        predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
+    plan, nbytes, miss, top_hit = copy_plan(spec, spec.splits[l], cache, uniq, ~got)
+    platform = place.device.platform
+    with jax.named_scope("copy_step"):
+        dst, flight = start_copies(spec, l, transfer.Group(plan, src, cache.tops), nxt)
+        bufs = transfer.wait(platform, dst, l, 0)
+    with jax.named_scope("ffn"):
+        outs = jnp.stack([M.segment_ffn(x, bufs[u]).astype(jnp.float32) for u in range(U)])  # [U, B, D]
+    rows_kept = cache.tops.shape[1]
+    admit_rows = bufs[:, :rows_kept] if spec.admits else None
+    if pred is not None:
+        nbytes = nbytes + pred.h2d_bytes
+        pbufs = transfer.wait(platform, pred.dst, pred.tag, 1)
+        j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
+        with jax.named_scope("ffn"):
+            pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p]).astype(jnp.float32) for p in range(len(pred.ids))])
+        outs = jnp.where(got[:, None, None], pred_outs[j], outs)
+        if spec.admits:  # a prefetched miss is admitted with its prefetched rows
+            admit_rows = jnp.where(got[:, None, None, None], pbufs[j, :rows_kept], admit_rows)
+    if spec.admits and cache.tops.shape[0] and rows_kept and spec.splits[l]:
+        with jax.named_scope("cache_admission"):
+            # the copy step's use order (not copied, top-only hits, misses) is the rule's order of uses
+            order = jnp.argsort(2 * miss.astype(jnp.int32) + top_hit.astype(jnp.int32), stable=True)
+            cache, target = C.admit_slots(spec.rule, cache, uniq[order], step)
+            slots = jnp.zeros_like(target).at[order].set(target)
+            cache = cache.replace(tops=cache.tops.at[slots].set(admit_rows.astype(cache.tops.dtype), mode="drop",
+                                                                 unique_indices=True))
+    y = combine(cfg, ids, w, uniq, outs)
+    y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
+    f32 = jnp.float32
+    counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
+                    misses=jnp.sum(miss_pairs, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
+                    h2d_bytes=nbytes.astype(f32), routed=f32(ids.size))
+    return y, cache, counters, flight
+
+
+def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple | None):
+    """One `transfer.start` at layer l: group 0 = `now` (this layer's plan; None: nothing), group 1 = the next
+    layer's predicted experts when nxt = (its src, its cache, its predicted ids [P]) is given. Returns (group 0's
+    destination, unwaited; the next layer's `InFlight` or None)."""
+    empty = jnp.zeros((0, 2, transfer.PLAN_COLS), jnp.int32)
+    groups, flight_bytes = [now], None
+    if nxt is not None:
+        nsrc, ncache, nids = nxt
+        nplan, flight_bytes, _, _ = copy_plan(spec, spec.splits[l + 1], ncache, nids, nids >= 0)
+        groups.append(transfer.Group(nplan, nsrc, ncache.tops))
+    if now is None:
+        groups[0] = transfer.Group(empty, groups[1].src, groups[1].tops[:0])
+    if nxt is None:
+        groups.append(transfer.Group(empty, now.src, now.tops[:0]))
+    dst, dst_next = transfer.start(spec.place.device.platform, tuple(groups), spec.cfg.d_ff, spec.cfg.n_experts,
+                                   spec.dtype, tag=l)
+    return dst, (None if nxt is None else InFlight(nxt[2], dst_next, flight_bytes, l))
+
+
+def combine(cfg, ids: jax.Array, w: jax.Array, uniq: jax.Array, outs: jax.Array) -> jax.Array:
+    """sum_k w[:, k] * outs[position of ids[:, k] in uniq]: [B, D] float32, summed in routing order (k = 0..K-1)
+    exactly as the resident model does, so that bfloat16 results round identically, not just within tolerance.
+    ids, w: [B, K]; uniq: [U]; outs: [U, B, D]."""
+    B = ids.shape[0]
+    rows = jnp.arange(B)
+    y = jnp.zeros((B, cfg.d_model), jnp.float32)
+    for k in range(cfg.top_k):
+        u = jnp.argmax(uniq[None, :] == ids[:, k:k + 1], axis=1)  # [B] position of ids[:, k] in uniq
+        y = y + jnp.where(ids[:, k, None] >= 0, w[:, k, None] * outs[u, rows], 0.0)
+    return y
+
+
 def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple, kv: M.KVCache, tokens, step,
-                trace: RoutingTrace | None = None):
+                trace: RoutingTrace | None = None, srcs: jax.Array | None = None):
     """One token for every row.
 
     Args:
       resident: the parameters on the device (routed experts absent); stacks: [n_layers] pinned_host stacks
         [E, F, 3, D] (None for dense layers); caches: [n_layers] `LayerCache` (None for dense layers);
       kv: the KV cache; tokens: [B] int32; step: [] int32, the decode step's number from 1 (the LRU clock);
-      trace: routing to replay instead of the routers' (None: the model's own routing).
+      trace: routing to replay instead of the routers' (None: the model's own routing);
+      srcs: [n_layers, 2] int32 the stacks' host addresses (`transfer.host_address`; zeros for dense layers),
+        read when spec.direct (direct copies, `transfer`) instead of the stacks.
     Returns:
       (logits [B, V] float32, caches, kv, counters {name: [n_layers] float32} for the names in COUNTERS).
     """
@@ -205,13 +330,25 @@ def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple
         predicts = spec.prefetch and nxt < cfg.n_layers and cfg.moe_layers[nxt]
 
         def ffn(x, h_mid, l=l, lp=lp, predicts=predicts, nxt=nxt):  # x, h_mid: [B, 1, D]
-            next_pred = predict(spec, nxt, resident.layers[nxt], stacks[nxt], h_mid[:, 0], caches[nxt], n_pred,
-                                None if rows is None else trace.predicted[rows, nxt]) if predicts else None
+            pids = predicted_ids(spec, resident.layers[nxt], h_mid[:, 0], n_pred,
+                                 None if rows is None else trace.predicted[rows, nxt]) if predicts else None
             if not cfg.moe_layers[l]:
+                next_pred = None
+                if predicts and spec.direct:
+                    next_pred = start_copies(spec, l, None, (srcs[nxt], caches[nxt], pids))[1]
+                elif predicts:
+                    next_pred = predict(spec, nxt, stacks[nxt], caches[nxt], pids, B)
                 with jax.named_scope("ffn"):
                     return M.mlp(x[:, 0], lp.mlp)[:, None], (caches[l], None, next_pred)
-            traced = None if rows is None else (trace.ids[rows, l], trace.weights[rows, l].astype(jnp.float32))
-            y, cache, c = moe_decode(spec, l, lp, stacks[l], x[:, 0], caches[l], pred, step, traced)
+            ids, w = routed(spec, lp, x[:, 0], None if rows is None else (trace.ids[rows, l],
+                                                                          trace.weights[rows, l].astype(jnp.float32)))
+            if spec.direct:
+                y, cache, c, next_pred = moe_decode_direct(
+                    spec, l, lp, x[:, 0], caches[l], srcs[l], ids, w, pred, (srcs[nxt], caches[nxt], pids)
+                    if predicts else None, step)
+            else:
+                next_pred = predict(spec, nxt, stacks[nxt], caches[nxt], pids, B) if predicts else None
+                y, cache, c = moe_decode(spec, l, lp, stacks[l], x[:, 0], caches[l], pred, step, ids, w)
             return y[:, None], (cache, c, next_pred)
 
         h, k, v, (caches[l], c, next_pred) = M.decoder_layer(lp, h, k, v, l, pos, cfg, ffn)

@@ -27,7 +27,7 @@ from moepic_jax import model as M
 from moepic_jax.io.loading import Model
 from moepic_jax.model import grouped
 from moepic_jax.offload import cache as C
-from moepic_jax.offload import memory
+from moepic_jax.offload import memory, transfer
 from moepic_jax.offload.copy_step import StepSpec, fetch_rows
 from moepic_jax.offload.decode import RoutingTrace, decode_step
 from moepic_jax.offload.memory import parse_budget, resolve_budget, tree_bytes
@@ -158,14 +158,19 @@ class OffloadEngine:
       budget_follows_minimum: the budget was given as the minimum plus a share of the experts (a share, or "auto"
         on the CPU): where the compiled steps need more than the estimated minimum, the budget grows by the
         difference and the caches keep their share, instead of the caches shrinking (`_check_compiled_budget`).
+      direct: decode copies experts by DMA on a private stream with no conditional in the step (`offload/transfer`):
+        None = where available (one device, a C++ compiler to build the copy library), True = required, False =
+        the conditional copy step (`offload/copy_step`).
     Raises:
-      ValueError: a plan that does not match the model, a plan bigger than the cache budget.
+      ValueError: a plan that does not match the model, a plan bigger than the cache budget; direct=True where
+        direct copies are unavailable.
     """
 
     def __init__(self, weights: PlacedWeights, spec: PolicySpec, plan: CachePlan, vram_budget_bytes: int | None,
                  n_predicted: int, max_batch: int = 1, max_seq_len: int = 1024, prefetch: bool | None = None,
                  adapt_to_prompt: bool = False, replan: Callable[[int], CachePlan] | None = None,
-                 routing: RoutingTrace | None = None, budget_follows_minimum: bool = False):
+                 routing: RoutingTrace | None = None, budget_follows_minimum: bool = False,
+                 direct: bool | None = None):
         self.weights, self.spec, self.policy = weights, spec, spec.name
         self.cfg, self.dtype, self.place = weights.cfg, weights.dtype, weights.place
         self.stacks, self.resident = weights.stacks, weights.resident
@@ -192,6 +197,15 @@ class OffloadEngine:
         self.caches = None
         self.step_count = 0
         self._kv_makers = {}
+        # Direct copies (DMA on a private stream, no conditional in the decode step) need one device and the
+        # library `transfer` builds; otherwise decode copies in conditionals (`copy_step`).
+        self.direct = (direct is not False and self.mesh is None and transfer.available(self.device))
+        if direct and not self.direct:
+            raise ValueError("direct copies are unavailable here ("
+                             f"{'several devices' if self.mesh is not None else transfer.unavailable_reason(self.device)}"
+                             "); pass direct=None to fall back to the conditional copy step")
+        self.srcs = jax.device_put(np.stack([transfer.host_address(s) if s is not None else np.zeros(2, np.int32)
+                                             for s in self.stacks]), self.place.sharding()) if self.direct else None
 
     # ---- what the engine is -------------------------------------------------------------------------
     devices = property(lambda self: list(self.place.devices))
@@ -225,7 +239,7 @@ class OffloadEngine:
     def step_spec(self) -> StepSpec:
         """What the compiled steps read of this engine (`offload/copy_step.py`)."""
         return StepSpec(cfg=self.cfg, dtype=self.dtype, splits=self.splits, rule=self.spec.rule,
-                        n_predicted=self.n_predicted, prefetch=self.prefetches, place=self.place)
+                        n_predicted=self.n_predicted, prefetch=self.prefetches, place=self.place, direct=self.direct)
 
     @functools.cached_property
     def replicated_sharding(self) -> jax.sharding.Sharding:
@@ -388,7 +402,8 @@ class OffloadEngine:
             self.caches = self._build_caches()
         if self.mesh is not None:
             tokens = jax.device_put(tokens, self.replicated_sharding)
-        args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1), self.routing)
+        args = (self.resident, self.stacks, self.caches, state, tokens, jnp.int32(self.step_count + 1), self.routing,
+                self.srcs)
         exe = self._get_decode(args)
         logits, self.caches, state, counters = exe(*args)
         self.step_count += 1
@@ -399,7 +414,7 @@ class OffloadEngine:
         placed explicitly: XLA would hand zero-size cache arrays back replicated, which the next call would
         refuse."""
         r, x = P(), P(EXPERT_AXIS)
-        fn = self.place.spmd(functools.partial(decode_step, self.step_spec), (r, x, x, r, r, r, r), (r, x, r, r))
+        fn = self.place.spmd(functools.partial(decode_step, self.step_spec), (r, x, x, r, r, r, r, r), (r, x, r, r))
         if self.mesh is None:
             return fn, None
         rep, exp = self.place.sharding(), self.place.sharding(expert=True)
@@ -408,7 +423,7 @@ class OffloadEngine:
     def _compile_decode(self, state, dec_tokens):
         """Compile the decode step for this KV cache and batch (against the caches' shapes when not built yet)."""
         self._get_decode((self.resident, self.stacks, self._caches_or_shapes(), state, dec_tokens, jnp.int32(0),
-                          self.routing))
+                          self.routing, self.srcs))
 
     def _get_decode(self, args):
         # the program is built only on a compile-cache miss (the key is the shapes, not the spec)

@@ -83,7 +83,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
                 n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
                 profile: ModelProfile | None = None, hardware: HardwareProfile | None = None, devices=None,
                 prefetch: bool | None = None, adapt_to_prompt: bool = False, routing=None,
-                cache: EngineCache | None = None):
+                cache: EngineCache | None = None, direct: bool | None = None):
     """Build the engine of `policy` for `model` under `vram_budget` (see `offload.memory.parse_budget`).
 
     Offloading policies: place the weights (experts pinned, the rest on the device), take the fixed part off the
@@ -104,6 +104,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
       routing: a `RoutingTrace` (or the path of a trace .npz) that the decode step replays instead of the routers
         (benchmarks; see `offload/decode.py`). Offloading policies only.
       cache: an `EngineCache` whose placed weights and profiles are reused (None: nothing kept).
+      direct: how decode copies experts (see `OffloadEngine`): None = direct copies where available.
     Raises:
       ValueError: unknown policy; bad arguments; a budget below what the policy needs (the message names the
         minimum); a plan that does not fit the model or the budget.
@@ -165,7 +166,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
         plan = replan(None if budget is None else budget - fixed)
     return OffloadEngine(weights, spec, plan, budget, n_predicted, max_batch=max_batch, max_seq_len=max_seq_len,
                          prefetch=prefetch, adapt_to_prompt=adapt_to_prompt, replan=replan, routing=routing,
-                         budget_follows_minimum=given.kind == "share" or (given.kind == "auto" and
+                         direct=direct, budget_follows_minimum=given.kind == "share" or (given.kind == "auto" and
                                                                           place.device.platform == "cpu"))
 
 
