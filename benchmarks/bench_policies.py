@@ -60,6 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
     ap.add_argument("--hw", default="measured", choices=("measured", "default"),
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
+    ap.add_argument("--direct", default=None, type=lambda v: {"auto": None, "on": True, "off": False}[v],
+                    help="direct copies (auto: where available; off: the conditional copy step)")
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
     ap.add_argument("--adapt", default="off", choices=("on", "off"),
@@ -79,9 +81,13 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+PAIR_OPTIONS = {"cond": {"direct": False}, "pf": {"prefetch": True}, "nopf": {"prefetch": False}}
+
+
 def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
-    """One --pairs item "policy:fraction[:bN][:adapt]" -> runs (policy, fraction, batch, adapt). Raises SystemExit on
-    a bad item."""
+    """One --pairs item "policy:fraction[:bN][:adapt][:cond][:pf|:nopf]" -> runs (policy, fraction, batch, adapt,
+    options). cond: the conditional copy step instead of direct copies; pf / nopf: prefetch forced on / off.
+    Raises SystemExit on a bad item."""
     parts = item.split(":")
     if len(parts) < 2 or parts[0] not in ALL_POLICIES or parts[0] == "resident":
         raise SystemExit(f"--pairs item {item!r}: want policy:fraction[:bN][:adapt] with a policy of "
@@ -91,11 +97,13 @@ def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
         bs = [int(o[1:]) for o in parts[2:] if o.startswith("b")] or batches
     except ValueError:
         raise SystemExit(f"--pairs item {item!r}: the fraction must be a number and a batch bN an integer") from None
-    bad = [o for o in parts[2:] if not (o == "adapt" or (o.startswith("b") and o[1:].isdigit()))]
+    bad = [o for o in parts[2:] if not (o in ("adapt", *PAIR_OPTIONS) or (o.startswith("b") and o[1:].isdigit()))]
     adapt = "adapt" in parts[2:] or args.adapt == "on"
     if bad or min(bs) < 1 or ("adapt" in parts[2:] and parts[0] not in ADAPTS):
-        raise SystemExit(f"--pairs item {item!r}: options are bN (batch N >= 1) and adapt (static/moepic only)")
-    return [(parts[0], frac, b, adapt and parts[0] in ADAPTS) for b in bs]
+        raise SystemExit(f"--pairs item {item!r}: options are bN (batch N >= 1), adapt (static/moepic only), "
+                         f"{', '.join(PAIR_OPTIONS)}")
+    opts = tuple(o for o in parts[2:] if o in PAIR_OPTIONS)
+    return [(parts[0], frac, b, adapt and parts[0] in ADAPTS, opts) for b in bs]
 
 
 def load_trace(args, cfg, RoutingTrace):
@@ -143,12 +151,12 @@ def main(argv=None) -> int:
     fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
     batches = sorted(int(x) for x in args.batch.split(",") if x.strip())
     granule = args.granule or (16 if args.tiny else 128)
-    runs = [(p, f, b, args.adapt == "on" and p in ADAPTS)
+    runs = [(p, f, b, args.adapt == "on" and p in ADAPTS, ())
             for b in batches for f in fracs for p in policies if p != "resident"]
     if args.pairs:  # only these runs, e.g. "static:0.1,lru:0.75:b4,static:0.25:adapt"
         runs = [r for item in args.pairs.split(",") if item.strip() for r in parse_pair(item.strip(), batches, args)]
     if "resident" in policies:
-        runs += [("resident", None, b, False) for b in sorted({r[2] for r in runs} or set(batches))]
+        runs += [("resident", None, b, False, ()) for b in sorted({r[2] for r in runs} or set(batches))]
     if not runs:
         raise SystemExit("nothing to run: give --policies and --budgets (or --pairs)")
     run_batches = sorted({r[2] for r in runs})
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
         "setup_s": round(setup_s, 2), "free_check_after_setup": freed,
         "device_memory_after_setup": device_memory_stats(),
     }
-    columns = [("policy", "policy", ""), ("batch", "batch", ""), ("adapt", "adapt", ""), ("budget_frac", "experts in budget", ".0%"),
+    columns = [("policy", "policy", ""), ("options", "options", ""), ("batch", "batch", ""), ("adapt", "adapt", ""), ("budget_frac", "experts in budget", ".0%"),
                ("budget_gib", "budget GiB", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
                ("tpot_p90_ms", "p90 ms", ".2f"), ("floor_ms", "floor ms", ".2f"), ("efficiency", "floor/TPOT", ".2f"),
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
@@ -273,11 +281,15 @@ def main(argv=None) -> int:
     def save():
         return C.write_results(name, rows, meta, out_dir=out_dir, columns=columns, title=title)
 
-    def measure(policy, frac, budget, batch, adapt, refs) -> dict:
+    def measure(policy, frac, budget, batch, adapt, opts, refs) -> dict:
         """Build one engine, warm up, run the timed generate, and return the row (the engine dies on return)."""
         row = {"policy": policy, "batch": batch, "adapt": adapt, "budget_frac": frac,
-               "budget_gib": None if budget is None else budget / 2**30,
-               "series": policy + (f" b{batch}" if len(run_batches) > 1 else "") + (" +adapt" if adapt else "")}
+               "budget_gib": None if budget is None else budget / 2**30, "options": ":".join(opts),
+               "series": policy + (f" b{batch}" if len(run_batches) > 1 else "") + (" +adapt" if adapt else "")
+               + "".join(" " + o for o in opts)}
+        over = {"prefetch": prefetch, "direct": args.direct}
+        for o in opts:
+            over.update(PAIR_OPTIONS[o])
         prompts, warm_prompts = all_prompts[:batch], all_warm[:batch]
         eng = None
         try:
@@ -286,7 +298,8 @@ def main(argv=None) -> int:
                 eng = make_engine(model, "resident")
             else:
                 eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
-                                  prefetch=prefetch, adapt_to_prompt=adapt, max_batch=batch, routing=trace, **ekw)
+                                  adapt_to_prompt=adapt, max_batch=batch, routing=trace, **over, **ekw)
+                row["direct"] = bool(eng.direct)
             row["engine_build_s"] = time.perf_counter() - tb
             print(f"  {row['series']} @ {frac}: engine built in {row['engine_build_s']:.1f} s", flush=True)
             refs.append(weakref.ref(eng))
@@ -362,7 +375,7 @@ def main(argv=None) -> int:
         return row
 
     longest = 0.0
-    for policy, frac, batch, adapt in runs:
+    for policy, frac, batch, adapt, opts in runs:
         elapsed = time.perf_counter() - t_start
         if rows and elapsed + 1.2 * longest > args.time_limit:
             print(f"skip {policy} @ {frac}: {elapsed:.0f} s elapsed, a run takes up to {longest:.0f} s "
@@ -372,7 +385,7 @@ def main(argv=None) -> int:
         t_run = time.perf_counter()
         budget = None if frac is None else int(fixed_of[batch] + frac * expert_bytes)
         refs: list = []
-        row = measure(policy, frac, budget, batch, adapt, refs)  # the engine lives only inside measure()
+        row = measure(policy, frac, budget, batch, adapt, opts, refs)  # the engine lives only inside measure()
         row.update(C.release_engine(model, refs[0] if refs else None))
         row["run_s"] = time.perf_counter() - t_run
         longest = max(longest, row["run_s"])
@@ -380,7 +393,7 @@ def main(argv=None) -> int:
         if "error" in row:
             print(f"{policy} @ {frac}: ERROR {row['error']}", flush=True)
         else:
-            print(f"{policy:>8} @ {'-' if frac is None else format(frac, '.0%')} b{batch}{' adapt' if adapt else ''}: TTFT {row['ttft_ms']:.1f} ms, "
+            print(f"{row['series']:>12} @ {'-' if frac is None else format(frac, '.0%')} b{batch}: TTFT {row['ttft_ms']:.1f} ms, "
                   f"TPOT {row['tpot_ms']:.2f} ms (p90 {row['tpot_p90_ms']:.2f}), H2D {row['h2d_mb_per_token']:.1f} MB/tok, "
                   f"floor {row['floor_ms'] if row['floor_ms'] is not None else float('nan'):.2f} ms, "
                   f"compile {row['compile_s']:.1f} s, run {row['run_s']:.1f} s, engine freed {row['engine_freed']}",
