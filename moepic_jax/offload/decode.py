@@ -219,7 +219,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     """MoE block of layer l for B tokens (x [B, D]) with direct copies (`transfer`): no conditional.
 
     One `transfer.start` queues this layer's copies (group 0) and, when nxt = (layer l+1's src, its cache, its
-    predicted ids [P]) is given, the next layer's (group 1, waited for a layer later); the program only waits on
+    predicted ids [P], its split) is given, the next layer's (group 1, waited for a layer later); the program only waits on
     the device. ids, w: [B, K] the routed experts (global ids) and gate weights; pred: what the previous layer
     queued for this one. Returns (y [B, D], cache, counters of l {name: [] float32}, the next layer's `InFlight`).
     """
@@ -270,13 +270,13 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
 
 def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple | None):
     """One `transfer.start` at layer l: group 0 = `now` (this layer's plan; None: nothing), group 1 = the next
-    layer's predicted experts when nxt = (its src, its cache, its predicted ids [P]) is given. Returns (group 0's
+    layer's predicted experts when nxt = (its src, its cache, its predicted ids [P], its split) is given. Returns (group 0's
     destination, unwaited; the next layer's `InFlight` or None)."""
     empty = jnp.zeros((0, 2, transfer.PLAN_COLS), jnp.int32)
     groups, flight_bytes = [now], None
     if nxt is not None:
-        nsrc, ncache, nids = nxt
-        nplan, flight_bytes, _, _ = copy_plan(spec, spec.splits[l + 1], ncache, nids, nids >= 0)
+        nsrc, ncache, nids, nsplit = nxt
+        nplan, flight_bytes, _, _ = copy_plan(spec, nsplit, ncache, nids, nids >= 0)
         groups.append(transfer.Group(nplan, nsrc, ncache.tops))
     if now is None:
         groups[0] = transfer.Group(empty, groups[1].src, groups[1].tops[:0])
@@ -335,7 +335,7 @@ def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple
             if not cfg.moe_layers[l]:
                 next_pred = None
                 if predicts and spec.direct:
-                    next_pred = start_copies(spec, l, None, (srcs[nxt], caches[nxt], pids))[1]
+                    next_pred = start_copies(spec, l, None, (srcs[nxt], caches[nxt], pids, spec.splits[nxt]))[1]
                 elif predicts:
                     next_pred = predict(spec, nxt, stacks[nxt], caches[nxt], pids, B)
                 with jax.named_scope("ffn"):
@@ -344,7 +344,7 @@ def decode_step(spec: StepSpec, resident: M.Params, stacks: tuple, caches: tuple
                                                                           trace.weights[rows, l].astype(jnp.float32)))
             if spec.direct:
                 y, cache, c, next_pred = moe_decode_direct(
-                    spec, l, lp, x[:, 0], caches[l], srcs[l], ids, w, pred, (srcs[nxt], caches[nxt], pids)
+                    spec, l, lp, x[:, 0], caches[l], srcs[l], ids, w, pred, (srcs[nxt], caches[nxt], pids, spec.splits[nxt])
                     if predicts else None, step)
             else:
                 next_pred = predict(spec, nxt, stacks[nxt], caches[nxt], pids, B) if predicts else None

@@ -25,6 +25,8 @@ import numpy as np
 from moepic_jax import model as M
 from moepic_jax.offload import cache as C
 from moepic_jax.offload import copy_step as CS
+from moepic_jax.offload import decode as DS
+from moepic_jax.offload import transfer
 from moepic_jax.offload.copy_step import StepSpec, fetch_rows
 from moepic_jax.offload.decode import RoutingTrace
 from moepic_jax.offload.placement import make_placement
@@ -44,6 +46,11 @@ DEFAULT_H2D_BANDWIDTH_BPS = 49e9
 DEFAULT_LAYER_COMPUTE_S = 1e-4
 DEFAULT_COND_OVERHEAD_S = 3.6e-5
 DEFAULT_COND_WINDOW_FRACTION = 0.0
+# With direct copies (`offload/transfer.py`): from the copy-overlap probes on the H100
+# (docs/notes/2026-12-07-copy-overlap-probes.md): cudaMemcpyAsync on a private stream hid 0.90-0.92 of a copy
+# behind compute; the call's host round trip is taken as one conditional's until measured.
+DEFAULT_DIRECT_OVERHEAD_S = 5e-5
+DEFAULT_DIRECT_WINDOW_FRACTION = 0.9
 
 _DEFAULT_TEXT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""
@@ -221,15 +228,31 @@ def profile_from_trace(trace: RoutingTrace, cfg, dtype_bytes: int, smoothing: fl
                         n_experts=E, dtype_bytes=dtype_bytes, model_id=cfg.identity(), n_predicted=pred.shape[2])
 
 
-def default_hardware(n_layers: int) -> HardwareProfile:
-    """The unmeasured default (the H200 figures above); `measure_hardware` measures the machine in use."""
+def default_hardware(n_layers: int, direct: bool = False) -> HardwareProfile:
+    """The unmeasured default (the figures above) for the conditional copy step or, direct=True, for direct copies;
+    `measure_hardware` measures the machine in use."""
     return HardwareProfile(h2d_latency_s=DEFAULT_H2D_LATENCY_S, h2d_bandwidth_Bps=DEFAULT_H2D_BANDWIDTH_BPS,
                            layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device="default (not measured)",
-                           cond_overhead_s=DEFAULT_COND_OVERHEAD_S, cond_window_fraction=DEFAULT_COND_WINDOW_FRACTION)
+                           cond_overhead_s=DEFAULT_DIRECT_OVERHEAD_S if direct else DEFAULT_COND_OVERHEAD_S,
+                           cond_window_fraction=DEFAULT_DIRECT_WINDOW_FRACTION if direct
+                           else DEFAULT_COND_WINDOW_FRACTION, direct=direct)
 
 
-def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5, chain: int = 8, per_step: int = 1
-                ) -> tuple[list[int], list[float]]:
+def direct_rows(platform: str, stack: jax.Array, src: jax.Array, ids: list, rows: int, tag: int) -> list:
+    """Rows [0, rows) of experts `ids` (traced int32 scalars) of a pinned_host stack [E, F, 3, D], copied by one
+    direct copy call (`offload/transfer.py`) and waited for: a list of [rows, 3, D] device arrays."""
+    plan = jnp.stack([jnp.stack([jnp.int32(transfer.FROM_HOST), e, jnp.int32(0), jnp.int32(rows)])
+                      for e in ids])[:, None]
+    tops = jnp.zeros((0, 0) + stack.shape[2:], stack.dtype)
+    none = transfer.Group(jnp.zeros((0, 1, transfer.PLAN_COLS), jnp.int32), src, tops)
+    dst, _ = transfer.start(platform, (transfer.Group(plan, src, tops), none), stack.shape[1], stack.shape[0],
+                            stack.dtype, tag=tag)
+    dst = transfer.wait(platform, dst, tag, 0)
+    return [dst[j, :rows] for j in range(len(ids))]
+
+
+def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5, chain: int = 8, per_step: int = 1,
+                direct: bool = False) -> tuple[list[int], list[float]]:
     """Time in-graph copy steps of `per_step` experts' rows [0, rows) from a pinned_host stack [E, F, 3, D], as the
     decode step makes them: one layer's copies issued together, inside one compiled program, each step's expert
     ids depending on the previous step's data (steps neither overlap each other nor pay a host round trip each).
@@ -238,43 +261,52 @@ def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5, chain
     copies gave 43 GB/s where the decode step's batches of copies stream at ~53 GB/s.)"""
     row_bytes = int(np.prod(stack.shape[2:])) * stack.dtype.itemsize
     E = stack.shape[0]
+    src = jnp.asarray(transfer.host_address(stack)) if direct else None
+    platform = next(iter(stack.sharding.device_set)).platform
     out_b, out_t = [], []
     for rows in sizes_rows:
-        def copies(st, acc, _r=rows):
+        def copies(st, acc, src, _r=rows):
             for i in range(chain):
                 gate = acc > 1e30  # the step's ids depend on the previous step's data: steps are serialised
-                bufs = [fetch_rows(st, jnp.where(gate, 0, (i * per_step + j) * 7 % E).astype(jnp.int32), 0, _r)
-                        for j in range(per_step)]
+                ids = [jnp.where(gate, 0, (i * per_step + j) * 7 % E).astype(jnp.int32) for j in range(per_step)]
+                if direct:  # one direct copy call of per_step experts' rows [0, rows)
+                    bufs = direct_rows(platform, st, src, ids, _r, tag=i)
+                else:
+                    bufs = [fetch_rows(st, e, 0, _r) for e in ids]
                 acc = acc + sum(jnp.sum(b, dtype=jnp.float32) for b in bufs)  # all of it: no slice shrinks a copy
             return acc
 
         fn = jax.jit(copies)
-        fn(stack, jnp.float32(0)).block_until_ready()
+        fn(stack, jnp.float32(0), src).block_until_ready()
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn(stack, jnp.float32(0)).block_until_ready()
+            fn(stack, jnp.float32(0), src).block_until_ready()
             ts.append(time.perf_counter() - t0)
         out_b.append(per_step * rows * row_bytes)
         out_t.append(float(np.median(ts)) / chain)
     return out_b, out_t
 
 
-def measure_hardware(weights: PlacedWeights, repeats: int = 5) -> HardwareProfile:
+def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | None = None) -> HardwareProfile:
     """Measure this machine for the planner (seconds and bytes/second; DESIGN.md cost model).
 
     Fits the copy-time curve from in-graph copies of several segment sizes, measures the decode compute time
     per layer (attention + router + the routed experts' math, experts already on the device), and the cost of
-    the engine's data-dependent copy step (`cond_overhead_s`, `cond_window_fraction`, see `conditional_costs`).
+    the engine's copy step (`cond_overhead_s`, `cond_window_fraction`, see `conditional_costs`), all with the
+    copies the engine will make: direct copies (`offload/transfer.py`) when direct is True, or None and they are
+    available on one device; else the conditional copy step.
     Returns a `HardwareProfile` with every layer given the first MoE layer's compute time.
     """
+    if direct is None:
+        direct = weights.place.mesh is None and transfer.available(weights.device)
     cfg = weights.cfg
     l0 = cfg.moe_layer_ids[0]
     F = cfg.d_ff
     rows = sorted({max(1, F // 8), max(1, F // 4), max(1, F // 2), F})
     stack = _on_first_device(weights.stacks[l0], weights.device)  # several devices: the first one's experts and link
     # copy steps of top_k experts, as a decode layer's misses (the latency fitted is then per step, as in the planner)
-    sizes, times = measure_h2d(stack, rows, repeats, per_step=min(cfg.top_k, stack.shape[0]))
+    sizes, times = measure_h2d(stack, rows, repeats, per_step=min(cfg.top_k, stack.shape[0]), direct=direct)
     # compute: one decode token through one layer with k experts resident, timed in a loop
     lp = _first_device_resident(weights).layers[l0]
     ex = jax.device_put(stack, jax.sharding.SingleDeviceSharding(weights.device))
@@ -296,7 +328,7 @@ def measure_hardware(weights: PlacedWeights, repeats: int = 5) -> HardwareProfil
     jax.block_until_ready(out)
     c = (time.perf_counter() - t0) / (repeats * 4)
     costs = conditional_costs(weights, stack, ex, lambda h, x_exp, w: layer(w[0], x_exp, h, w[1], w[2])[0], h, repeats,
-                              weights=(lp, kv.k, kv.v))
+                              weights=(lp, kv.k, kv.v), direct=direct)
     del ex
     compute = np.full(cfg.n_layers, c)
     try:
@@ -306,11 +338,11 @@ def measure_hardware(weights: PlacedWeights, repeats: int = 5) -> HardwareProfil
         i = int(np.argmax(sizes))
         hw = HardwareProfile(min(times), sizes[i] / times[i], compute, device=str(weights.device.device_kind))
     return dataclasses.replace(hw, cond_overhead_s=costs["cond_overhead_s"],
-                               cond_window_fraction=costs["cond_window_fraction"])
+                               cond_window_fraction=costs["cond_window_fraction"], direct=direct)
 
 
 def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, layer, h: jax.Array, repeats: int = 5,
-                      reps: int = 8, weights=()) -> dict:
+                      reps: int = 8, weights=(), direct: bool = False) -> dict:
     """What the engine's data-dependent copy step costs on this machine, measured with its own code.
 
     `layer(h, experts, weights)` is one resident decode layer ([1, 1, d_model] -> same; `weights` is passed to the
@@ -326,13 +358,16 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     Returns seconds per layer: cond_overhead_s = (hit - plain) / reps, copy_s = (miss - hit) / reps, hidden_s =
     (miss - ahead) / reps, compute_s = plain / reps; and cond_window_fraction = hidden_s / compute_s clipped to
     [0, 1] (0: the copies inside a conditional do not overlap compute at all).
+    direct: the same chains with direct copies (`offload/transfer.py`, `decode.moe_decode_direct`'s calls): a hit
+    is then a copy call whose plan takes the expert from its slot, and "ahead" a prefetch group.
     """
     cfg = placed.cfg
     E, F = stack.shape[0], cfg.d_ff
     dev = jax.sharding.SingleDeviceSharding(placed.device)
     # the decode step's own copy step, on one device with every split F (whole experts), no admission
     spec = StepSpec(cfg=cfg, dtype=placed.dtype, splits=(F,) * cfg.n_layers, rule="static", n_predicted=0,
-                    prefetch=False, place=make_placement([placed.device], E))
+                    prefetch=False, place=make_placement([placed.device], E), direct=direct)
+    src = jnp.asarray(transfer.host_address(stack)) if direct else None
     U = min(cfg.top_k, E)
     tops = jax.jit(lambda st: fetch_rows(st, jnp.int32(0), 0, F)[None], out_shardings=dev)(stack)
     cache = jax.device_put(C.init_layer_cache(tops, [0], E), dev)  # slot 0 holds expert 0 whole
@@ -344,13 +379,22 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
 
     def assemble(h, r, cache, stack):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
         ids = ids_for(h, r, False)
+        if direct:  # queued now, waited for when used
+            return DS.start_copies(spec, r, None, (src, cache, ids, F))[1]
         return CS.assemble(spec, F, stack, cache, ids, ids >= 0).outputs[0]
+
+    def landed(pending):
+        return transfer.wait(placed.device.platform, pending.dst, pending.tag, 1)[0] if direct else pending
 
     def apply(h, w):
         return h + M.segment_ffn(h[0], w)[None].astype(h.dtype)
 
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
+        if direct:
+            plan = DS.copy_plan(spec, F, cache, ids, ids >= 0)[0]
+            dst = DS.start_copies(spec, r, transfer.Group(plan, src, cache.tops), None)[0]
+            return apply(h, transfer.wait(placed.device.platform, dst, r, 0)[0])
         return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):
@@ -364,7 +408,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
             if mode == "plain":
                 h = apply(h, ex[r % E])
             elif mode == "ahead":
-                h = apply(h, cur)
+                h = apply(h, landed(cur))
             else:
                 h = routed(h, r, mode == "hit", cache, stack)
         return h

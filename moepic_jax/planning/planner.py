@@ -68,7 +68,9 @@ Q_l = [layer l is predicted]:
     n_cond_l = C_l * Q_l + max(C_l, Q_l)   (the prefetch's conditional, the on-demand conditional)
     a_l      = window_fraction * (cond_window_fraction if C_l else 1)
 
-`window_fraction` stays for unconditional prefetch copies. With a = 0 a prediction only adds its wasted copies and
+`window_fraction` stays for unconditional prefetch copies. With direct copies (`HardwareProfile.direct`,
+`offload/transfer.py`) there is no conditional: every MoE layer makes one copy call, n_cond_l = 1, and
+a_l = window_fraction * cond_window_fraction whether the layer is cached or not. With a = 0 a prediction only adds its wasted copies and
 its conditional, so the solver also decides whether to predict at all (`solve(prefetch=None)`, `CachePlan.prefetch`).
 
 E[X] ~ (k'/k) * t_l, so with every X_h on the same side of the window this is the DESIGN.md starting model
@@ -146,9 +148,12 @@ def _layer_time(p_c, split, n_cached, mp: ModelProfile, hw: HardwareProfile) -> 
     nd = max(p_c.ndim, split.ndim, n_cached.ndim, 1)
     k_l, rho, n_pf, c_prev, c = (x.reshape((-1,) + (1,) * (nd - 1)) for x in _layer_consts(mp, hw))
     predicted = n_pf > 0
-    # a prefetch into a cached layer is a conditional copy, which on some stacks cannot overlap compute
-    window = hw.window_fraction * np.where(has_cache, hw.cond_window_fraction, 1.0) * c_prev
-    overhead = ((has_cache & predicted).astype(np.float64) + (has_cache | predicted)) * hw.cond_overhead_s
+    if hw.direct:  # one copy call per MoE layer (its host round trip); every prefetch overlaps alike
+        window = hw.window_fraction * hw.cond_window_fraction * c_prev
+        overhead = np.where(k_l > 0, hw.cond_overhead_s, 0.0) + 0.0 * has_cache
+    else:  # a prefetch into a cached layer is a conditional copy, which on some stacks cannot overlap compute
+        window = hw.window_fraction * np.where(has_cache, hw.cond_window_fraction, 1.0) * c_prev
+        overhead = ((has_cache & predicted).astype(np.float64) + (has_cache | predicted)) * hw.cond_overhead_s
     f, beta, lat, bw = mp.d_ff, mp.row_bytes, hw.h2d_latency_s, hw.h2d_bandwidth_Bps
     t_miss = f * beta / bw  # byte times; the latency is paid once per copy step (below)
     t_hit = np.where(split >= f, 0.0, (f - split) * beta / bw)

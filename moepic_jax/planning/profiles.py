@@ -336,6 +336,9 @@ class HardwareProfile:
       buffers), seconds; 0 = free (the ideal). Measured by `profile.measure_hardware`.
     cond_window_fraction: the share of that window left to a prefetch made inside a conditional (0.08 on the H200:
       those copies do not overlap compute); 1 = like an unconditional copy.
+    direct: the decode step copies directly (`offload/transfer.py`, no conditional): then every MoE layer pays
+      cond_overhead_s once (its copy call's host round trip, whatever it copies) and every prefetch sees
+      cond_window_fraction of its window (the copies run on the copy engines while the layer computes).
     """
 
     h2d_latency_s: float
@@ -346,6 +349,7 @@ class HardwareProfile:
     extra_s: float = 0.0
     cond_overhead_s: float = 0.0
     cond_window_fraction: float = 1.0
+    direct: bool = False
 
     def __post_init__(self):
         for name in ("h2d_latency_s", "h2d_bandwidth_Bps", "window_fraction", "extra_s", "cond_overhead_s",
@@ -359,6 +363,7 @@ class HardwareProfile:
             raise ValueError("HardwareProfile.layer_compute_s must be finite and >= 0 (seconds per layer)")
         object.__setattr__(self, "layer_compute_s", c)
         _require(isinstance(self.device, str), f"HardwareProfile.device must be a str, got {self.device!r}")
+        _require(isinstance(self.direct, bool), f"HardwareProfile.direct must be True or False, got {self.direct!r}")
 
     def copy_time_s(self, nbytes):
         """Time of one host->device copy step of nbytes: h2d_latency_s + nbytes / h2d_bandwidth_Bps (0 bytes -> 0 s).
@@ -403,6 +408,7 @@ class HardwareProfile:
             "layer_compute_s": self.layer_compute_s.tolist(), "device": self.device,
             "window_fraction": self.window_fraction, "extra_s": self.extra_s,
             "cond_overhead_s": self.cond_overhead_s, "cond_window_fraction": self.cond_window_fraction,
+            "direct": self.direct,
         })
 
     @classmethod
@@ -410,7 +416,7 @@ class HardwareProfile:
         """Inverse of to_json; unknown keys are ignored. Raises ValueError on malformed input."""
         d = _loads(s, "HardwareProfile")
         kw = {k: _get(d, k, "HardwareProfile") for k in ("h2d_latency_s", "h2d_bandwidth_Bps", "layer_compute_s")}
-        for k in ("device", "window_fraction", "extra_s", "cond_overhead_s", "cond_window_fraction"):
+        for k in ("device", "window_fraction", "extra_s", "cond_overhead_s", "cond_window_fraction", "direct"):
             if k in d:
                 kw[k] = d[k]
         return cls(**kw)

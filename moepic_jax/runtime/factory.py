@@ -14,7 +14,7 @@ import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.io.loading import Model
-from moepic_jax.offload import memory
+from moepic_jax.offload import memory, transfer
 from moepic_jax.offload.decode import RoutingTrace
 from moepic_jax.offload.memory import below_minimum, offload_fixed_bytes, parse_budget, resolve_budget, tree_bytes
 from moepic_jax.offload.placement import make_placement
@@ -157,7 +157,8 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
         plan = empty_plan(cfg)
     elif plan is None:
         mp = profile or _profile(weights, n_predicted, cache)
-        hw = hardware or calibrate.default_hardware(cfg.n_layers)
+        direct_copies = direct is not False and place.mesh is None and transfer.available(place.device)
+        hw = hardware or calibrate.default_hardware(cfg.n_layers, direct=direct_copies)
         row_bytes = 3 * cfg.d_model * weights.dtype.itemsize
 
         def replan(cache_budget):
