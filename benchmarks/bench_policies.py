@@ -268,7 +268,8 @@ def main(argv=None) -> int:
     columns = [("policy", "policy", ""), ("options", "options", ""), ("batch", "batch", ""), ("adapt", "adapt", ""), ("budget_frac", "experts in budget", ".0%"),
                ("budget_gib", "budget GiB", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
                ("tpot_p90_ms", "p90 ms", ".2f"), ("floor_ms", "floor ms", ".2f"), ("efficiency", "floor/TPOT", ".2f"),
-               ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("full_hit_rate", "full hit", ".1%"),
+               ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("prefetch_wasted_mb_per_token", "wasted MB/tok", ".1f"),
+               ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
                ("prefetch", "prefetch", ""), ("predictor_recall", "recall", ".1%"),
                ("planner_tpot_ms", "planner ms", ".2f"), ("planner_run_tpot_ms", "model ms (run routing)", ".2f"),
@@ -319,6 +320,7 @@ def main(argv=None) -> int:
             row.update(
                 ttft_ms=s.ttft_s * 1e3, tpot_ms=s.tpot_s * 1e3, tpot_p90_ms=s.tpot_p90_s * 1e3,
                 tokens_per_s=s.tokens_per_s, h2d_mb_per_token=s.h2d_bytes_per_token / 1e6,
+                prefetch_wasted_mb_per_token=s.prefetch_wasted_bytes_per_token / 1e6,
                 h2d_bytes_per_token=s.h2d_bytes_per_token, prefill_h2d_gb=s.prefill_h2d_bytes / 1e9,
                 floor_ms=floor * 1e3 if policy != "resident" else None,
                 efficiency=(floor / s.tpot_s) if policy != "resident" and s.tpot_s > 0 else None,

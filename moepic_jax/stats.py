@@ -56,6 +56,7 @@ class GenerateStats:
     compile_s: float
     peak_device_bytes: int | None
     prefill_h2d_bytes: float = 0.0
+    prefetch_wasted_bytes_per_token: float = 0.0  # H2D bytes of predicted experts that were not routed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,6 +117,7 @@ def collect_stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, coun
     else:
         full = top = miss = recall = nan
     h2d = float(agg["h2d_bytes"].sum() / steps) if "h2d_bytes" in agg else 0.0
+    wasted = float(agg["prefetch_wasted_bytes"].sum() / steps) if "prefetch_wasted_bytes" in agg else 0.0
     mem = device_memory_stats()
     return GenerateStats(
         policy=engine.policy,
@@ -136,4 +138,5 @@ def collect_stats(engine, cfg, batch, prompt_tokens, out, ttft, step_times, coun
         compile_s=engine.compiles.seconds - compiles0[1],
         peak_device_bytes=None if not mem else int(mem.get("peak_bytes_in_use", 0)) or None,
         prefill_h2d_bytes=float(np.sum(np.asarray(c_prefill.get("h2d_bytes", 0.0)))) if c_prefill else 0.0,
+        prefetch_wasted_bytes_per_token=wasted,
     )

@@ -4,11 +4,22 @@ Data flow per layer l (DESIGN.md; JAX_NOTES.md §2b), all on the device, through
 
   attention(l) -> h_mid
   predictor: layer l+1's post-attention RMSNorm + router on h_mid -> top-k' experts of l+1
-             -> their buffers are assembled now (prefetch), so XLA can overlap the copies with l
   router(l) -> routed experts (distinct: U = min(B*K, E) slots, padded with -1)
-  per routed expert e:  predicted ? the prefetched buffer : the copy step (`copy_step.py`)
+  copies: what the routed experts lack on the device (a miss: all rows; a top-only hit: its bottom rows)
   y = sum over routed experts of weight * SwiGLU(x, buffer) (+ shared expert)
   cache rule update (admission for `lru` and `moepic`'s frequency rule), counters (hits, bytes, recall)
+
+Two ways to make the copies, the same results (tests):
+
+- **Direct copies** (`moe_decode_direct`, the default on one device): the step computes a copy plan per layer
+  (`copy_plan`: per expert, which rows come from the host stack and which from its cache slot) and one
+  `transfer.start` call queues them, with the next layer's predicted experts (the prefetch), on a private stream
+  as DMA; the step then waits on the device only (`transfer.wait`). No conditional: the host reads each plan
+  once per layer (the call's round trip) and the copies overlap the layer's compute. The prefetch is waited for
+  a layer later, so it streams in while this layer computes (MoEpic's overlap).
+- **The conditional copy step** (`moe_decode` + `copy_step.py`): copies made inside `lax.switch` branches by
+  XLA (zero-copy kernels on the compute stream). Used with several devices and where the copy library cannot be
+  built; on a GPU each conditional makes the host wait for its branch index.
 
 Every size comes from the plan (slots N_l, split s_l), so changing which expert sits in which slot never
 recompiles.
@@ -35,7 +46,9 @@ from moepic_jax.offload import cache as C
 from moepic_jax.offload import transfer
 from moepic_jax.offload.copy_step import StepSpec, assemble, expert_outputs
 
-COUNTERS = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes")
+# per layer: routed pairs by hit class, routed pairs that were prefetched, H2D bytes (prefetch included), and the
+# prefetched bytes of experts the layer did not route (wasted)
+COUNTERS = ("full_hits", "top_hits", "misses", "predicted", "routed", "h2d_bytes", "prefetch_wasted_bytes")
 
 
 class RoutingTrace(NamedTuple):
@@ -100,7 +113,7 @@ class Prefetch(NamedTuple):
 
     ids: jax.Array  # [P] int32 distinct predicted experts (-1 padded), in assembly order
     buffers: jax.Array  # [P, F, 3, D]
-    h2d_bytes: jax.Array  # [] float32
+    h2d_bytes: jax.Array  # [P] float32 bytes copied for each
 
 
 def routed(spec: StepSpec, lp: M.LayerParams, x: jax.Array, traced: tuple[jax.Array, jax.Array] | None):
@@ -133,7 +146,8 @@ def predict(spec: StepSpec, l_next: int, stack: jax.Array, cache: C.LayerCache, 
     with jax.named_scope("prefetch"):
         r = assemble(spec, spec.splits[l_next], stack, cache, pred, pred >= 0,
                      every=batch == 1 and spec.place.mesh is None)
-    return Prefetch(r.ids, r.outputs, r.h2d_bytes)
+    each = copy_plan(spec, spec.splits[l_next], cache, pred, pred >= 0)[1]  # the bytes the copy step moved, each
+    return Prefetch(r.ids, r.outputs, each[r.order])
 
 
 def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred: Prefetch | None, step,
@@ -159,7 +173,7 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
                            admit_step=step if spec.admits else None)
     outs, nbytes, new_cache = r.outputs, r.h2d_bytes, r.cache
     if pred is not None:
-        nbytes = nbytes + pred.h2d_bytes
+        nbytes = nbytes + jnp.sum(pred.h2d_bytes)
         j = jnp.argmax(r.ids[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
         g = got[r.order]
         with jax.named_scope("ffn"):
@@ -177,7 +191,7 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
     f32 = jnp.float32
     counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                     misses=jnp.sum(miss, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
-                    h2d_bytes=nbytes.astype(f32))
+                    h2d_bytes=nbytes.astype(f32), prefetch_wasted_bytes=wasted(pred, uniq))
     counters = {k: place.psum(v) for k, v in counters.items()}  # over the devices' experts
     counters["routed"] = f32(ids.size)
     return y, new_cache, counters
@@ -188,7 +202,7 @@ class InFlight(NamedTuple):
 
     ids: jax.Array  # [P] int32 distinct predicted experts (-1 padded)
     dst: jax.Array  # [P, F, 3, D] their rows once waited for (`transfer.wait`, group 1 of `tag`)
-    h2d_bytes: jax.Array  # [] float32
+    h2d_bytes: jax.Array  # [P] float32 bytes copied for each
     tag: int  # the layer whose start queued them
 
 
@@ -197,7 +211,8 @@ def copy_plan(spec: StepSpec, split: int, cache: C.LayerCache, ids: jax.Array, n
 
     A needed miss: rows [0, F) from the host. A needed cached expert: rows [0, s) from its slot (device to device)
     and rows [s, F) from the host (none when s == F). Not needed (padding, or prefetched a layer ago): nothing.
-    Returns (plan, H2D bytes [] float32, miss [U] bool, top_hit [U] bool) with miss/top_hit among the needed.
+    Returns (plan, H2D bytes of each [U] float32, miss [U] bool, top_hit [U] bool) with miss/top_hit among the
+    needed.
     """
     F = spec.cfg.d_ff
     s = split if cache.tops.shape[0] > 0 else 0
@@ -210,7 +225,7 @@ def copy_plan(spec: StepSpec, split: int, cache: C.LayerCache, ids: jax.Array, n
                        jnp.where(need, jnp.where(cached, s, F), 0)], -1)
     second = jnp.stack([zero, e, zero + s, jnp.where(need & cached, F - s, 0)], -1)
     plan = jnp.stack([first, second], 1).astype(jnp.int32)
-    rows = jnp.sum(jnp.where(miss, F, 0) + jnp.where(top_hit, F - s, 0))
+    rows = jnp.where(miss, F, 0) + jnp.where(top_hit, F - s, 0)
     return plan, rows.astype(jnp.float32) * spec.row_bytes, miss, top_hit
 
 
@@ -233,7 +248,8 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     if pred is not None:
         got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0)
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
-    plan, nbytes, miss, top_hit = copy_plan(spec, spec.splits[l], cache, uniq, ~got)
+    plan, each, miss, top_hit = copy_plan(spec, spec.splits[l], cache, uniq, ~got)
+    nbytes = jnp.sum(each)
     platform = place.device.platform
     with jax.named_scope("copy_step"):
         dst, flight = start_copies(spec, l, transfer.Group(plan, src, cache.tops), nxt)
@@ -243,7 +259,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:
-        nbytes = nbytes + pred.h2d_bytes
+        nbytes = nbytes + jnp.sum(pred.h2d_bytes)
         pbufs = transfer.wait(platform, pred.dst, pred.tag, 1)
         j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
         with jax.named_scope("ffn"):
@@ -264,7 +280,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     f32 = jnp.float32
     counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                     misses=jnp.sum(miss_pairs, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
-                    h2d_bytes=nbytes.astype(f32), routed=f32(ids.size))
+                    h2d_bytes=nbytes.astype(f32), routed=f32(ids.size), prefetch_wasted_bytes=wasted(pred, uniq))
     return y, cache, counters, flight
 
 
@@ -285,6 +301,15 @@ def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple 
     dst, dst_next = transfer.start(spec.place.device.platform, tuple(groups), spec.cfg.d_ff, spec.cfg.n_experts,
                                    spec.dtype, tag=l)
     return dst, (None if nxt is None else InFlight(nxt[2], dst_next, flight_bytes, l))
+
+
+def wasted(pred, uniq: jax.Array) -> jax.Array:
+    """[] float32 the bytes copied for predicted experts that the layer did not route (0 without a prefetch).
+    pred: the `Prefetch` / `InFlight` of this layer; uniq: [U] its routed experts (-1 padded)."""
+    if pred is None:
+        return jnp.float32(0)
+    unused = ~jnp.any(pred.ids[:, None] == uniq[None, :], axis=-1)
+    return jnp.sum(jnp.where(unused, pred.h2d_bytes, 0.0)).astype(jnp.float32)
 
 
 def combine(cfg, ids: jax.Array, w: jax.Array, uniq: jax.Array, outs: jax.Array) -> jax.Array:

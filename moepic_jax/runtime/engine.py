@@ -395,7 +395,8 @@ class OffloadEngine:
         """One token per row. tokens: [batch] int32 (on the device).
 
         Returns (logits [batch, vocab] float32, KV cache (donated input), counters: dict of [n_layers] float32
-        arrays full_hits, top_hits, misses, predicted (routed pairs that were prefetched), routed, h2d_bytes).
+        arrays full_hits, top_hits, misses, predicted (routed pairs that were prefetched), routed, h2d_bytes,
+        prefetch_wasted_bytes (`offload.decode.COUNTERS`)).
         The top caches and the replacement rule's state are updated in place (donated).
         """
         if self.caches is None:
