@@ -94,10 +94,15 @@ def _add_engine_args(p, default_policy="moepic", default_budget="auto"):
                         "(adapt_to_prompt=True; helps when routing follows the prompt, see the README)")
 
 
+def _progress() -> bool:
+    """Progress bars (loading, pinning, profiling) when stderr is a terminal; none in logs and pipes."""
+    return sys.stderr.isatty()
+
+
 def _load(args):
     import moepic_jax
 
-    return moepic_jax.load(args.model, dtype=args.dtype, progress=True)
+    return moepic_jax.load(args.model, dtype=args.dtype, progress=_progress())
 
 
 def _engine_kw(args):
@@ -109,6 +114,7 @@ def _engine_kw(args):
     offloads = POLICY_SPECS[args.policy].offloads
     if offloads:
         kw["granule"] = args.granule
+        kw["progress"] = _progress()
     if args.devices != 1:
         kw["devices"] = args.devices
     if args.prefetch != "auto" and offloads:
@@ -164,7 +170,8 @@ def _offload_engine(args, model, **kw):
 
     policy = args.policy if POLICY_SPECS[args.policy].plan != "none" else "moepic"  # a policy that plans
     return make_engine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
-                       max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices, **kw)
+                       max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices,
+                       progress=_progress(), **kw)
 
 
 def _placed_and_profiled(args, model):
@@ -174,8 +181,8 @@ def _placed_and_profiled(args, model):
     from moepic_jax.runtime.factory import EngineCache
 
     cache = EngineCache().for_model(model)
-    weights = cache.weights(make_placement(args.devices, model.cfg.n_experts))
-    return cache, weights, cache.profile(weights, model.cfg.top_k)
+    weights = cache.weights(make_placement(args.devices, model.cfg.n_experts), _progress())
+    return cache, weights, cache.profile(weights, model.cfg.top_k, _progress())
 
 
 def cmd_profile(args) -> int:
@@ -183,7 +190,7 @@ def cmd_profile(args) -> int:
 
     model = _load(args)
     _, weights, mp = _placed_and_profiled(args, model)
-    hw = calibrate.measure_hardware(weights)
+    hw = calibrate.measure_hardware(weights, progress=_progress())
     if args.out:
         mp.save(args.out + ".model.json")
         hw.save(args.out + ".hardware.json")
@@ -239,7 +246,7 @@ def cmd_convert(args) -> int:
     from moepic_jax.io import checkpoint
     from moepic_jax.io.loading import load
 
-    model = load(args.hf_dir, dtype=args.dtype, progress=True)
+    model = load(args.hf_dir, dtype=args.dtype, progress=_progress())
     checkpoint.save(args.out_dir, model.cfg, model.params, args.dtype, model.tokenizer)
     print(f"wrote {args.out_dir}")
     return 0

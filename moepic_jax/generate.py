@@ -78,7 +78,7 @@ def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: 
     """
     offloads = policy_spec(policy).offloads
     cache = ENGINES.for_model(model)
-    key = engine_key(policy, vram_budget, plan, engine_kw)
+    key = engine_key(policy, vram_budget, plan, {k: v for k, v in engine_kw.items() if k != "progress"})
     eng = cache.engines.get(key)
     if eng is not None and offloads and (eng.max_batch < batch or eng.max_seq_len < max_len):
         eng = None
@@ -148,8 +148,9 @@ def generate(
       engine: an engine from `moepic_jax.make_engine(...)` to use instead of building one.
       **engine_kw: for the offloading policies, passed to `make_engine`: max_batch, max_seq_len, granule,
         n_predicted, prefetch (None = as the plan says, True/False to force next-layer prefetch), profile,
-        hardware, and devices (a device count or list: the experts are split over an `expert` mesh axis of those
-        devices and `vram_budget` is per device).
+        hardware, devices (a device count or list: the experts are split over an `expert` mesh axis of those
+        devices and `vram_budget` is per device), and progress (progress bars while the engine is built; not part
+        of the key of the engine kept for later calls).
     Returns:
       `GenerateResult` (.text, .token_ids [batch][new], .stats).
     Raises:
