@@ -139,6 +139,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0
+    t_call = time.perf_counter()
     plan, kw = _engine_kw(args)
     prompt = args.prompt
     if model.tokenizer is None:
@@ -158,8 +159,13 @@ def cmd_generate(args) -> int:
     print(res.stats.summary(), file=sys.stderr)
     print(f"load {load_s:.1f} s, " + res.stats.timing(), file=sys.stderr)
     if args.stats_json:
+        # load_s: reading the weights; first_token_s: from the start of main() to the first new token;
+        # first_token_unix_s: that instant on the wall clock (a caller that started the process can subtract)
+        t_first = t_call + res.stats.setup_s + res.stats.ttft_s
+        extra = {"load_s": load_s, "first_token_s": t_first - args.t_start,
+                 "first_token_unix_s": time.time() - (time.perf_counter() - t_first)}
         with open(args.stats_json, "w") as f:
-            json.dump(res.stats.to_dict(), f, indent=2, default=float)
+            json.dump({**res.stats.to_dict(), **extra}, f, indent=2, default=float)
     return 0
 
 
@@ -296,6 +302,7 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(prog="moepic-jax", description=__doc__.splitlines()[0],
                                  formatter_class=HELP)
     ap.add_argument("-v", "--verbose", action="store_true", help="log the engine's plan and re-plans")
@@ -312,7 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--stats-json", default=None, help="write the stats to this JSON file")
+    p.add_argument("--stats-json", default=None,
+                   help="write the stats to this JSON file (GenerateStats, plus load_s, first_token_s: seconds "
+                        "from the start of the command to the first new token, and first_token_unix_s)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("profile", formatter_class=HELP,
@@ -363,6 +372,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_bench)
 
     args = ap.parse_args(argv)
+    args.t_start = t_start  # first_token_s (generate --stats-json) counts from here
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     _env_before_jax(args)
     try:

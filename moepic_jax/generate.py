@@ -157,6 +157,7 @@ def generate(
       ValueError: empty prompts, a prompt longer than the context, bad sampling arguments, a budget
         below what the policy needs, an unknown policy.
     """
+    t_call = time.perf_counter()
     if model is None:
         model = load()
     sampling.check_sampling_args(temperature, top_k, top_p)
@@ -260,6 +261,7 @@ def generate(
         nxt = nxt_next
     n_prompt = len(ids[0]) if B == 1 else sum(map(len, ids))
     stats = collect_stats(engine, cfg, B, n_prompt, out, ttft, step_times, counters, c_prefill, compiles0)
+    stats.setup_s = t0 - t_call
     text = None
     if tok is not None:
         text = []
