@@ -139,7 +139,7 @@ def run_cli(model_dir: str | None, prompt: str, new_tokens: int, cache_home: str
                    PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         t_launch = time.time()
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
         wall = time.perf_counter() - t0
         if p.returncode != 0 or not stats_path.exists():
             raise RuntimeError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stderr[-3000:]}")
@@ -157,7 +157,7 @@ def device_name(timeout_s: float = 120) -> str:
     """The default JAX device's kind, asked in a child process (this process never starts JAX's backend, which
     would take GPU memory from the runs)."""
     p = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)"],
-                       capture_output=True, text=True, timeout=timeout_s)
+                       capture_output=True, text=True, timeout=timeout_s, check=False)
     return p.stdout.strip() or f"unknown ({p.stderr.strip()[-200:]})"
 
 
