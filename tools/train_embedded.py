@@ -417,12 +417,16 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
 
 
 def _windows(tokens: np.ndarray, T: int, limit: int | None = None) -> np.ndarray:
-    """Non-overlapping [n, T+1] windows (targets included) of a token stream."""
-    n = max(0, (len(tokens) - 1) // T)
-    if limit is not None:
-        n = min(n, max(1, limit // T))
-    return np.stack([tokens[i * T: i * T + T + 1] for i in range(n)]).astype(np.int32) if n else np.zeros(
-        (0, T + 1), np.int32)
+    """Non-overlapping [n, T+1] windows (targets included) of a token stream; with `limit`, at most limit // T of
+    them, spread evenly over the stream (a capped val or test set then samples every part of its split, not only
+    its first files)."""
+    n_all = max(0, (len(tokens) - 1) // T)
+    idx = np.arange(n_all)
+    if limit is not None and n_all > max(1, limit // T):
+        idx = np.linspace(0, n_all - 1, max(1, limit // T)).round().astype(int)
+    if not len(idx):
+        return np.zeros((0, T + 1), np.int32)
+    return np.stack([tokens[i * T: i * T + T + 1] for i in idx]).astype(np.int32)
 
 
 @functools.cache
