@@ -585,7 +585,8 @@ def train(args) -> pathlib.Path:
                 "date_utc": datetime.datetime.now(datetime.UTC).isoformat(),
                 "data": {**corpus, "python": platform.python_version(), "train_tokens": len(train_ids),
                          "val_tokens": len(val_ids), "sample_offset_chars": offset,
-                         "tokenizer": str(args.tokenizer) if args.tokenizer else "trained on the train split"},
+                         "tokenizer": f"reused from `{args.tokenizer}`" if args.tokenizer else
+                         "trained on the train split"},
                 "train": [], "val": []})
     print(f"[model] {sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)):,} params; batch {B} x {T}; "
           f"up to {args.steps} steps; device {log['device']}", flush=True)
