@@ -94,10 +94,15 @@ def _add_engine_args(p, default_policy="moepic", default_budget="auto"):
                         "(adapt_to_prompt=True; helps when routing follows the prompt, see the README)")
 
 
+def _progress() -> bool:
+    """Progress bars (loading, pinning, profiling) when stderr is a terminal; none in logs and pipes."""
+    return sys.stderr.isatty()
+
+
 def _load(args):
     import moepic_jax
 
-    return moepic_jax.load(args.model, dtype=args.dtype, progress=True)
+    return moepic_jax.load(args.model, dtype=args.dtype, progress=_progress())
 
 
 def _engine_kw(args):
@@ -109,6 +114,7 @@ def _engine_kw(args):
     offloads = POLICY_SPECS[args.policy].offloads
     if offloads:
         kw["granule"] = args.granule
+        kw["progress"] = _progress()
     if args.devices != 1:
         kw["devices"] = args.devices
     if args.prefetch != "auto" and offloads:
@@ -133,6 +139,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - t0
+    t_call = time.perf_counter()
     plan, kw = _engine_kw(args)
     prompt = args.prompt
     if model.tokenizer is None:
@@ -152,8 +159,13 @@ def cmd_generate(args) -> int:
     print(res.stats.summary(), file=sys.stderr)
     print(f"load {load_s:.1f} s, " + res.stats.timing(), file=sys.stderr)
     if args.stats_json:
+        # load_s: reading the weights; first_token_s: from the start of main() to the first new token;
+        # first_token_unix_s: that instant on the wall clock (a caller that started the process can subtract)
+        t_first = t_call + res.stats.setup_s + res.stats.ttft_s
+        extra = {"load_s": load_s, "first_token_s": t_first - args.t_start,
+                 "first_token_unix_s": time.time() - (time.perf_counter() - t_first)}
         with open(args.stats_json, "w") as f:
-            json.dump(res.stats.to_dict(), f, indent=2, default=float)
+            json.dump({**res.stats.to_dict(), **extra}, f, indent=2, default=float)
     return 0
 
 
@@ -164,7 +176,8 @@ def _offload_engine(args, model, **kw):
 
     policy = args.policy if POLICY_SPECS[args.policy].plan != "none" else "moepic"  # a policy that plans
     return make_engine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
-                       max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices, **kw)
+                       max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices,
+                       progress=_progress(), **kw)
 
 
 def _placed_and_profiled(args, model):
@@ -174,8 +187,8 @@ def _placed_and_profiled(args, model):
     from moepic_jax.runtime.factory import EngineCache
 
     cache = EngineCache().for_model(model)
-    weights = cache.weights(make_placement(args.devices, model.cfg.n_experts))
-    return cache, weights, cache.profile(weights, model.cfg.top_k)
+    weights = cache.weights(make_placement(args.devices, model.cfg.n_experts), _progress())
+    return cache, weights, cache.profile(weights, model.cfg.top_k, _progress())
 
 
 def cmd_profile(args) -> int:
@@ -183,7 +196,7 @@ def cmd_profile(args) -> int:
 
     model = _load(args)
     _, weights, mp = _placed_and_profiled(args, model)
-    hw = calibrate.measure_hardware(weights)
+    hw = calibrate.measure_hardware(weights, progress=_progress())
     if args.out:
         mp.save(args.out + ".model.json")
         hw.save(args.out + ".hardware.json")
@@ -239,7 +252,7 @@ def cmd_convert(args) -> int:
     from moepic_jax.io import checkpoint
     from moepic_jax.io.loading import load
 
-    model = load(args.hf_dir, dtype=args.dtype, progress=True)
+    model = load(args.hf_dir, dtype=args.dtype, progress=_progress())
     checkpoint.save(args.out_dir, model.cfg, model.params, args.dtype, model.tokenizer)
     print(f"wrote {args.out_dir}")
     return 0
@@ -289,6 +302,7 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(prog="moepic-jax", description=__doc__.splitlines()[0],
                                  formatter_class=HELP)
     ap.add_argument("-v", "--verbose", action="store_true", help="log the engine's plan and re-plans")
@@ -305,7 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--stats-json", default=None, help="write the stats to this JSON file")
+    p.add_argument("--stats-json", default=None,
+                   help="write the stats to this JSON file (GenerateStats, plus load_s, first_token_s: seconds "
+                        "from the start of the command to the first new token, and first_token_unix_s)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("profile", formatter_class=HELP,
@@ -356,6 +372,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_bench)
 
     args = ap.parse_args(argv)
+    args.t_start = t_start  # first_token_s (generate --stats-json) counts from here
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     _env_before_jax(args)
     try:

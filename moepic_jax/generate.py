@@ -78,7 +78,7 @@ def _engine_for(model: Model, policy: str, vram_budget, plan, engine_kw, batch: 
     """
     offloads = policy_spec(policy).offloads
     cache = ENGINES.for_model(model)
-    key = engine_key(policy, vram_budget, plan, engine_kw)
+    key = engine_key(policy, vram_budget, plan, {k: v for k, v in engine_kw.items() if k != "progress"})
     eng = cache.engines.get(key)
     if eng is not None and offloads and (eng.max_batch < batch or eng.max_seq_len < max_len):
         eng = None
@@ -148,14 +148,16 @@ def generate(
       engine: an engine from `moepic_jax.make_engine(...)` to use instead of building one.
       **engine_kw: for the offloading policies, passed to `make_engine`: max_batch, max_seq_len, granule,
         n_predicted, prefetch (None = as the plan says, True/False to force next-layer prefetch), profile,
-        hardware, and devices (a device count or list: the experts are split over an `expert` mesh axis of those
-        devices and `vram_budget` is per device).
+        hardware, devices (a device count or list: the experts are split over an `expert` mesh axis of those
+        devices and `vram_budget` is per device), and progress (progress bars while the engine is built; not part
+        of the key of the engine kept for later calls).
     Returns:
       `GenerateResult` (.text, .token_ids [batch][new], .stats).
     Raises:
       ValueError: empty prompts, a prompt longer than the context, bad sampling arguments, a budget
         below what the policy needs, an unknown policy.
     """
+    t_call = time.perf_counter()
     if model is None:
         model = load()
     sampling.check_sampling_args(temperature, top_k, top_p)
@@ -259,6 +261,7 @@ def generate(
         nxt = nxt_next
     n_prompt = len(ids[0]) if B == 1 else sum(map(len, ids))
     stats = collect_stats(engine, cfg, B, n_prompt, out, ttft, step_times, counters, c_prefill, compiles0)
+    stats.setup_s = t0 - t_call
     text = None
     if tok is not None:
         text = []

@@ -34,7 +34,9 @@ class GenerateStats:
     """Timing and offloading statistics of one `generate` call (DESIGN.md, "Public API contract").
 
     Times in seconds; `tpot_s` is the median time per output token over decode steps, `ttft_s` the time
-    from the call (compiled steps ready) to the first token; compile time is in `compile_s`, apart.
+    from the call (compiled steps ready) to the first token; compile time is in `compile_s`, apart. `setup_s`: what
+    the call spent before the prompt's prefill (building or reusing the engine: placement, profiling, planning,
+    compiling or loading the compiled steps), so the call's first token came `setup_s + ttft_s` after it began.
     Hit rates are shares of routed (token, expert) pairs over decode steps. NaN where not applicable.
     """
 
@@ -57,6 +59,7 @@ class GenerateStats:
     peak_device_bytes: int | None
     prefill_h2d_bytes: float = 0.0
     prefetch_wasted_bytes_per_token: float = 0.0  # H2D bytes of predicted experts that were not routed
+    setup_s: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -149,3 +149,54 @@ def test_split_is_by_path_hash():
     assert rels == sorted(rels) and not any("/test/" in f"/{r}" or "site-packages" in r for r in rels)
     shares = {s: sum(train.split_of(r) == s for r in rels) / len(rels) for s in ("train", "val", "test")}
     assert shares["test"] + shares["val"] >= 0.05 and shares["test"] >= 0.03 and shares["train"] >= 0.85
+
+
+def test_installed_corpus_dedups_and_splits_by_content(tmp_path, monkeypatch):
+    """`--corpus installed`: the stdlib first (split by path), then installed files deduplicated by content, sorted
+    and split by their content's hash; large files and __pycache__ left out; the character cap keeps a prefix."""
+    std, site = tmp_path / "lib", tmp_path / "site-packages"
+    (std / "json").mkdir(parents=True)
+    (std / "test").mkdir()
+    (std / "json" / "__init__.py").write_text("import os\n")
+    (std / "test" / "test_x.py").write_text("assert True\n")  # a stdlib test folder: excluded
+    for i in range(40):
+        (site / f"pkg{i}").mkdir(parents=True)
+        (site / f"pkg{i}" / "mod.py").write_text(f"x = {i}\n")
+    (site / "pkg0" / "copy.py").write_text("x = 0\n")  # same content as pkg0/mod.py: dropped
+    (site / "pkg1" / "copy_of_stdlib.py").write_text("import os\n")  # same as a stdlib file: dropped
+    (site / "pkg2" / "__pycache__").mkdir()
+    (site / "pkg2" / "__pycache__" / "c.py").write_text("y = 1\n")
+    (site / "pkg3" / "big.py").write_text("z = 1\n" * 400)  # 2.4 kB > max_file_bytes
+    monkeypatch.setattr(train, "installed_roots", lambda: [site])
+    docs, stats = train.gather_corpus("installed", std, max_file_bytes=1000)
+    assert [d.rel for d in docs[:1]] == ["json/__init__.py"] and docs[0].group == "stdlib"
+    inst = docs[1:]
+    assert len(inst) == 40 and stats["duplicates_dropped"] == 2 and stats["large_files_skipped"] == 1
+    assert [d.sha for d in inst] == sorted(d.sha for d in inst)
+    assert all(d.split == train.split_of_content(d.sha) for d in inst)
+    assert {d.text for d in inst} == {f"x = {i}\n" for i in range(40)}
+    capped, _ = train.gather_corpus("installed", std, max_file_bytes=1000, max_chars=len("import os\n") + 12)
+    assert [d.text for d in capped] == [docs[0].text] + [d.text for d in inst[:2]]
+    assert [d.rel for d in train.gather_corpus("stdlib", std)[0]] == ["json/__init__.py"]
+
+
+def test_train_smoke_installed_corpus_with_baseline(tmp_path):
+    """The larger-corpus path on CPU: installed files, the embedded model's tokenizer reused, early stopping, and
+    the embedded model scored on the same test files (same tokenizer, so per-token numbers compare)."""
+    run = tmp_path / "run"
+    train.main(["--run-dir", str(run), "--tiny", "--corpus", "installed", "--max-corpus-mb", "2",
+                "--tokenizer", str(checkpoint.default_checkpoint_dir()), "--baseline",
+                str(checkpoint.default_checkpoint_dir()), "--steps", "6", "--batch", "2", "--seq", "32",
+                "--sample-chars", "20000", "--val-tokens", "256", "--test-tokens", "512", "--log-every", "1",
+                "--eval-every", "1", "--patience", "1", "--min-delta", "100", "--warmup", "1",
+                "--compute-dtype", "float32"])
+    log = json.loads((run / "log.json").read_text())
+    assert log["stopped_by"] == "patience" and log["steps_run"] == 2  # no improvement of 100 nats after step 1
+    assert log["data"]["corpus"] == "installed" and log["config"]["vocab_size"] == 8192
+    for scores in (log["test"], log["baseline"]):
+        assert scores["all"]["tokens"] == sum(scores[g]["tokens"] for g in ("stdlib", "installed") if g in scores)
+        assert all(math.isfinite(scores[g]["bits_per_byte"]) and scores[g]["bits_per_byte"] > 0
+                   for g in scores if isinstance(scores[g], dict))
+    assert log["baseline"]["same_tokenizer"]
+    assert log["baseline"]["all"]["ppl"] < log["test"]["all"]["ppl"]  # the trained model beats 2 tiny steps
+    assert set(log["phases_s"]) >= {"corpus", "tokenizer", "encode", "training", "test", "baseline"}

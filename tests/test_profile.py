@@ -39,15 +39,35 @@ def test_frequencies_match_transformers_routing(mixtral):
         profile_model(engine.weights, tokens, smoothing=-1.0)
 
 
-def test_measure_hardware_runs_the_copy_step_it_prices():
+def test_measure_hardware_runs_the_copy_step_it_prices(capsys):
     """measure_hardware times the decode step's own copy step (`copy_step.assemble` / `expert_outputs`) on the
-    placed weights: every figure is a measured, finite, positive time or rate."""
+    placed weights: every figure is a measured, finite, positive time or rate. No progress bar unless asked for."""
     import numpy as np
 
     from moepic_jax.planning.calibrate import measure_hardware
 
     m = moepic_jax.load(None, dtype="float32")
     hw = measure_hardware(make_engine(m, "ondemand", max_seq_len=32).weights, repeats=2)
+    assert "measuring hardware" not in capsys.readouterr().err
     assert hw.h2d_bandwidth_Bps > 1e6 and hw.h2d_latency_s >= 0
     assert hw.layer_compute_s.shape == (m.cfg.n_layers,) and np.all(hw.layer_compute_s > 0)
     assert hw.cond_overhead_s >= 0 and 0.0 <= hw.cond_window_fraction <= 1.0
+
+
+def test_progress_bars_only_when_asked(capsys):
+    """progress=True shows a bar (stderr) for pinning, profiling and the hardware measurement, each run to its end;
+    progress=False (the default) prints nothing."""
+    from moepic_jax.planning.calibrate import measure_hardware
+
+    m = moepic_jax.load(None, dtype="float32")
+    L = m.cfg.n_layers
+    capsys.readouterr()
+    eng = make_engine(m, "moepic", vram_budget=0.5, max_seq_len=32)
+    profile_model(eng.weights)
+    assert capsys.readouterr() == ("", "")
+    make_engine(m, "moepic", vram_budget=0.5, max_seq_len=32, progress=True)
+    err = capsys.readouterr().err
+    assert "pinning experts" in err and "profiling experts" in err and f"{L}/{L}" in err
+    measure_hardware(eng.weights, repeats=1, progress=True)
+    err = capsys.readouterr().err
+    assert "measuring hardware" in err and "9/9" in err  # 4 copy sizes, the compute, 4 conditional chains

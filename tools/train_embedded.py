@@ -1,11 +1,23 @@
-"""Train the embedded default model: a small Qwen3-MoE on the Python standard library's source.
+"""Train the embedded default model: a small Qwen3-MoE on Python source.
 
-Nothing can be downloaded here, so the model is trained on text that every machine has: the `*.py` files
-of the standard library (`sysconfig.get_paths()["stdlib"]`), a fixed sorted list without test folders and
-site-packages. Files are split by a hash of their relative path (so the split is the same on every Python
-version): `sha256(path) % 20 == 0` -> **test** (5 %, the held-out perplexity and the shipped sample),
-`== 1` -> **val** (5 %, model selection during training), the rest -> **train**. The byte-level BPE tokenizer
-(`tokenizers`, ~8k vocabulary) is trained on the train split only.
+Nothing can be downloaded here, so the model is trained on text that every machine has. Two corpora
+(`--corpus`):
+
+* `stdlib` (default): the `*.py` files of the standard library (`sysconfig.get_paths()["stdlib"]`), a fixed
+  sorted list without test folders and site-packages, split by a hash of the relative path (the same on every
+  Python version): `sha256(path) % 20 == 0` -> **test** (5 %, the held-out perplexity and the shipped sample),
+  `== 1` -> **val** (5 %, model selection during training), the rest -> **train**.
+* `installed`: the standard library as above, then every `*.py` under this interpreter's site-packages /
+  dist-packages directories (`site.getsitepackages()`, the user site, such `sys.path` entries), `__pycache__` and
+  files over `--max-file-kb` left out. A file whose content (sha256) was seen before is dropped, so no text is
+  in two splits. Installed files are ordered by their content's sha256 and split by it (mod 20, as above), so
+  copies at different paths can never cross splits and `--max-corpus-mb` keeps a uniform sample of the packages.
+  The standard library keeps its path split: its held-out files stay those the stdlib-only model never saw, so
+  that model can be scored on the new test split (`--baseline`), and the shipped sample stays the same text.
+
+The byte-level BPE tokenizer (`tokenizers`, ~8k vocabulary) is trained on the train split (at most
+`--tokenizer-mb`), or reused (`--tokenizer DIR`): keeping the previous model's tokenizer makes the before/after
+perplexities per token comparable; bits per byte compare either way.
 
 Training (optax): AdamW, linear warm-up + cosine decay, global-norm clipping, and the Switch/Mixtral
 load-balancing loss `E * sum_e f_e * P_e` per MoE layer (f_e: share of the top-k slots routed to e, P_e: mean
@@ -13,22 +25,35 @@ router probability; 1 when uniform), averaged over layers, times a small coeffic
 `moepic_jax.model`'s own functions (attention with a cache of length T, `route`, `experts_dense` over all experts),
 so training and inference share one definition of the model. Params are float32 masters, compute in
 bfloat16 by default. The val split is evaluated every `--eval-every` steps and the best params are kept.
+Training ends at `--steps`, at `--minutes`, or when the val loss has not improved by `--min-delta` for `--patience`
+evaluations; with `--minutes` the cosine schedule is fitted to the steps the time allows (re-estimated at each
+evaluation from the speed so far), so the learning rate has decayed when the time is up. The test split is
+scored per group (stdlib, installed, all: loss, perplexity, bits per byte), and `--baseline CKPT` scores an
+earlier checkpoint on the same files ("before").
 
 Two phases, so the GPU run brings back few files:
 
   python tools/train_embedded.py --run-dir RUN [--steps N --minutes M ...]      # train (GPU)
   python tools/train_embedded.py --from-run RUN --out checkpoints/stdlib_moe     # assemble (CPU)
 
-`RUN` holds the bf16 weights as a few `params-*.npz` shards, `tokenizer.json`, `log.json` (config, loss
-curve, val curve, test perplexity, expert popularity, versions) and `heldout_sample.txt`. The assemble
-phase writes the orbax checkpoint (`checkpoint.save`), measures the float32 perplexity on the shipped sample
-(`eval.json`, read by tests/test_embedded.py), plots the loss curve and writes TRAINING.md. With `--out`
+The larger-corpus run (one GPU command, about 7 minutes on an H100: corpus ~30 s, encoding ~40 s, compilation
+~15 s, training 5 min, test and baseline scoring ~30 s; each phase's time is printed and kept in log.json):
+
+  python tools/train_embedded.py --run-dir RUN --corpus installed --max-corpus-mb 250 \
+      --tokenizer checkpoints/stdlib_moe --baseline checkpoints/stdlib_moe --steps 20000 --minutes 5 \
+      --patience 4 --lr 1.5e-3 --warmup 200 --eval-every 250 --test-tokens 1000000
+
+`RUN` holds the bf16 weights as a few `params-*.npz` shards, `tokenizer.json`, `log.json` (config, corpus, loss
+curve, val curve, test and baseline scores, expert popularity, phase times, versions) and `heldout_sample.txt`.
+The assemble phase writes the orbax checkpoint (`checkpoint.save`), measures the float32 perplexity on the shipped
+sample (`eval.json`, read by tests/test_embedded.py), plots the loss curve and writes TRAINING.md. With `--out`
 and no `--from-run` both phases run in one process (the CPU smoke test does that on a tiny config).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -98,6 +123,119 @@ def read_split(files, split: str, limit_bytes: int | None = None) -> list[tuple[
     return out
 
 
+def split_of_content(sha: str) -> str:
+    """'train' | 'val' | 'test' from a file's content sha256 (hex), mod 20 as `split_of`: files with the same
+    content always land in the same split, whatever their paths."""
+    h = int(sha[:8], 16) % SPLIT_MOD
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def installed_roots() -> list[pathlib.Path]:
+    """This interpreter's site-packages / dist-packages directories (`site.getsitepackages()`, the user site and
+    such entries of `sys.path`) that exist, resolved, sorted."""
+    import site
+
+    cands = list(site.getsitepackages()) + [site.getusersitepackages()]
+    cands += [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    return sorted({pathlib.Path(c).resolve() for c in cands if c and pathlib.Path(c).is_dir()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    """One source file of the corpus."""
+
+    group: str  # "stdlib" | "installed"
+    rel: str  # path relative to its root (posix); installed files are prefixed with the root's index, "2:numpy/.."
+    split: str  # "train" | "val" | "test"
+    sha: str  # sha256 of the file's bytes (hex)
+    text: str
+
+
+def _read(path: pathlib.Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def gather_corpus(corpus: str, stdlib: str | pathlib.Path | None = None, max_file_bytes: int = 1_000_000,
+                  max_chars: int | None = None, workers: int = 16) -> tuple[list[Doc], dict]:
+    """The corpus as a list of `Doc`, in a fixed order, deduplicated by content, and what was skipped.
+
+    `stdlib`: the standard library's `*.py` (`stdlib_files`: no test folders), split by relative path (`split_of`),
+    so its held-out files are those the stdlib-only model held out. `installed`: the stdlib first, then every
+    `*.py` of the `installed_roots()` (no `__pycache__`), files over `max_file_bytes` skipped, a file whose content
+    was already seen dropped (its first copy is kept, the stdlib's first), sorted by content sha256 and split by it
+    (`split_of_content`): a uniform sample of the installed packages, whatever `max_chars` keeps.
+    `max_chars`: keep files in that order until this many characters in all (None = all).
+    Returns (docs, stats: files and characters per group and split, duplicates and large files skipped, seconds).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if corpus not in ("stdlib", "installed"):
+        raise ValueError(f"unknown corpus {corpus!r}; use 'stdlib' or 'installed'")
+    t0 = time.time()
+    files = [("stdlib", rel, p) for rel, p in stdlib_files(stdlib)]
+    skipped_large = 0
+    roots = installed_roots() if corpus == "installed" else []
+    for i, root in enumerate(roots):
+        for p in sorted(root.rglob("*.py")):
+            rel = p.relative_to(root).as_posix()
+            if "__pycache__" in rel.split("/") or not p.is_file():
+                continue
+            if p.stat().st_size > max_file_bytes:
+                skipped_large += 1
+                continue
+            files.append(("installed", f"{i}:{rel}", p))
+    with ThreadPoolExecutor(workers) as ex:
+        blobs = list(ex.map(_read, [p for _, _, p in files]))
+    seen, dups, docs = set(), 0, []
+    for (group, rel, _), b in zip(files, blobs):
+        if b is None:
+            continue
+        sha = hashlib.sha256(b).hexdigest()
+        if sha in seen:
+            dups += 1
+            continue
+        seen.add(sha)
+        split = split_of(rel) if group == "stdlib" else split_of_content(sha)
+        docs.append(Doc(group, rel, split, sha, b.decode("utf-8", errors="replace")))
+    del blobs
+    docs = [d for d in docs if d.group == "stdlib"] + sorted((d for d in docs if d.group != "stdlib"),
+                                                              key=lambda d: d.sha)
+    available = len(docs)
+    if max_chars is not None:
+        n, keep = 0, []
+        for d in docs:
+            if n >= max_chars:
+                break
+            keep.append(d)
+            n += len(d.text)
+        docs = keep
+    stats = {"corpus": corpus, "stdlib": str(stdlib or sysconfig.get_paths()["stdlib"]),
+             "roots": [str(r) for r in roots], "max_file_bytes": max_file_bytes, "max_chars": max_chars,
+             "files_available": available, "duplicates_dropped": dups, "large_files_skipped": skipped_large,
+             "files": {}, "chars": {}, "seconds": round(time.time() - t0, 1)}
+    for d in docs:
+        key = f"{d.group}/{d.split}"
+        stats["files"][key] = stats["files"].get(key, 0) + 1
+        stats["chars"][key] = stats["chars"].get(key, 0) + len(d.text)
+    return docs, stats
+
+
+def limit_docs(docs: list[Doc], split: str, limit_chars: int | None = None) -> list[Doc]:
+    """The docs of `split`, in order, up to `limit_chars` characters in all (the one that crosses it included)."""
+    out, n = [], 0
+    for d in docs:
+        if d.split != split:
+            continue
+        if limit_chars is not None and n >= limit_chars:
+            break
+        out.append(d)
+        n += len(d.text)
+    return out
+
+
 def license_text(root: str | pathlib.Path | None = None) -> str:
     root = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
     for cand in (root / "LICENSE.txt", root / "LICENSE"):
@@ -145,11 +283,38 @@ def wrap_tokenizer(tok):
                                    model_max_length=1 << 30, clean_up_tokenization_spaces=False)
 
 
-def encode_docs(tok, texts: list[str]) -> np.ndarray:
-    """One token stream: `<|endoftext|>` before every document. uint16 when the vocabulary fits."""
-    enc = tok.encode_batch(texts)  # the post-processor puts EOT first
-    ids = np.concatenate([np.asarray(e.ids, np.int32) for e in enc]) if enc else np.zeros(0, np.int32)
-    return ids.astype(np.uint16 if tok.get_vocab_size() < 2**16 else np.int32)
+def encode_docs(tok, texts: list[str], chunk: int = 2000) -> np.ndarray:
+    """One token stream: `<|endoftext|>` before every document. uint16 when the vocabulary fits. Encoded `chunk`
+    documents at a time (tokenizers' Python lists of ids are large; a few hundred MB of text at once is not)."""
+    dt = np.uint16 if tok.get_vocab_size() < 2**16 else np.int32
+    parts = []
+    for i in range(0, len(texts), chunk):
+        enc = tok.encode_batch(texts[i:i + chunk])  # the post-processor puts EOT first
+        parts += [np.asarray(e.ids, dt) for e in enc]
+    return np.concatenate(parts) if parts else np.zeros(0, dt)
+
+
+def token_bytes(tok) -> np.ndarray:
+    """[V] bytes of text each token stands for (byte-level BPE: one character of the token string per byte);
+    0 for special tokens. Sums over targets give the bytes scored, for bits per byte."""
+    special = set(tok.get_added_tokens_decoder()) if hasattr(tok, "get_added_tokens_decoder") else {0}
+    return np.asarray([0 if i in special else len(tok.id_to_token(i) or "") for i in range(tok.get_vocab_size())],
+                      np.int64)
+
+
+def load_tokenizer_file(path: str | pathlib.Path):
+    """A saved `tokenizers.Tokenizer` (a tokenizer.json, or a directory holding one) to reuse instead of training
+    one; it must have `<|endoftext|>` as token 0, as `train_tokenizer` makes it."""
+    from tokenizers import Tokenizer
+
+    path = pathlib.Path(path)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a tokenizer.json")
+    tok = Tokenizer.from_file(str(path))
+    if tok.token_to_id(EOT) != 0:
+        raise ValueError(f"{path}: {EOT} must be token 0 (as train_tokenizer makes it)")
+    return tok
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -229,24 +394,111 @@ def _ce(logits, targets):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
 
 
-def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip: float, params):
+def make_optimizer(weight_decay: float, clip: float, params):
+    """AdamW without its learning rate (b1 0.9, b2 0.95, decoupled weight decay on matrices, global-norm clipping):
+    the training step multiplies the update by -lr itself (`lr_at`), so the schedule's length can be set once the
+    speed of the step is known, without recompiling."""
     import jax
     import optax
 
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1), end_value=0.1 * lr)
     mask = jax.tree.map(lambda a: a.ndim >= 2, params)  # no decay on norms
-    opt = optax.chain(optax.clip_by_global_norm(clip),
-                      optax.adamw(sched, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=mask))
-    return opt, sched
+    return optax.chain(optax.clip_by_global_norm(clip), optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+                       optax.add_decayed_weights(weight_decay, mask))
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 10 % of `peak` at step `total` (optax's
+    `warmup_cosine_decay_schedule(0, peak, warmup, total, end_value=0.1 * peak)`)."""
+    warmup = max(1, warmup)
+    if step < warmup:
+        return peak * step / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 * peak + 0.9 * peak * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def _windows(tokens: np.ndarray, T: int, limit: int | None = None) -> np.ndarray:
-    """Non-overlapping [n, T+1] windows (targets included) of a token stream."""
-    n = (len(tokens) - 1) // T
-    if limit is not None:
-        n = min(n, max(1, limit // T))
-    return np.stack([tokens[i * T: i * T + T + 1] for i in range(n)]).astype(np.int32) if n else np.zeros(
-        (0, T + 1), np.int32)
+    """Non-overlapping [n, T+1] windows (targets included) of a token stream; with `limit`, at most limit // T of
+    them, spread evenly over the stream (a capped val or test set then samples every part of its split, not only
+    its first files)."""
+    n_all = max(0, (len(tokens) - 1) // T)
+    idx = np.arange(n_all)
+    if limit is not None and n_all > max(1, limit // T):
+        idx = np.linspace(0, n_all - 1, max(1, limit // T)).round().astype(int)
+    if not len(idx):
+        return np.zeros((0, T + 1), np.int32)
+    return np.stack([tokens[i * T: i * T + T + 1] for i in idx]).astype(np.int32)
+
+
+@functools.cache
+def _eval_fn(cfg, dtype_name: str):
+    """Jitted (params, windows [b, T+1]) -> (sum of target NLL in nats, routed slots [n_moe, E])."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    @jax.jit
+    def fn(p, batch):
+        logits, _, counts = train_forward(p, cfg, batch[:, :-1], jnp.dtype(dtype_name))
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])), counts
+
+    return fn
+
+
+def nll_windows(params, cfg, windows: np.ndarray, dtype_name: str = "float32", bs: int = 32):
+    """(sum of NLL over every target in nats, number of targets, routed slots [n_moe, E] or None) of `windows`."""
+    import jax.numpy as jnp
+
+    fn = _eval_fn(cfg, dtype_name)
+    tot, n, cnt = 0.0, 0, None
+    for i in range(0, len(windows), bs):
+        w = windows[i:i + bs]
+        s, c = fn(params, jnp.asarray(w))
+        tot += float(s)
+        n += w.shape[0] * (w.shape[1] - 1)
+        cnt = np.asarray(c) if cnt is None else cnt + np.asarray(c)
+    return tot, n, cnt
+
+
+def score_groups(params, cfg, tok, groups: dict[str, list[str]], T: int, limit: int | None = None):
+    """Held-out scores of `params` per group of texts (float32 compute, full-precision matmuls): each group's
+    texts encoded by `tok` into one stream, cut into windows of T (at most `limit` tokens per group).
+
+    Returns ({group: {loss (nats/token), ppl, tokens, bytes, bits_per_byte}} with "all" summed over the groups,
+    routed slots [n_moe, E] of all of them). Bits per byte compare models whose tokenizers differ.
+    """
+    import jax
+
+    tb = token_bytes(tok)
+    out, counts = {}, None
+    tot = {"nll": 0.0, "tokens": 0, "bytes": 0}
+    with jax.default_matmul_precision("highest"):
+        for g, texts in groups.items():
+            if not texts:
+                continue
+            w = _windows(encode_docs(tok, texts), T, limit)
+            if not len(w):
+                continue
+            nll, n, c = nll_windows(params, cfg, w)
+            nbytes = int(tb[w[:, 1:]].sum())
+            out[g] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n, "bytes": nbytes,
+                      "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+            tot["nll"] += nll
+            tot["tokens"] += n
+            tot["bytes"] += nbytes
+            counts = c if counts is None else counts + c
+    if tot["tokens"]:
+        out["all"] = {"loss": tot["nll"] / tot["tokens"], "ppl": math.exp(tot["nll"] / tot["tokens"]),
+                      "tokens": tot["tokens"], "bytes": tot["bytes"],
+                      "bits_per_byte": tot["nll"] / math.log(2) / max(tot["bytes"], 1)}
+    return out, counts
+
+
+def _phase(log: dict, name: str, t0: float) -> float:
+    """Record and print the seconds since t0 as phase `name`; returns now."""
+    now = time.time()
+    log["phases_s"][name] = round(now - t0, 1)
+    print(f"[time] {name}: {now - t0:.1f} s", flush=True)
+    return now
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -256,25 +508,40 @@ def train(args) -> pathlib.Path:
     import jax.numpy as jnp
     import optax
 
-    t_start = time.time()
+    t_start = t = time.time()
     run = pathlib.Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    files = stdlib_files(args.stdlib)
+    log = {"phases_s": {}}
+    max_chars = None if args.max_corpus_mb is None else int(args.max_corpus_mb * 1e6)
+    docs, corpus = gather_corpus(args.corpus, args.stdlib, int(args.max_file_kb * 1000), max_chars)
     limit = args.data_limit_bytes
-    train_docs = read_split(files, "train", limit)
-    val_docs = read_split(files, "val", None if limit is None else max(limit // 10, 1))
-    test_docs = read_split(files, "test", None if limit is None else max(limit // 10, 1))
-    counts = {s: sum(split_of(r) == s for r, _ in files) for s in ("train", "val", "test")}
-    print(f"[data] {len(files)} files under {args.stdlib or sysconfig.get_paths()['stdlib']}: {counts}; using "
-          f"train {len(train_docs)} ({sum(len(t) for _, t in train_docs) / 1e6:.2f} MB chars)", flush=True)
-    tok = train_tokenizer([t for _, t in train_docs], args.vocab)
+    train_docs = limit_docs(docs, "train", limit)
+    val_docs = limit_docs(docs, "val", None if limit is None else max(limit // 10, 1))
+    test_docs = limit_docs(docs, "test", None if limit is None else max(limit // 10, 1))
+    print(f"[data] corpus {args.corpus}: {corpus['files_available']} files after deduplication "
+          f"({corpus['duplicates_dropped']} duplicates, {corpus['large_files_skipped']} files over "
+          f"{args.max_file_kb:g} kB skipped); kept {corpus['files']}; chars {corpus['chars']}", flush=True)
+    print(f"[data] using train {len(train_docs)} files ({sum(len(d.text) for d in train_docs) / 1e6:.1f} M chars), "
+          f"val {len(val_docs)}, test {len(test_docs)}", flush=True)
+    t = _phase(log, "corpus", t)
+    if args.tokenizer:
+        tok = load_tokenizer_file(args.tokenizer)
+    else:
+        budget, texts = (None if args.tokenizer_mb is None else args.tokenizer_mb * 1e6), []
+        for d in train_docs:
+            if budget is not None and sum(map(len, texts)) >= budget:
+                break
+            texts.append(d.text)
+        tok = train_tokenizer(texts, args.vocab)
     tok.save(str(run / "tokenizer.json"))
     V = tok.get_vocab_size()
-    train_ids = encode_docs(tok, [t for _, t in train_docs])
-    val_ids = encode_docs(tok, [t for _, t in val_docs])
-    test_ids = encode_docs(tok, [t for _, t in test_docs])
-    print(f"[tokens] vocab {V}; train {len(train_ids):,} val {len(val_ids):,} test {len(test_ids):,} tokens "
-          f"({time.time() - t_start:.1f} s)", flush=True)
+    t = _phase(log, "tokenizer", t)
+    train_ids = encode_docs(tok, [d.text for d in train_docs])
+    val_ids = encode_docs(tok, [d.text for d in val_docs])
+    test_groups = {g: [d.text for d in test_docs if d.group == g] for g in ("stdlib", "installed")}
+    print(f"[tokens] vocab {V}; train {len(train_ids):,} val {len(val_ids):,} tokens", flush=True)
+    t = _phase(log, "encode", t)
+    files = stdlib_files(args.stdlib)
     sample, offset = heldout_sample(files, args.stdlib, args.sample_chars)
     (run / "heldout_sample.txt").write_text(sample, encoding="utf-8")
 
@@ -286,7 +553,7 @@ def train(args) -> pathlib.Path:
         raise ValueError(f"only {len(train_ids)} training tokens for --seq {T}; use more data or a shorter --seq")
     compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.compute_dtype]
     params = jax.device_put(init_params(cfg, args.seed))
-    opt, sched = make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay, args.clip, params)
+    opt = make_optimizer(args.weight_decay, args.clip, params)
     opt_state = opt.init(params)
     data = jnp.asarray(train_ids.astype(np.int32))
     n_data = data.shape[0]
@@ -298,53 +565,43 @@ def train(args) -> pathlib.Path:
         a = jnp.mean(aux)
         return ce + args.aux_coef * a, (ce, a)
 
-    def step_fn(p, s, step):
+    def step_fn(p, s, step, lr):
         key = jax.random.fold_in(base_key, step)
         starts = jax.random.randint(key, (B,), 0, n_data - T - 1)
         batch = jax.vmap(lambda st: jax.lax.dynamic_slice_in_dim(data, st, T + 1))(starts)
         (loss, (ce, a)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
         gnorm = optax.global_norm(g)
         upd, s = opt.update(g, s, p)
+        upd = jax.tree.map(lambda u: -lr * u, upd)
         return optax.apply_updates(p, upd), s, jnp.stack([loss, ce, a, gnorm])
 
     step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def eval_fn(p, batch, dtype):
-        logits, _, counts_ = train_forward(p, cfg, batch[:, :-1], dtype)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
-        return jnp.sum(nll), counts_
-
-    def evaluate(p, windows, dtype=compute, bs=None):
-        bs = bs or max(B, 16)
-        tot, n, cnt = 0.0, 0, None
-        for i in range(0, len(windows), bs):
-            w = windows[i:i + bs]
-            s, c = eval_fn(p, jnp.asarray(w), dtype)
-            tot += float(s)
-            n += w.shape[0] * (w.shape[1] - 1)
-            cnt = np.asarray(c) if cnt is None else cnt + np.asarray(c)
-        return tot / max(n, 1), cnt
-
     val_w = _windows(val_ids, T, args.val_tokens)
     argv = [("RUN_DIR" if a == args.run_dir else a) for a in (args.argv or [])]
-    log = {"config": cfg.to_hf_dict(), "args": vars(args), "command": " ".join(["python tools/train_embedded.py"] + argv),
-           "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "n_devices": jax.device_count(),
-           "versions": _versions(), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(),
-           "data": {"stdlib": str(args.stdlib or sysconfig.get_paths()["stdlib"]), "python": platform.python_version(),
-                    "files": counts, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-                    "test_tokens": len(test_ids), "sample_offset_chars": offset},
-           "train": [], "val": []}
+    log.update({"config": cfg.to_hf_dict(), "args": vars(args),
+                "command": " ".join(["python tools/train_embedded.py"] + argv),
+                "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+                "n_devices": jax.device_count(), "versions": _versions(),
+                "date_utc": datetime.datetime.now(datetime.UTC).isoformat(),
+                "data": {**corpus, "python": platform.python_version(), "train_tokens": len(train_ids),
+                         "val_tokens": len(val_ids), "sample_offset_chars": offset,
+                         "tokenizer": f"reused from `{args.tokenizer}`" if args.tokenizer else
+                         "trained on the train split"},
+                "train": [], "val": []})
     print(f"[model] {sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)):,} params; batch {B} x {T}; "
-          f"{args.steps} steps; device {log['device']}", flush=True)
+          f"up to {args.steps} steps; device {log['device']}", flush=True)
     best = (float("inf"), -1, None)
     t0 = time.time()
     deadline = t0 + 60 * args.minutes if args.minutes else None
-    hist = []
-    step = 0
-    stopped_early = False
+    total = args.steps  # the schedule's length; with --minutes, re-estimated from the speed of the steps
+    hist, step, stop, since_best, t_first = [], 0, None, 0, None
     for step in range(args.steps):
-        params, opt_state, m = step_jit(params, opt_state, jnp.int32(step))
+        lr = lr_at(step, args.lr, args.warmup, total)
+        params, opt_state, m = step_jit(params, opt_state, jnp.int32(step), jnp.float32(lr))
+        if step == 0:
+            jax.block_until_ready(m)
+            t_first = time.time()
+            print(f"[time] first step (compilation): {t_first - t0:.1f} s", flush=True)
         hist.append(m)
         last = step == args.steps - 1
         if (step + 1) % args.log_every == 0 or last:
@@ -352,49 +609,87 @@ def train(args) -> pathlib.Path:
             hist = []
             el = time.time() - t0
             rec = {"step": step + 1, "loss": float(ms[:, 0].mean()), "ce": float(ms[:, 1].mean()),
-                   "aux": float(ms[:, 2].mean()), "grad_norm": float(ms[:, 3].mean()), "lr": float(sched(step)),
+                   "aux": float(ms[:, 2].mean()), "grad_norm": float(ms[:, 3].mean()), "lr": lr,
                    "elapsed_s": round(el, 2)}
             log["train"].append(rec)
-            print(f"[train] step {step + 1}/{args.steps} ce {rec['ce']:.4f} aux {rec['aux']:.4f} "
+            print(f"[train] step {step + 1}/{total} ce {rec['ce']:.4f} aux {rec['aux']:.4f} "
                   f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {el:.0f} s", flush=True)
             if deadline and time.time() > deadline and not last:
-                stopped_early = True
-        if ((step + 1) % args.eval_every == 0 or last or stopped_early) and len(val_w):
-            vl, _ = evaluate(params, val_w)
+                stop = "minutes"
+        if ((step + 1) % args.eval_every == 0 or last or stop) and len(val_w):
+            vl = nll_windows(params, cfg, val_w, args.compute_dtype)
+            vl = vl[0] / vl[1]
             log["val"].append({"step": step + 1, "loss": vl, "ppl": math.exp(vl), "elapsed_s": round(time.time() - t0,
                                                                                                      2)})
             print(f"[val] step {step + 1} loss {vl:.4f} ppl {math.exp(vl):.2f}", flush=True)
+            if vl < best[0] - args.min_delta:
+                since_best = 0
+            else:
+                since_best += 1
             if vl < best[0]:
                 best = (vl, step + 1, jax.tree.map(lambda a: a.copy(), params))
-        if stopped_early:
-            print(f"[train] --minutes {args.minutes} reached at step {step + 1}; stopping", flush=True)
+            if args.patience and since_best >= args.patience and not stop:
+                stop = "patience"
+                print(f"[train] val loss has not improved by {args.min_delta} for {args.patience} evaluations; "
+                      "stopping", flush=True)
+            if deadline and step + 1 > args.warmup:  # the schedule ends when the time does (steps + evals so far)
+                per_step = (time.time() - t_first) / step
+                total = min(args.steps, step + 1 + int(max(0.0, deadline - time.time()) / per_step))
+        if stop:
+            if stop == "minutes":
+                print(f"[train] --minutes {args.minutes} reached at step {step + 1}; stopping", flush=True)
             break
+    stop = stop or "steps"
     train_s = time.time() - t0
+    t = _phase(log, "training", t)
     final = best[2] if best[2] is not None else params
     # What ships: bfloat16 weights. Evaluate those (float32 compute, full-precision matmuls).
     import ml_dtypes
 
     host = jax.tree.map(lambda a: np.asarray(a, np.float32).astype(ml_dtypes.bfloat16), final)
-    log.update(steps_run=step + 1, stopped_early=stopped_early, train_seconds=round(train_s, 1),
-               tokens_seen=(step + 1) * B * T, best_val_step=best[1], best_val_loss=best[0],
-               epochs=round((step + 1) * B * T / max(len(train_ids), 1), 2))
-    with jax.default_matmul_precision("highest"):
-        p32 = jax.device_put(jax.tree.map(lambda a: a.astype(np.float32), host))
-        test_w = _windows(test_ids, T, args.test_tokens)
-        tl, cnt = evaluate(p32, test_w, jnp.float32)
-    log["test"] = {"loss": tl, "ppl": math.exp(tl), "tokens": int(test_w.shape[0] * T), "seq": T,
-                   "weights": "bfloat16", "compute": "float32"}
+    log.update(steps_run=step + 1, stopped_early=stop != "steps", stopped_by=stop, schedule_steps=total,
+               train_seconds=round(train_s, 1), tokens_seen=(step + 1) * B * T, best_val_step=best[1],
+               best_val_loss=best[0], epochs=round((step + 1) * B * T / max(len(train_ids), 1), 2))
+    p32 = jax.device_put(jax.tree.map(lambda a: a.astype(np.float32), host))
+    log["test"], cnt = score_groups(p32, cfg, tok, test_groups, T, args.test_tokens)
+    log["test"].update(seq=T, weights="bfloat16", compute="float32")
     log["popularity"] = popularity_stats(cnt)
-    print(f"[test] {log['test']['tokens']:,} tokens: loss {tl:.4f} ppl {math.exp(tl):.2f}; best val step {best[1]}",
-          flush=True)
+    for g in ("stdlib", "installed", "all"):
+        if g in log["test"]:
+            r = log["test"][g]
+            print(f"[test] {g}: {r['tokens']:,} tokens: loss {r['loss']:.4f} ppl {r['ppl']:.3f} "
+                  f"bits/byte {r['bits_per_byte']:.4f}", flush=True)
     for row in log["popularity"]:
         print(f"[popularity] layer {row['layer']}: entropy/uniform {row['norm_entropy']:.3f} max share "
               f"{row['max_share']:.3f} min share {row['min_share']:.4f}", flush=True)
+    t = _phase(log, "test", t)
+    if args.baseline:
+        log["baseline"] = score_baseline(args.baseline, tok, test_groups, T, args.test_tokens)
+        t = _phase(log, "baseline", t)
     save_shards(run, host)
     log["total_seconds"] = round(time.time() - t_start, 1)
     (run / "log.json").write_text(json.dumps(log, indent=1))
     print(f"[done] run files in {run} ({log['total_seconds']} s)", flush=True)
     return run
+
+
+def score_baseline(path: str | pathlib.Path, tok, test_groups: dict[str, list[str]], T: int,
+                   limit: int | None = None) -> dict:
+    """The held-out scores (`score_groups`) of an earlier checkpoint on the same test texts, encoded by its own
+    tokenizer; `same_tokenizer` says whether that is this run's (then loss and perplexity per token compare;
+    bits per byte always do). Prints one line per group beside this run's."""
+    import jax
+
+    base = moepic_jax.load(path, dtype="float32", pin_experts=False)
+    btok = load_tokenizer_file(path)
+    scores, _ = score_groups(jax.device_put(base.params), base.cfg, btok, test_groups, T, limit)
+    same = btok.to_str() == tok.to_str()
+    for g in ("stdlib", "installed", "all"):
+        if g in scores:
+            r = scores[g]
+            print(f"[baseline] {g}: {r['tokens']:,} tokens: loss {r['loss']:.4f} ppl {r['ppl']:.3f} "
+                  f"bits/byte {r['bits_per_byte']:.4f}{'' if same else ' (its own tokenizer)'}", flush=True)
+    return {"checkpoint": str(path), "same_tokenizer": same, **scores}
 
 
 def popularity_stats(counts: np.ndarray) -> list[dict]:
@@ -545,11 +840,37 @@ def _training_md(log: dict, ev: dict, out: pathlib.Path, notes: str | None = Non
     pop = "\n".join(f"| {r['layer']} | {r['norm_entropy']:.3f} | {r['max_share']:.3f} | {r['min_share']:.4f} | "
                     f"{', '.join(map(str, r['top3']))} |" for r in log["popularity"])
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    installed = d.get("corpus") == "installed"
+    source = ("Python source: the standard library and the packages installed on the training machine" if installed
+              else "the Python standard library's source")
+    if installed:
+        data = (f"Data (`--corpus installed`): `{d['stdlib']}` (Python {d['python']}) and {len(d['roots'])} "
+                f"package directories ({', '.join(f'`{r}`' for r in d['roots'])}); {d['files_available']:,} `*.py` "
+                f"files after dropping {d['duplicates_dropped']:,} duplicates (same sha256) and "
+                f"{d['large_files_skipped']:,} files over {d['max_file_bytes'] / 1e3:g} kB"
+                + (f", kept up to {d['max_chars'] / 1e6:g} M characters" if d.get("max_chars") else "")
+                + f". Files per group/split: {d['files']}; characters: {d['chars']}. The standard library is split"
+                " by sha256 of the relative path (as before: its held-out files are those the stdlib-only model"
+                " held out), installed files by sha256 of their content (mod 20: 0 = test, 1 = val).")
+    else:
+        data = (f"Data: `{d['stdlib']}` (Python {d['python']}), files per split {d.get('files')} (test folders and "
+                "site-packages excluded; split by sha256 of the relative path mod 20: 0 = test, 1 = val).")
+    tokenizer = d.get("tokenizer", "trained on the train split")
+    test = log["test"]
+    t_all = test.get("all", test)  # runs before per-group scores kept one flat record
+    groups = "\n".join(f"| {g} | {r['tokens']:,} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['bits_per_byte']:.4f} |"
+                        + ("" if "baseline" not in log or g not in log["baseline"] else
+                           f" {log['baseline'][g]['ppl']:.3f} | {log['baseline'][g]['bits_per_byte']:.4f} |")
+                        for g, r in test.items() if isinstance(r, dict))
+    base_head = (" before: ppl | before: bits/byte |" if "baseline" in log else "")
+    base_note = ("" if "baseline" not in log else
+                 f"\n\"Before\" is `{log['baseline']['checkpoint']}` scored on the same test files"
+                 + (" with the same tokenizer (perplexities compare per token)." if log['baseline']['same_tokenizer']
+                    else " with its own tokenizer (compare bits per byte).") + "\n")
     md = f"""# {out.name}: the embedded default model
 
-A Qwen3-MoE-layout model (`model_type: qwen3_moe`) trained from scratch by `tools/train_embedded.py` on the Python
-standard library's source. Data split, tokenizer, objective and the two phases are described in that module's
-docstring.
+A Qwen3-MoE-layout model (`model_type: qwen3_moe`) trained from scratch by `tools/train_embedded.py` on
+{source}. Data split, tokenizer, objective and the two phases are described in that module's docstring.
 
 ## Model
 
@@ -580,16 +901,17 @@ python tools/train_embedded.py --from-run RUN_DIR --out checkpoints/{out.name}{'
 {'(NOTES.md: the Notes section at the end.)' if notes else ''}
 
 Versions of the training run: {', '.join(f'{k} {v}' for k, v in log['versions'].items())}.
-Data: `{d['stdlib']}` (Python {d['python']}), files per split {d['files']} (test folders and site-packages
-excluded; split by sha256 of the relative path mod 20: 0 = test, 1 = val). Tokens: train {d['train_tokens']:,},
-val {d['val_tokens']:,}, test {d['test_tokens']:,}.
+{data}
+Tokenizer: {tokenizer}. Tokens: train {d['train_tokens']:,}, val {d['val_tokens']:,}, test {t_all['tokens']:,}.
 
 Optimiser: AdamW (b1 0.9, b2 0.95, weight decay {a['weight_decay']} on matrices), peak lr {a['lr']},
 {a['warmup']} warm-up steps then cosine decay to 10 %, global-norm clipping {a['clip']}; load-balancing loss
 coefficient {a['aux_coef']}; batch {a['batch']} x {a['seq']} tokens; compute {a['compute_dtype']}, float32
 master weights; seed {a['seed']}. Steps run: {log['steps_run']} of {a['steps']} in {log['train_seconds']} s
-({log['tokens_seen']:,} tokens, {log['epochs']} epochs){' - stopped by --minutes' if log['stopped_early'] else ''};
-the whole command (data, tokenizer, compilation, training, evaluation) took {log['total_seconds']} s.
+({log['tokens_seen']:,} tokens, {log['epochs']} epochs){f" - stopped by {log.get('stopped_by', '--minutes')}" if
+log['stopped_early'] else ''}{f"; the cosine schedule was fitted to {log['schedule_steps']} steps" if
+log.get('schedule_steps', a['steps']) != a['steps'] else ''};
+the whole command (data, tokenizer, compilation, training, evaluation) took {log['total_seconds']} s{' (' + ', '.join(f'{k} {v} s' for k, v in log['phases_s'].items()) + ')' if log.get('phases_s') else ''}.
 The parameters kept are those of the best validation loss (step {log['best_val_step']}).
 Reproduce with the same command; GPU reductions are not bitwise deterministic, so numbers may differ slightly.
 
@@ -598,13 +920,18 @@ Reproduce with the same command; GPU reductions are not bitwise deterministic, s
 - final training cross-entropy: {last['ce']:.4f} (mean of the last {a['log_every']} steps), load-balancing
   loss {last['aux']:.4f} (1.0 = uniform)
 - best validation loss: {log['best_val_loss']:.4f} (ppl {math.exp(log['best_val_loss']):.2f})
-- **held-out (test split) perplexity: {log['test']['ppl']:.3f}** over {log['test']['tokens']:,} tokens in
-  windows of {log['test']['seq']}, bfloat16 weights, float32 compute
+- **held-out (test split) perplexity: {t_all['ppl']:.3f}** over {t_all['tokens']:,} tokens in
+  windows of {test['seq']}, bfloat16 weights, float32 compute{'' if 'bits_per_byte' not in t_all else
+  f" ({t_all['bits_per_byte']:.4f} bits per byte)"}
 - **shipped sample perplexity: {ev['ppl']:.4f}** — `heldout_sample.txt` (Python license notice, then test-split
   files), source text from character {ev['offset_chars']}, first {ev['n_tokens']} tokens in {ev['n_tokens'] //
   ev['chunk']} independent chunks of {ev['chunk']}, float32, measured by `train.sample_perplexity` on
   {ev['measured_on']}; the same number is in `eval.json`, and tests/test_embedded.py requires at most 1.05 x it.
 
+| test files | tokens | loss (nats/token) | ppl | bits/byte |{base_head}
+|---|---|---|---|---|{'---|---|' if base_head else ''}
+{groups}
+{base_note}
 ![loss curve](loss_curve.png)
 
 ## Expert popularity (test split, routed top-{c['num_experts_per_tok']} slots)
@@ -649,6 +976,19 @@ def parse_args(argv=None):
     ap.add_argument("--test-tokens", type=int, help="test tokens evaluated at the end (default: all)")
     ap.add_argument("--sample-chars", type=int, default=SAMPLE_CHARS)
     ap.add_argument("--stdlib", help="Python Lib directory to read (default: this interpreter's)")
+    ap.add_argument("--corpus", choices=("stdlib", "installed"), default="stdlib",
+                    help="stdlib: the standard library's *.py; installed: that plus every *.py of this interpreter's "
+                         "site-/dist-packages, deduplicated by content (see the module docstring)")
+    ap.add_argument("--max-corpus-mb", type=float, help="keep the corpus to this many million characters (all splits)")
+    ap.add_argument("--max-file-kb", type=float, default=1000, help="skip installed files larger than this (kB)")
+    ap.add_argument("--tokenizer", help="reuse this tokenizer.json (or a checkpoint directory's) instead of training "
+                                        "one; with --baseline using the same, per-token perplexities compare")
+    ap.add_argument("--tokenizer-mb", type=float, default=64,
+                    help="train the tokenizer on at most this many million characters of the train split")
+    ap.add_argument("--patience", type=int, default=0,
+                    help="stop after this many evaluations without a val loss improvement of --min-delta (0 = off)")
+    ap.add_argument("--min-delta", type=float, default=0.0, help="nats/token that count as an improvement")
+    ap.add_argument("--baseline", help="a checkpoint directory to score on the same test split (before/after)")
     ap.add_argument("--data-limit-bytes", type=int, help="use only this many characters of training text (smoke)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     args = ap.parse_args(argv)

@@ -90,9 +90,29 @@ def default_calibration_tokens(source, n_tokens: int = 256, seed: int = 0) -> np
     return np.random.RandomState(seed).randint(0, source.cfg.vocab_size, n_tokens).astype(np.int32)
 
 
-def route_all(weights: PlacedWeights, tokens: np.ndarray, n_predicted: int | None = None):
+def progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    """A `tqdm.auto` bar on stderr when `enabled`, else None (tqdm is only imported when asked for)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
+def _tick(bar, n: int = 1) -> None:
+    if bar is not None:
+        bar.update(n)
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
+def route_all(weights: PlacedWeights, tokens: np.ndarray, n_predicted: int | None = None, progress: bool = False):
     """Route `tokens` [n] through every layer (a resident forward, one layer's stack on the device at a time).
 
+    `progress`: show a progress bar over the layers (tqdm, stderr).
     Returns ({MoE layer: routed ids [n, K]}, {layer l+1: ids the predictor picks for it from layer l [n, k']}); the
     second is empty when n_predicted is 0 (default k' = top_k).
     """
@@ -127,6 +147,7 @@ def route_all(weights: PlacedWeights, tokens: np.ndarray, n_predicted: int | Non
     k, v = cache.k, cache.v
     routed, predicted = {}, {}
     dev = jax.sharding.SingleDeviceSharding(weights.device)
+    bar = progress_bar(cfg.n_layers, "profiling experts", "layer", progress)
     for l, lp in enumerate(res.layers):
         nlp = res.layers[l + 1] if l + 1 < cfg.n_layers and cfg.moe_layers[l + 1] else None
         experts = jax.device_put(weights.stacks[l], dev) if cfg.moe_layers[l] else None
@@ -136,6 +157,8 @@ def route_all(weights: PlacedWeights, tokens: np.ndarray, n_predicted: int | Non
             routed[l] = np.asarray(ids)
         if pred is not None:
             predicted[l + 1] = np.asarray(pred)
+        _tick(bar)
+    _close(bar)
     return routed, predicted
 
 
@@ -153,7 +176,7 @@ def _on_first_device(x: jax.Array, device) -> jax.Array:
 
 
 def profile_model(weights: PlacedWeights, tokens: np.ndarray | None = None, score_from: int = 0,
-                  smoothing: float = 0.5, n_predicted: int | None = None) -> ModelProfile:
+                  smoothing: float = 0.5, n_predicted: int | None = None, progress: bool = False) -> ModelProfile:
     """Measure expert activation frequencies and predictor recall/precision on calibration tokens.
 
     Args:
@@ -165,6 +188,7 @@ def profile_model(weights: PlacedWeights, tokens: np.ndarray | None = None, scor
         A finite calibration never sees some experts; with 0 the planner would give them no value and leave a
         budget that could hold them unused. 0 = raw counts / n.
       n_predicted: k', the experts predicted per token for the next layer (default top_k; 0: no prediction).
+      progress: show a progress bar over the layers (tqdm, stderr).
     Returns:
       `ModelProfile` with freq [n_layers, n_experts] (rows of MoE layers sum to top_k), recall/precision
       [n_layers] (NaN where the layer is not predicted).
@@ -176,7 +200,7 @@ def profile_model(weights: PlacedWeights, tokens: np.ndarray | None = None, scor
         raise ValueError(f"smoothing={smoothing} must be a finite pseudo-count >= 0")
     if not 0 <= score_from < len(tokens):
         raise ValueError(f"score_from={score_from} must lie in [0, {len(tokens)}) (the number of calibration tokens)")
-    routed, predicted = route_all(weights, tokens, n_predicted)
+    routed, predicted = route_all(weights, tokens, n_predicted, progress)
     routed = {l: ids[score_from:] for l, ids in routed.items()}
     predicted = {l: ids[score_from:] for l, ids in predicted.items()}
     L, E = cfg.n_layers, cfg.n_experts
@@ -252,13 +276,14 @@ def direct_rows(platform: str, stack: jax.Array, src: jax.Array, ids: list, rows
 
 
 def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5, chain: int = 8, per_step: int = 1,
-                direct: bool = False) -> tuple[list[int], list[float]]:
+                direct: bool = False, bar=None) -> tuple[list[int], list[float]]:
     """Time in-graph copy steps of `per_step` experts' rows [0, rows) from a pinned_host stack [E, F, 3, D], as the
     decode step makes them: one layer's copies issued together, inside one compiled program, each step's expert
     ids depending on the previous step's data (steps neither overlap each other nor pay a host round trip each).
     Returns (bytes per step, median seconds per step) per size. (Timing lone jitted copies instead gave a ~0.5 ms
     "latency" on the H200, the dispatch and sync of the call, which the decode step does not pay; serialised single
-    copies gave 43 GB/s where the decode step's batches of copies stream at ~53 GB/s.)"""
+    copies gave 43 GB/s where the decode step's batches of copies stream at ~53 GB/s.) `bar`: a progress bar
+    (`progress_bar`) advanced once per size, or None."""
     row_bytes = int(np.prod(stack.shape[2:])) * stack.dtype.itemsize
     E = stack.shape[0]
     src = jnp.asarray(transfer.host_address(stack)) if direct else None
@@ -285,10 +310,12 @@ def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5, chain
             ts.append(time.perf_counter() - t0)
         out_b.append(per_step * rows * row_bytes)
         out_t.append(float(np.median(ts)) / chain)
+        _tick(bar)
     return out_b, out_t
 
 
-def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | None = None) -> HardwareProfile:
+def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | None = None,
+                     progress: bool = False) -> HardwareProfile:
     """Measure this machine for the planner (seconds and bytes/second; DESIGN.md cost model).
 
     Fits the copy-time curve from in-graph copies of several segment sizes, measures the decode compute time
@@ -296,6 +323,7 @@ def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | No
     the engine's copy step (`cond_overhead_s`, `cond_window_fraction`, see `conditional_costs`), all with the
     copies the engine will make: direct copies (`offload/transfer.py`) when direct is True, or None and they are
     available on one device; else the conditional copy step.
+    `progress`: show a progress bar over the measurements (copy sizes, compute, the four chains).
     Returns a `HardwareProfile` with every layer given the first MoE layer's compute time.
     """
     if direct is None:
@@ -304,9 +332,10 @@ def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | No
     l0 = cfg.moe_layer_ids[0]
     F = cfg.d_ff
     rows = sorted({max(1, F // 8), max(1, F // 4), max(1, F // 2), F})
+    bar = progress_bar(len(rows) + 1 + len(COND_MODES), "measuring hardware", "step", progress)
     stack = _on_first_device(weights.stacks[l0], weights.device)  # several devices: the first one's experts and link
     # copy steps of top_k experts, as a decode layer's misses (the latency fitted is then per step, as in the planner)
-    sizes, times = measure_h2d(stack, rows, repeats, per_step=min(cfg.top_k, stack.shape[0]), direct=direct)
+    sizes, times = measure_h2d(stack, rows, repeats, per_step=min(cfg.top_k, stack.shape[0]), direct=direct, bar=bar)
     # compute: one decode token through one layer with k experts resident, timed in a loop
     lp = _first_device_resident(weights).layers[l0]
     ex = jax.device_put(stack, jax.sharding.SingleDeviceSharding(weights.device))
@@ -327,8 +356,10 @@ def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | No
         out = layer(lp, ex, h, kv.k, kv.v)
     jax.block_until_ready(out)
     c = (time.perf_counter() - t0) / (repeats * 4)
+    _tick(bar)
     costs = conditional_costs(weights, stack, ex, lambda h, x_exp, w: layer(w[0], x_exp, h, w[1], w[2])[0], h, repeats,
-                              weights=(lp, kv.k, kv.v), direct=direct)
+                              weights=(lp, kv.k, kv.v), direct=direct, bar=bar)
+    _close(bar)
     del ex
     compute = np.full(cfg.n_layers, c)
     try:
@@ -341,8 +372,11 @@ def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | No
                                cond_window_fraction=costs["cond_window_fraction"], direct=direct)
 
 
+COND_MODES = ("plain", "hit", "miss", "ahead")
+
+
 def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, layer, h: jax.Array, repeats: int = 5,
-                      reps: int = 8, weights=(), direct: bool = False) -> dict:
+                      reps: int = 8, weights=(), direct: bool = False, bar=None) -> dict:
     """What the engine's data-dependent copy step costs on this machine, measured with its own code.
 
     `layer(h, experts, weights)` is one resident decode layer ([1, 1, d_model] -> same; `weights` is passed to the
@@ -360,6 +394,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     [0, 1] (0: the copies inside a conditional do not overlap compute at all).
     direct: the same chains with direct copies (`offload/transfer.py`, `decode.moe_decode_direct`'s calls): a hit
     is then a copy call whose plan takes the expert from its slot, and "ahead" a prefetch group.
+    `bar`: a progress bar advanced once per chain, or None.
     """
     cfg = placed.cfg
     E, F = stack.shape[0], cfg.d_ff
@@ -414,7 +449,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         return h
 
     t = {}
-    for mode in ("plain", "hit", "miss", "ahead"):
+    for mode in COND_MODES:
         fn = jax.jit(functools.partial(chain, mode))
         jax.block_until_ready(fn(h, cache, stack, ex, weights))
         ts = []
@@ -423,6 +458,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
             jax.block_until_ready(fn(h, cache, stack, ex, weights))
             ts.append(time.perf_counter() - t0)
         t[mode] = float(np.median(ts)) / reps
+        _tick(bar)
     del cache, tops
     out = {"compute_s": t["plain"], "cond_overhead_s": max(0.0, t["hit"] - t["plain"]),
            "copy_s": t["miss"] - t["hit"], "hidden_s": t["miss"] - t["ahead"]}

@@ -58,19 +58,21 @@ class EngineCache:
         self._model = None
         gc.collect()  # engines hold compiled executables; free their device buffers now, not at the next GC
 
-    def weights(self, place) -> PlacedWeights:
-        """The held model's weights placed on `place` (`offload.store.place_weights`), placed once per device set."""
+    def weights(self, place, progress: bool = False) -> PlacedWeights:
+        """The held model's weights placed on `place` (`offload.store.place_weights`), placed once per device set.
+        `progress`: a progress bar while the experts are pinned (tqdm, stderr)."""
         key = str(place.devices)
         if key not in self.placed:
             self.placed.clear()  # one placement at a time: each holds the experts in pinned memory
-            self.placed[key] = place_weights(self._model(), place)
+            self.placed[key] = place_weights(self._model(), place, progress)
         return self.placed[key]
 
-    def profile(self, weights: PlacedWeights, n_predicted: int) -> ModelProfile:
-        """The model profile on the default calibration tokens (`calibrate.profile_model`), computed once per k'."""
+    def profile(self, weights: PlacedWeights, n_predicted: int, progress: bool = False) -> ModelProfile:
+        """The model profile on the default calibration tokens (`calibrate.profile_model`), computed once per k'.
+        `progress`: a progress bar over the layers while it is computed (tqdm, stderr)."""
         key = (n_predicted, weights.cfg.identity())
         if key not in self.profiles:
-            self.profiles[key] = calibrate.profile_model(weights, n_predicted=n_predicted)
+            self.profiles[key] = calibrate.profile_model(weights, n_predicted=n_predicted, progress=progress)
         return self.profiles[key]
 
     def drop_engines(self) -> None:
@@ -83,7 +85,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
                 n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
                 profile: ModelProfile | None = None, hardware: HardwareProfile | None = None, devices=None,
                 prefetch: bool | None = None, adapt_to_prompt: bool = False, routing=None,
-                cache: EngineCache | None = None, direct: bool | None = None):
+                cache: EngineCache | None = None, direct: bool | None = None, progress: bool = False):
     """Build the engine of `policy` for `model` under `vram_budget` (see `offload.memory.parse_budget`).
 
     Offloading policies: place the weights (experts pinned, the rest on the device), take the fixed part off the
@@ -105,6 +107,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
         (benchmarks; see `offload/decode.py`). Offloading policies only.
       cache: an `EngineCache` whose placed weights and profiles are reused (None: nothing kept).
       direct: how decode copies experts (see `OffloadEngine`): None = direct copies where available.
+      progress: show progress bars (tqdm, stderr) while the experts are pinned and the model is profiled.
     Raises:
       ValueError: unknown policy; bad arguments; a budget below what the policy needs (the message names the
         minimum); a plan that does not fit the model or the budget.
@@ -136,7 +139,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
         raise ValueError(f"policy {policy!r} caches nothing; do not pass a plan")
     given = parse_budget(vram_budget)
     place = make_placement(devices, cfg.n_experts)
-    weights = _placed(model, place, cache)
+    weights = _placed(model, place, cache, progress)
     fixed = offload_fixed_bytes(cfg, weights.dtype.itemsize, tree_bytes(weights.resident), place.e_loc, n_predicted,
                                 spec.predicts if prefetch is None else prefetch, max_batch, max_seq_len,
                                 place.device.platform)
@@ -156,7 +159,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
     if spec.plan == "none":
         plan = empty_plan(cfg)
     elif plan is None:
-        mp = profile or _profile(weights, n_predicted, cache)
+        mp = profile or _profile(weights, n_predicted, cache, progress)
         direct_copies = direct is not False and place.mesh is None and transfer.available(place.device)
         hw = hardware or calibrate.default_hardware(cfg.n_layers, direct=direct_copies)
         row_bytes = 3 * cfg.d_model * weights.dtype.itemsize
@@ -171,16 +174,17 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
                                                                           place.device.platform == "cpu"))
 
 
-def _placed(model: Model, place, cache: EngineCache | None) -> PlacedWeights:
+def _placed(model: Model, place, cache: EngineCache | None, progress: bool = False) -> PlacedWeights:
     """The model's weights placed on `place` (kept in `cache` for the next engine on the same devices)."""
-    return place_weights(model, place) if cache is None else cache.for_model(model).weights(place)
+    return place_weights(model, place, progress) if cache is None else cache.for_model(model).weights(place, progress)
 
 
-def _profile(weights: PlacedWeights, n_predicted: int, cache: EngineCache | None) -> ModelProfile:
+def _profile(weights: PlacedWeights, n_predicted: int, cache: EngineCache | None, progress: bool = False
+             ) -> ModelProfile:
     """The model profile on the default calibration tokens (kept in `cache`: it depends on the weights and k')."""
     if cache is None:
-        return calibrate.profile_model(weights, n_predicted=n_predicted)
-    return cache.profile(weights, n_predicted)
+        return calibrate.profile_model(weights, n_predicted=n_predicted, progress=progress)
+    return cache.profile(weights, n_predicted, progress)
 
 
 def engine_key(policy: str, vram_budget, plan, engine_kw: dict):
