@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
 
     t0 = time.perf_counter()
-    base = make_engine(model, policy="ondemand", max_batch=max_batch, **ekw)
+    base = make_engine(model, policy="ondemand", vram_budget=None, max_batch=max_batch, **ekw)
     # The largest fixed part of the policies, per batch size: budgets are fixed(batch) + frac x expert bytes.
     expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
     fixed_of = {b: base.fixed_bytes_for(b, max_len, prefetch=True) for b in sorted({r[2] for r in runs})}
