@@ -60,8 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
     ap.add_argument("--hw", default="measured", choices=("measured", "default"),
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
-    ap.add_argument("--direct", default=None, type=lambda v: {"auto": None, "on": True, "off": False}[v],
-                    help="direct copies (auto: where available; off: the conditional copy step)")
+    ap.add_argument("--direct", default=False, type=lambda v: {"on": True, "off": False}[v],
+                    help="on: decode with direct copies (offload/transfer.py); off (default): the conditional copy step")
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
     ap.add_argument("--adapt", default="off", choices=("on", "off"),
@@ -81,12 +81,14 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-PAIR_OPTIONS = {"cond": {"direct": False}, "pf": {"prefetch": True}, "nopf": {"prefetch": False}}
+PAIR_OPTIONS = {"direct": {"direct": True}, "cond": {"direct": False}, "pf": {"prefetch": True},
+                "nopf": {"prefetch": False}}
 
 
 def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
-    """One --pairs item "policy:fraction[:bN][:adapt][:cond][:pf|:nopf]" -> runs (policy, fraction, batch, adapt,
-    options). cond: the conditional copy step instead of direct copies; pf / nopf: prefetch forced on / off.
+    """One --pairs item "policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf]" -> runs (policy, fraction, batch,
+    adapt, options). direct / cond: direct copies / the conditional copy step (the default); pf / nopf: prefetch
+    forced on / off.
     Raises SystemExit on a bad item."""
     parts = item.split(":")
     if len(parts) < 2 or parts[0] not in ALL_POLICIES or parts[0] == "resident":

@@ -124,9 +124,9 @@ def test_policies_exact(family, policy, frac, offload_models, reference):
 
 
 @pytest.mark.parametrize("policy", ["ondemand", "lru", "static", "moepic"])
-def test_conditional_copy_step_exact(policy, offload_models, reference):
-    """The conditional copy step (`copy_step`, used where direct copies are unavailable: several devices, no C++
-    compiler) gives the resident model's logits and tokens too, with the same counters as direct copies."""
+def test_direct_copies_exact(policy, offload_models, reference):
+    """Direct copies (`offload/transfer.py`, direct=True) give the resident model's logits and tokens too, with the
+    same per-layer counters as the conditional copy step."""
     m = offload_models["qwen2_moe"]
     engines = [make_engine(m, policy=policy, vram_budget=_budget(m, 0.3), direct=d, **kw(policy)) for d in (False, True)]
     assert [e.direct for e in engines] == [False, True]

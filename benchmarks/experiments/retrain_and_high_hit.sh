@@ -10,5 +10,5 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 400 python tools/train_embedded.py --run-dir "$OUT/run" --corpus installed --max-corpus-mb 250 \
   --tokenizer checkpoints/stdlib_moe --baseline checkpoints/stdlib_moe --steps 20000 --minutes 4 \
   --patience 4 --lr 1.5e-3 --warmup 200 --eval-every 250 --test-tokens 1000000 2>&1 | grep -v Warning | tail -25
-timeout 170 python -m benchmarks.bench_policies --model qwen15 --routing own --pairs "lru:0.25,lru:0.25:cond,moepic:0.25:cond,moepic:0.25" \
+timeout 170 python -m benchmarks.bench_policies --model qwen15 --routing own --pairs "lru:0.25:direct,lru:0.25,moepic:0.25,moepic:0.25:direct" \
   --out-dir "$OUT" --name direct_ab_own --time-limit 150 2>&1 | grep -E "TPOT|ERROR|rror|^\|" | tail -12

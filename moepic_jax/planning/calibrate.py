@@ -314,20 +314,18 @@ def measure_h2d(stack: jax.Array, sizes_rows: list[int], repeats: int = 5, chain
     return out_b, out_t
 
 
-def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool | None = None,
+def measure_hardware(weights: PlacedWeights, repeats: int = 5, direct: bool = False,
                      progress: bool = False) -> HardwareProfile:
     """Measure this machine for the planner (seconds and bytes/second; DESIGN.md cost model).
 
     Fits the copy-time curve from in-graph copies of several segment sizes, measures the decode compute time
     per layer (attention + router + the routed experts' math, experts already on the device), and the cost of
     the engine's copy step (`cond_overhead_s`, `cond_window_fraction`, see `conditional_costs`), all with the
-    copies the engine will make: direct copies (`offload/transfer.py`) when direct is True, or None and they are
-    available on one device; else the conditional copy step.
+    copies the engine will make: direct copies (`offload/transfer.py`) when direct is True, else the conditional
+    copy step.
     `progress`: show a progress bar over the measurements (copy sizes, compute, the four chains).
     Returns a `HardwareProfile` with every layer given the first MoE layer's compute time.
     """
-    if direct is None:
-        direct = weights.place.mesh is None and transfer.available(weights.device)
     cfg = weights.cfg
     l0 = cfg.moe_layer_ids[0]
     F = cfg.d_ff

@@ -158,9 +158,10 @@ class OffloadEngine:
       budget_follows_minimum: the budget was given as the minimum plus a share of the experts (a share, or "auto"
         on the CPU): where the compiled steps need more than the estimated minimum, the budget grows by the
         difference and the caches keep their share, instead of the caches shrinking (`_check_compiled_budget`).
-      direct: decode copies experts by DMA on a private stream with no conditional in the step (`offload/transfer`):
-        None = where available (one device, a C++ compiler to build the copy library), True = required, False =
-        the conditional copy step (`offload/copy_step`).
+      direct: decode copies experts by DMA on a private stream with no conditional in the step (`offload/transfer`;
+        one device and a C++ compiler to build the copy library). Off by default: exact, but on the H100 slower
+        than the conditional copy step (`offload/copy_step`) in byte-bound decodes
+        (docs/notes/2026-12-07-direct-copies.md).
     Raises:
       ValueError: a plan that does not match the model, a plan bigger than the cache budget; direct=True where
         direct copies are unavailable.
@@ -170,7 +171,7 @@ class OffloadEngine:
                  n_predicted: int, max_batch: int = 1, max_seq_len: int = 1024, prefetch: bool | None = None,
                  adapt_to_prompt: bool = False, replan: Callable[[int], CachePlan] | None = None,
                  routing: RoutingTrace | None = None, budget_follows_minimum: bool = False,
-                 direct: bool | None = None):
+                 direct: bool = False):
         self.weights, self.spec, self.policy = weights, spec, spec.name
         self.cfg, self.dtype, self.place = weights.cfg, weights.dtype, weights.place
         self.stacks, self.resident = weights.stacks, weights.resident
@@ -199,11 +200,11 @@ class OffloadEngine:
         self._kv_makers = {}
         # Direct copies (DMA on a private stream, no conditional in the decode step) need one device and the
         # library `transfer` builds; otherwise decode copies in conditionals (`copy_step`).
-        self.direct = (direct is not False and self.mesh is None and transfer.available(self.device))
-        if direct and not self.direct:
+        self.direct = bool(direct)
+        if self.direct and (self.mesh is not None or not transfer.available(self.device)):
             raise ValueError("direct copies are unavailable here ("
                              f"{'several devices' if self.mesh is not None else transfer.unavailable_reason(self.device)}"
-                             "); pass direct=None to fall back to the conditional copy step")
+                             "); leave direct=False (the conditional copy step)")
         self.srcs = jax.device_put(np.stack([transfer.host_address(s) if s is not None else np.zeros(2, np.int32)
                                              for s in self.stacks]), self.place.sharding()) if self.direct else None
 

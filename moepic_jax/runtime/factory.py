@@ -14,7 +14,7 @@ import numpy as np
 
 from moepic_jax import model as M
 from moepic_jax.io.loading import Model
-from moepic_jax.offload import memory, transfer
+from moepic_jax.offload import memory
 from moepic_jax.offload.decode import RoutingTrace
 from moepic_jax.offload.memory import below_minimum, offload_fixed_bytes, parse_budget, resolve_budget, tree_bytes
 from moepic_jax.offload.placement import make_placement
@@ -85,7 +85,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
                 n_predicted: int | None = None, max_batch: int = 1, max_seq_len: int = 1024, granule: int = 128,
                 profile: ModelProfile | None = None, hardware: HardwareProfile | None = None, devices=None,
                 prefetch: bool | None = None, adapt_to_prompt: bool = False, routing=None,
-                cache: EngineCache | None = None, direct: bool | None = None, progress: bool = False):
+                cache: EngineCache | None = None, direct: bool = False, progress: bool = False):
     """Build the engine of `policy` for `model` under `vram_budget` (see `offload.memory.parse_budget`).
 
     Offloading policies: place the weights (experts pinned, the rest on the device), take the fixed part off the
@@ -106,7 +106,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
       routing: a `RoutingTrace` (or the path of a trace .npz) that the decode step replays instead of the routers
         (benchmarks; see `offload/decode.py`). Offloading policies only.
       cache: an `EngineCache` whose placed weights and profiles are reused (None: nothing kept).
-      direct: how decode copies experts (see `OffloadEngine`): None = direct copies where available.
+      direct: decode with direct copies (see `OffloadEngine`; off by default).
       progress: show progress bars (tqdm, stderr) while the experts are pinned and the model is profiled.
     Raises:
       ValueError: unknown policy; bad arguments; a budget below what the policy needs (the message names the
@@ -160,8 +160,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
         plan = empty_plan(cfg)
     elif plan is None:
         mp = profile or _profile(weights, n_predicted, cache, progress)
-        direct_copies = direct is not False and place.mesh is None and transfer.available(place.device)
-        hw = hardware or calibrate.default_hardware(cfg.n_layers, direct=direct_copies)
+        hw = hardware or calibrate.default_hardware(cfg.n_layers, direct=bool(direct))
         row_bytes = 3 * cfg.d_model * weights.dtype.itemsize
 
         def replan(cache_budget):

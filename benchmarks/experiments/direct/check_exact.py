@@ -14,7 +14,8 @@ def main():
     ref = moepic_jax.generate(PROMPT, model=m, max_new_tokens=24, policy="resident").token_ids
     ok = True
     for policy in ("ondemand", "lru", "static", "moepic"):
-        eng = make_engine(m, policy=policy, vram_budget="25%", prefetch=None if policy == "ondemand" else True)
+        eng = make_engine(m, policy=policy, vram_budget="25%", prefetch=None if policy == "ondemand" else True,
+                          direct=True)
         res = moepic_jax.generate(PROMPT, model=m, max_new_tokens=24, engine=eng)
         same = res.token_ids == ref
         ok &= same

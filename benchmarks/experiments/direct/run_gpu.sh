@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Direct copies vs the conditional copy step on the GPU (Qwen1.5-MoE-A2.7B shapes, random weights, calibrated
 # routing, 25 % of the expert bytes, batch 1), after an exactness check on the embedded model. One process builds
-# the model once; `cond` rows use the conditional copy step, `pf` rows force prefetch on.
+# the model once; `direct` rows use direct copies, the others the conditional copy step; `pf` rows force prefetch
+# on. (The 2026-12-07 run, direct_ab.json, ran when direct copies were the default: its unlabelled rows are direct
+# copies, its `cond` rows the conditional copy step.)
 #   bash benchmarks/experiments/direct/run_gpu.sh OUT_DIR [PAIRS]
 set -u
 OUT="${1:?results folder}"
-PAIRS="${2:-lru:0.25,lru:0.25:cond,static:0.25,static:0.25:cond,moepic:0.25:pf,ondemand:0.25,moepic:0.25:pf:cond}"
+PAIRS="${2:-lru:0.25:direct,lru:0.25,static:0.25:direct,static:0.25,moepic:0.25:pf:direct,ondemand:0.25:direct,moepic:0.25:direct}"
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import jax; print('jax', jax.__version__, jax.devices())"
