@@ -151,7 +151,7 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
         j = jnp.argmax(r.ids[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
         g = got[r.order]
         with jax.named_scope("ffn"):
-            pred_outs = jnp.stack([M.segment_ffn(x, pred.buffers[p]).astype(jnp.float32)
+            pred_outs = jnp.stack([M.segment_ffn(x, pred.buffers[p], cfg.expert_quant).astype(jnp.float32)
                                    for p in range(len(pred.ids))])
         outs = jnp.where(g[:, None, None], pred_outs[j], outs)
         n, rows_kept = new_cache.tops.shape[:2]
