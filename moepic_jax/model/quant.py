@@ -15,9 +15,9 @@ copy), and the cache's top slots, the copy step and the prefetch move uint8 rows
 shared scale and forbid splits that are not multiples of the group.)
 
 Numerics: the codes and scales come from qwix (`qwix.quantize`, Google's JAX quantization library: absmax
-calibration, scale = absmax / (qmax + 0.5), round half to even, saturating conversion to int8 / int4), run on
-the host's CPU device one expert at a time, so the host never holds more than one layer at full precision plus
-one expert's temporaries. `tests/test_quant.py` checks the codes and scales against a plain NumPy implementation
+calibration, scale = absmax / (qmax + 0.5), round half to even, saturating conversion to int8 / int4). At load
+time it runs on the host's CPU device one expert at a time (`quantize_rows`), so the host never holds more than
+one layer at full precision plus one expert's temporaries. `tests/test_quant.py` checks the codes and scales against a plain NumPy implementation
 of the same scheme. Packing (nibbles, scale bytes) and `dequantize_rows` are ours: qwix's `QArray` keeps codes
 and scales in separate arrays, which would make a segment two copies.
 
@@ -43,11 +43,11 @@ def _qwix():
     return qwix
 
 
-def quantize_vectors(x: np.ndarray, q: ExpertQuant) -> tuple[np.ndarray, np.ndarray]:
-    """Group-wise symmetric quantization of the last axis with qwix (on the CPU device).
+def quantize_vectors(x: jax.Array, q: ExpertQuant) -> tuple[jax.Array, jax.Array]:
+    """Group-wise symmetric quantization of the last axis with qwix (traceable; runs where x lives).
 
     Args:
-      x: [..., D] float array (any float dtype; computed in float32).
+      x: [..., D] float array (computed in float32).
       q: the scheme; D must be a multiple of q.group.
     Returns:
       (codes [..., D] int8 in [-2^(bits-1), 2^(bits-1) - 1], scales [..., D / group] float32), with
@@ -56,37 +56,38 @@ def quantize_vectors(x: np.ndarray, q: ExpertQuant) -> tuple[np.ndarray, np.ndar
       ValueError: D is not a multiple of the group (the message lists the valid group sizes).
     """
     qwix = _qwix()
-    D = x.shape[-1]
-    q.check(D)
-    with jax.default_device(jax.devices("cpu")[0]):
-        xa = jnp.asarray(np.asarray(x, np.float32))
-        qa = qwix.quantize(xa, jnp.int8 if q.bits == 8 else jnp.int4, channelwise_axes=tuple(range(xa.ndim - 1)),
-                           tiled_axes={xa.ndim - 1: q.group},
-                           scale_dtype=jnp.float32)
-        codes = np.asarray(qa.qvalue.astype(jnp.int8))
-        scales = np.asarray(qa.scale, np.float32)
-    return codes, scales
+    q.check(x.shape[-1])
+    x = x.astype(jnp.float32)
+    qa = qwix.quantize(x, jnp.int8 if q.bits == 8 else jnp.int4, channelwise_axes=tuple(range(x.ndim - 1)),
+                       tiled_axes={x.ndim - 1: q.group}, scale_dtype=jnp.float32)
+    return qa.qvalue.astype(jnp.int8), qa.scale.astype(jnp.float32)
 
 
-def pack_vectors(codes: np.ndarray, scales: np.ndarray, q: ExpertQuant) -> np.ndarray:
+def pack_vectors(codes: jax.Array, scales: jax.Array, q: ExpertQuant) -> jax.Array:
     """Codes [..., D] int8 and scales [..., D / group] float32 -> the stored bytes [..., W] uint8 (module format)."""
-    D = codes.shape[-1]
     if q.bits == 8:
-        packed = codes.astype(np.int8).view(np.uint8)
+        packed = jax.lax.bitcast_convert_type(codes.astype(jnp.int8), jnp.uint8)
     else:
-        c = codes.astype(np.int16) & 0xF
-        packed = (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
-    sb = np.ascontiguousarray(scales.astype("<f4")).view(np.uint8).reshape(*scales.shape[:-1], -1)
-    out = np.concatenate([packed, sb], axis=-1)
-    assert out.shape[-1] == q.row_width(D)
-    return out
+        c = jax.lax.bitcast_convert_type(codes.astype(jnp.int8), jnp.uint8) & 0xF
+        packed = c[..., 0::2] | (c[..., 1::2] << 4)
+    sb = jax.lax.bitcast_convert_type(scales.astype(jnp.float32), jnp.uint8)  # [..., D / group, 4]
+    return jnp.concatenate([packed, sb.reshape(*scales.shape[:-1], -1)], axis=-1)
+
+
+def quantize_rows_jax(x: jax.Array, q: ExpertQuant) -> jax.Array:
+    """Rows [..., D] float -> stored rows [..., W] uint8 (qwix numerics + `pack_vectors`); jit-able, runs where x
+    lives (the benchmarks' random models quantize on the GPU they are drawn on)."""
+    return pack_vectors(*quantize_vectors(x, q), q)
+
+
+_quantize_cpu = jax.jit(quantize_rows_jax, static_argnums=1)
 
 
 def quantize_rows(stack: np.ndarray, q: ExpertQuant, out: np.ndarray | None = None) -> np.ndarray:
-    """Quantize a neuron-major expert stack on the host, one expert at a time.
+    """Quantize a neuron-major expert stack on the host (the CPU device), one expert at a time.
 
     Args:
-      stack: [E, F, 3, D] (or any [..., F, 3, D] whose first axis is walked) float weights.
+      stack: [E, F, 3, D] (or any [E, ...,  D]) float weights, NumPy.
       out: optional preallocated [E, F, 3, W] uint8 to fill.
     Returns:
       [E, F, 3, W] uint8, W = q.row_width(D).
@@ -97,8 +98,9 @@ def quantize_rows(stack: np.ndarray, q: ExpertQuant, out: np.ndarray | None = No
     q.check(D)
     if out is None:
         out = np.empty(stack.shape[:-1] + (q.row_width(D),), np.uint8)
+    cpu = jax.devices("cpu")[0]
     for e in range(stack.shape[0]):
-        out[e] = pack_vectors(*quantize_vectors(stack[e], q), q)
+        out[e] = np.asarray(_quantize_cpu(jax.device_put(np.asarray(stack[e]), cpu), q))
     return out
 
 
