@@ -174,8 +174,4 @@ def offload_fixed_bytes(cfg, dtype_bytes: int, resident_bytes: int, e_loc: int, 
     kv = kv_cache_bytes(cfg, batch, max_len, dtype_bytes)
     buffers = max(2 * (U + Pn) * expert, 2 * stack)
     acts = activation_bytes(cfg, batch, max_len, dtype_bytes)
-    # The CPU backend computes bfloat16 / float16 matmuls in float32 with a float32 copy of the weight operand; the
-    # largest is the LM head's [D, V] (8 MiB for the embedded model), alive in the decode step. Model-dtype expert
-    # stacks made the prefill buffers above large enough to cover it; packed (quantized) stacks are 2-4x smaller.
-    upcast = cfg.d_model * cfg.vocab_size * 4 if platform == "cpu" and dtype_bytes < 4 else 0
-    return resident_bytes + kv + buffers + acts + upcast + workspace_bytes(platform, stack)
+    return resident_bytes + kv + buffers + acts + workspace_bytes(platform, stack)
