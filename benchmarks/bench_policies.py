@@ -56,6 +56,9 @@ def parse_args(argv=None):
                     help="sampling temperature of the decode (0 = greedy; a random model's greedy output tends to "
                          "repeat one token, which gives LRU free hits)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--experts", default="none", choices=("none", "int8", "int4"),
+                    help="quantized experts (weight-only, group-wise; README 'Quantized experts')")
+    ap.add_argument("--quant-group", type=int, default=None, help="elements per scale (default 128 int8, 64 int4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
     ap.add_argument("--hw", default="measured", choices=("measured", "default"),
@@ -164,12 +167,18 @@ def main(argv=None) -> int:
     run_batches = sorted({r[2] for r in runs})
     name = args.name or ("bench_policies_" + args.model + ("_tiny" if args.tiny else "")
                          + (f"_zipf{args.zipf:g}" if args.zipf else "") + "".join(f"_b{b}" for b in run_batches if b > 1)
-                         + (f"_p{args.prompt_len}" if args.prompt_len != 128 else ""))
+                         + (f"_p{args.prompt_len}" if args.prompt_len != 128 else "")
+                         + (f"_{args.experts}" if args.experts != "none" else ""))
     out_dir = Path(args.out_dir) if args.out_dir else C.RESULTS_DIR / args.model
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
 
     cfg = C.get_config(args.model, tiny=args.tiny)
+    if args.experts != "none":
+        import dataclasses
+
+        from moepic_jax.config import expert_quant
+        cfg = dataclasses.replace(cfg, expert_quant=expert_quant(args.experts, args.quant_group))
     model = C.random_model(cfg, dtype=args.dtype, seed=args.seed, zipf_bias=args.zipf, progress=not args.tiny)
     info = model.random_info
     print(f"model {C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}: experts "
@@ -250,6 +259,7 @@ def main(argv=None) -> int:
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
                      "batch": run_batches, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
+                     "experts": args.experts, "quant_group": cfg.expert_quant and cfg.expert_quant.group,
                      "budgets_frac_of_experts": fracs, "policies": list(policies)},
         "notes": [
             f"{C.MODEL_NAMES[args.model]}{' (tiny stand-in)' if args.tiny else ''} config, random weights "

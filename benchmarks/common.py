@@ -69,6 +69,7 @@ from moepic_jax.config import MoEConfig, from_hf_config
 import moepic_jax
 from moepic_jax.io.loading import Model
 from moepic_jax.model.params import np_dtype
+from moepic_jax.model.quant import quantize_rows_jax
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -200,7 +201,7 @@ def _calib_ffn(lp: M.LayerParams, h_mid: jax.Array, cfg: MoEConfig):
     x = M.rms_norm(h_mid, lp.mlp_norm, cfg.rms_eps)[0]
     if lp.moe is not None:
         ids, w = M.route(x, lp.moe.w_router, cfg)
-        y = M.experts_dense(x, lp.moe.experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+        y = M.experts_dense(x, lp.moe.experts, ids, w, cfg.expert_quant).astype(x.dtype) + M.shared_expert(x, lp.moe)
     else:
         ids, y = jnp.zeros((x.shape[0], cfg.top_k), jnp.int32), M.mlp(x, lp.mlp)
     return h_mid + y[None], ids
@@ -245,7 +246,8 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
                  zipf_bias: float | None = None, calib_tokens: int = 128, measure_routing: bool = False,
                  progress: bool = True) -> Model:
     """A `Model` with random weights drawn on the device: resident weights as host NumPy, experts as pinned_host
-    jax Arrays (one `[E, F, 3, D]` stack per MoE layer, drawn on the device and pinned one layer at a time).
+    jax Arrays (one `[E, F, 3, D]` stack per MoE layer, drawn on the device and pinned one layer at a time; a
+    `cfg.expert_quant` quantizes them on the device as they are drawn: `[E, F, 3, W]` uint8).
     See the module docstring.
 
     Args:
@@ -282,7 +284,8 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
             return to_host(jnp.ones(shape, jdt))
         if kind == "experts":  # drawn on the device, pinned at once: one layer on the device at a time
             ts = time.perf_counter()
-            pinned = jax.device_put(_draw_experts_jit(key, tuple(shape), jdt, jnp.float32(std), zipf), host_sh)
+            pinned = jax.device_put(_draw_experts_jit(key, tuple(shape), jdt, jnp.float32(std), zipf,
+                                                      cfg.expert_quant), host_sh)
             pinned.block_until_ready()
             pin_s[0] += time.perf_counter() - ts
             return pinned
@@ -352,20 +355,21 @@ def random_model(cfg: MoEConfig, dtype: str = "bfloat16", seed: int = 0, std: fl
     return model
 
 
-def _draw_experts(key, shape, dtype, scale, zero_coord0: bool):
+def _draw_experts(key, shape, dtype, scale, zero_coord0: bool, quant=None):
     """One layer's [E, F, 3, D] stack, drawn one expert at a time (lax.map) so that the random-number temporaries
-    stay at one expert's size and the device peak of the build is about one stack."""
+    stay at one expert's size and the device peak of the build is about one stack. With `quant` (an
+    `ExpertQuant`) each expert is quantized as it is drawn: the stack is [E, F, 3, W] uint8 (`model/quant.py`)."""
 
     def one(k):
         x = _normal(k, shape[1:], dtype, scale)
         if zero_coord0:  # the down rows must not write residual coordinate 0 (Zipf bias construction)
             x = x.at[:, 2, 0].set(0)
-        return x
+        return x if quant is None else quantize_rows_jax(x, quant)
 
     return jax.lax.map(one, jax.random.split(key, shape[0]))
 
 
-_draw_experts_jit = jax.jit(_draw_experts, static_argnums=(1, 2, 4))
+_draw_experts_jit = jax.jit(_draw_experts, static_argnums=(1, 2, 4, 5))
 
 
 def _zero_writes_to_coord0(lp: M.LayerParams) -> M.LayerParams:

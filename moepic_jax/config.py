@@ -22,6 +22,75 @@ from typing import Any
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_ROPE_TYPES = ("default",)
+QUANT_BITS = (8, 4)  # weight-only expert quantization: int8 or int4 codes
+DEFAULT_QUANT_GROUP = {8: 128, 4: 64}  # elements per scale along d_model (`ExpertQuant.group`)
+QUANT_SCALE_BYTES = 4  # one float32 scale per group
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertQuant:
+    """How routed-expert weights are stored: weight-only, symmetric, group-wise integer codes (`model/quant.py`).
+
+    Every neuron row of the neuron-major stack (gate column, up column, down row; each a vector of length D =
+    d_model) is stored as its codes followed by its scales: `bits`-bit codes (int8: one byte each; int4: two per
+    byte) and one float32 scale (its 4 bytes) per `group` consecutive elements along D. A row is then
+    `row_width(D)` bytes and the stack of a layer `[E, F, 3, row_width(D)]` uint8, so any split of an expert along
+    its neurons is still one contiguous slice.
+    """
+
+    bits: int  # 8 or 4
+    group: int  # elements of D per scale
+
+    def __post_init__(self):
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"expert quantization bits={self.bits!r}; supported: {QUANT_BITS} ('int8', 'int4')")
+        if not isinstance(self.group, int) or self.group < 2 or self.group % 2:
+            raise ValueError(f"quantization group={self.group!r} must be an even int >= 2 (elements per scale)")
+
+    @property
+    def name(self) -> str:
+        """"int8" or "int4"."""
+        return f"int{self.bits}"
+
+    def code_bytes(self, d: int) -> int:
+        """Bytes of the codes of one length-d vector."""
+        return d * self.bits // 8
+
+    def scale_bytes(self, d: int) -> int:
+        """Bytes of the scales of one length-d vector (float32, one per group)."""
+        return d // self.group * QUANT_SCALE_BYTES
+
+    def row_width(self, d: int) -> int:
+        """Bytes W of one stored length-d vector: codes then scales."""
+        return self.code_bytes(d) + self.scale_bytes(d)
+
+    def check(self, d: int) -> None:
+        """Raise ValueError unless vectors of length d split into whole groups; the message names the valid sizes."""
+        if d % self.group:
+            valid = [g for g in range(2, d + 1, 2) if d % g == 0]
+            raise ValueError(f"{self.name} quantization group size {self.group} does not divide d_model={d}; "
+                             f"valid group sizes: {valid}")
+
+
+def expert_quant(experts: str | ExpertQuant | None, group: int | None = None) -> ExpertQuant | None:
+    """Read the `experts=` option: None / "none" / "bfloat16"-like dtype names mean not quantized, "int8" / "int4"
+    quantized with `group` elements per scale (default `DEFAULT_QUANT_GROUP`: 128 for int8, 64 for int4).
+
+    Raises:
+      ValueError: another value, or a group given without quantization.
+    """
+    if isinstance(experts, ExpertQuant):
+        return experts if group is None else ExpertQuant(experts.bits, int(group))
+    if experts is None or (isinstance(experts, str) and experts.lower() in ("none", "")):
+        if group is not None:
+            raise ValueError("a quantization group size needs experts='int8' or 'int4'")
+        return None
+    if isinstance(experts, str) and experts.lower() in ("int8", "int4"):
+        bits = int(experts[3:])
+        return ExpertQuant(bits, DEFAULT_QUANT_GROUP[bits] if group is None else int(group))
+    raise ValueError(f"experts={experts!r}: use 'int8', 'int4' or None (experts in the model dtype)")
+
+
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -63,6 +132,7 @@ class MoEConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    expert_quant: ExpertQuant | None = None  # how the routed experts are stored; None = in the model dtype
 
     def __post_init__(self):
         if self.family not in SUPPORTED_FAMILIES:
@@ -81,6 +151,8 @@ class MoEConfig:
             raise ValueError("the model has no MoE layer; moepic_jax only serves Mixture-of-Experts models")
         if not all(self.moe_layers) and self.dense_d_ff <= 0:
             raise ValueError("dense layers present but dense_d_ff is not set")
+        if self.expert_quant is not None:
+            self.expert_quant.check(self.d_model)
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -91,9 +163,29 @@ class MoEConfig:
         """Elements of one neuron row of an expert (gate column + up column + down row) = 3 * D."""
         return 3 * self.d_model
 
+    @property
+    def expert_row_width(self) -> int:
+        """Last dim of the stored expert stack [E, F, 3, W]: D, or the packed width of a quantized vector."""
+        q = self.expert_quant
+        return self.d_model if q is None else q.row_width(self.d_model)
+
+    def expert_store_dtype(self, dtype):
+        """The dtype of the stored expert stack: `dtype` (the model's), or uint8 when quantized."""
+        import numpy as np
+
+        return np.dtype(np.uint8) if self.expert_quant is not None else dtype
+
+    def expert_row_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of one stored neuron row of an expert (gate column, up column, down row): 3 * D * dtype_bytes, or
+        3 * W packed bytes when quantized (codes and scales)."""
+        if self.expert_quant is not None:
+            return 3 * self.expert_row_width
+        return 3 * self.d_model * dtype_bytes
+
     def expert_bytes(self, dtype_bytes: int) -> int:
-        """Bytes of one whole routed expert (gate + up + down) at `dtype_bytes` per element."""
-        return 3 * self.d_model * self.d_ff * dtype_bytes
+        """Bytes of one whole stored routed expert (gate + up + down) at `dtype_bytes` per element (quantized: the
+        packed bytes, whatever `dtype_bytes`)."""
+        return self.d_ff * self.expert_row_bytes(dtype_bytes)
 
     def total_expert_bytes(self, dtype_bytes: int) -> int:
         """Bytes of all routed experts of all MoE layers."""
@@ -139,7 +231,10 @@ class MoEConfig:
 
     def identity(self) -> str:
         """A short stable hash of this config, used to tie profiles and plans to a model."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        d = dataclasses.asdict(self)
+        if d["expert_quant"] is None:  # unquantized configs keep the identity they had before the field existed
+            del d["expert_quant"]
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,8 @@ import hashlib
 import json
 import pathlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -71,9 +73,21 @@ def _from_tree(tree, like: M.Params):
     return conv(tree, like)
 
 
+def _refuse_quantized(cfg: MoEConfig, what: str) -> None:
+    if cfg.expert_quant is not None:
+        raise ValueError(f"{what} writes full-precision weights, but this model's experts are quantized "
+                         f"({cfg.expert_quant.name}, at load time); load the model without experts= and {what} that")
+
+
 def save(path, cfg: MoEConfig, params: M.Params, dtype: str, tokenizer=None) -> None:
-    """Write a checkpoint directory (see module docstring). `path` must not exist yet or be empty."""
+    """Write a checkpoint directory (see module docstring). `path` must not exist yet or be empty.
+
+    Raises:
+      ValueError: the model's experts are quantized (checkpoints hold full-precision weights; quantize at load).
+    """
     import orbax.checkpoint as ocp
+
+    _refuse_quantized(cfg, "save")
 
     path = pathlib.Path(path).resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -121,9 +135,13 @@ def _iter_leaves(tree):
         yield tree
 
 
-def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
+def restore(path, dtype: str, store_experts: Callable[[int, np.ndarray], Any] | None = None
+            ) -> tuple[MoEConfig, M.Params]:
     """Read a checkpoint directory into host NumPy `Params` cast to `dtype`.
 
+    store_experts: when given, the expert stacks are read one MoE layer at a time (orbax partial restore) and
+      `store_experts(layer, stack [E, F, 3, D] in dtype)` returns what the tree keeps for that layer (e.g. its
+      quantized, pinned stack), so the host never holds every layer's experts at full precision at once.
     Raises:
       ValueError: the manifest does not match config.json, or the orbax tree is truncated/corrupted
         (the message names the directory and what to do).
@@ -142,12 +160,14 @@ def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
     stored = manifest["dtype"]
     like = empty_params(cfg, stored)
     abstract = _to_tree(like)
+    target = np_dtype(dtype)
+    if store_experts is not None:
+        return cfg, _restore_by_layer(path, cfg, like, abstract, target, store_experts)
     try:
         tree = ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax raises many types for missing/corrupt files
         raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
                          "re-create it (or `git checkout` the embedded one)") from e
-    target = np_dtype(dtype)
     tree = {k: v for k, v in tree.items()}
 
     def cast(t, ref):
@@ -159,6 +179,55 @@ def restore(path, dtype: str) -> tuple[MoEConfig, M.Params]:
         return a.astype(target)
 
     return cfg, _from_tree(cast(tree, abstract), like)
+
+
+def _restore_by_layer(path: pathlib.Path, cfg: MoEConfig, like: M.Params, abstract: dict, target,
+                      store_experts: Callable[[int, np.ndarray], Any]) -> M.Params:
+    """`restore` with the expert stacks read one layer at a time (orbax partial restore): first every other leaf,
+    then each MoE layer's stack, handed to `store_experts(layer, stack)` and dropped."""
+    import orbax.checkpoint as ocp
+
+    def select(t, keep):  # the subtree of `t` whose leaf paths satisfy keep(path)
+        out = {}
+        for k, v in t.items():
+            if isinstance(v, dict):
+                sub = select(v, lambda p, k=k: keep((k, *p)))
+                if sub:
+                    out[k] = sub
+            elif keep((k,)):
+                out[k] = v
+        return out
+
+    def is_experts(p):
+        return len(p) == 4 and p[0] == "layers" and p[2:] == ("moe", "experts")
+
+    def read(keep):
+        item = select(abstract, keep)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        try:
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
+                got = ck.restore(path / "params", args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                             partial_restore=True))
+        except Exception as e:  # orbax raises many types for missing/corrupt files
+            raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
+                             "re-create it (or `git checkout` the embedded one)") from e
+
+        def cast(t, ref):
+            if isinstance(ref, dict):
+                return {k: cast(t[k], r) for k, r in ref.items()}
+            a = np.asarray(t)
+            if a.shape != ref.shape:
+                raise ValueError(f"checkpoint {path}: a tensor has shape {a.shape}, expected {ref.shape}; corrupted")
+            return a.astype(target)
+
+        return cast(got, item)
+
+    tree = read(lambda p: not is_experts(p))
+    for l in cfg.moe_layer_ids:
+        stack = read(lambda p, l=l: p == ("layers", str(l), "moe", "experts"))["layers"][str(l)]["moe"]["experts"]
+        tree["layers"][str(l)]["moe"]["experts"] = store_experts(l, stack)
+        del stack
+    return _from_tree(tree, like)
 
 
 def export_hf(model, out_dir, dtype: str = "float32") -> pathlib.Path:
@@ -176,6 +245,7 @@ def export_hf(model, out_dir, dtype: str = "float32") -> pathlib.Path:
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    _refuse_quantized(model.cfg, "export_hf")
     target = np_dtype(dtype)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import json
 import pathlib
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from safetensors import safe_open
@@ -173,10 +173,15 @@ def _shard_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def load_hf_params(path: str | pathlib.Path, cfg: MoEConfig, dtype="bfloat16", progress: bool = False) -> M.Params:
+def load_hf_params(path: str | pathlib.Path, cfg: MoEConfig, dtype="bfloat16", progress: bool = False,
+                   store_experts: Callable[[int, np.ndarray], Any] | None = None) -> M.Params:
     """Read a Hugging Face safetensors checkpoint into a host `Params` tree (NumPy, `dtype`).
 
     Streams one shard at a time. Experts are packed neuron-major `[E, F, 3, D]`.
+    store_experts: when given, called as `store_experts(layer, stack [E, F, 3, D])` as soon as every tensor of a
+      layer's experts has been read; the tree keeps what it returns (e.g. the quantized, pinned stack) and the
+      full-precision stack is dropped. The stacks are zero-filled allocations that the OS commits only as they are
+      written, so the host holds at full precision only the layers whose tensors are still being read.
 
     Raises:
       FileNotFoundError: no shards, or a shard listed in the index is missing.
@@ -187,6 +192,8 @@ def load_hf_params(path: str | pathlib.Path, cfg: MoEConfig, dtype="bfloat16", p
     params = empty_params(cfg, dtype)
     rules = _rules(cfg)
     filled: set[tuple] = set()
+    expected = _expected_slots(cfg, params)
+    per_layer = {l: 0 for l in cfg.moe_layer_ids}  # expert slots filled per layer (store_experts)
     files = _shard_files(path)
     if progress:
         from tqdm.auto import tqdm
@@ -217,8 +224,19 @@ def load_hf_params(path: str | pathlib.Path, cfg: MoEConfig, dtype="bfloat16", p
                         raise ValueError(f"tensor {name!r} is for layer {target[1]} but n_layers={cfg.n_layers}")
                 arr = f.get_tensor(name)
                 for target, transform, want in match:
+                    n_before = len(filled)
                     _store(params, cfg, target, transform(arr), name, filled)
-    missing = _expected_slots(cfg, params) - filled
+                    l = target[1] if len(target) >= 4 and target[2:4] == ("moe", "experts") else None
+                    if store_experts is not None and l is not None:
+                        per_layer[l] += len(filled) - n_before
+                        if per_layer[l] == 3 * cfg.n_experts:  # the layer is complete: store it, drop the stack
+                            lp = params.layers[l]
+                            kept = store_experts(l, lp.moe.experts)
+                            layers = list(params.layers)
+                            layers[l] = lp.replace(moe=lp.moe.replace(experts=kept))
+                            params = params.replace(layers=tuple(layers))
+                            del lp
+    missing = expected - filled
     if missing:
         m = sorted(missing, key=str)[:5]
         raise ValueError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {[_slot_name(s) for s in m]}")
@@ -271,8 +289,10 @@ def _assign(dst: np.ndarray, value: np.ndarray) -> None:
     dst[...] = value.astype(dst.dtype, copy=False)  # no copy when the dtypes agree
 
 
-def read_config_and_params(path, dtype="bfloat16", progress: bool = False) -> tuple[MoEConfig, M.Params]:
-    """Read `config.json` and the safetensors shards of a Hugging Face directory."""
+def read_config_and_params(path, dtype="bfloat16", progress: bool = False,
+                           store_experts: Callable[[int, np.ndarray], Any] | None = None) -> tuple[MoEConfig, M.Params]:
+    """Read `config.json` and the safetensors shards of a Hugging Face directory (store_experts: see
+    `load_hf_params`)."""
     path = pathlib.Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -284,7 +304,7 @@ def read_config_and_params(path, dtype="bfloat16", progress: bool = False) -> tu
         raise ValueError(f"{cfg_file} is unreadable ({type(e).__name__}: {e}); re-download config.json with the "
                          "checkpoint") from e
     cfg = from_hf_config(d)
-    return cfg, load_hf_params(path, cfg, dtype, progress)
+    return cfg, load_hf_params(path, cfg, dtype, progress, store_experts)
 
 
 def to_hf_state_dict(params: M.Params, cfg: MoEConfig) -> dict[str, np.ndarray]:

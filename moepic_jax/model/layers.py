@@ -24,10 +24,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moepic_jax.config import MoEConfig
+from moepic_jax.config import ExpertQuant, MoEConfig
 from moepic_jax.model.grouped import BLOCK_M as GROUPED_MIN_ROWS
 from moepic_jax.model.grouped import experts_grouped
 from moepic_jax.model.params import AttnParams, MLPParams, MoEParams, Params
+from moepic_jax.model.quant import dequantize_rows
 
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
@@ -119,24 +120,35 @@ def route(x: jax.Array, w_router: jax.Array, cfg: MoEConfig, k: int | None = Non
     return ids.astype(jnp.int32), w
 
 
-def segment_ffn(x: jax.Array, seg: jax.Array) -> jax.Array:
+def expert_weights(rows: jax.Array, quant: ExpertQuant | None, dtype) -> jax.Array:
+    """Neuron rows as weights: `rows` itself ([..., 3, D]), or quantized rows [..., 3, W] uint8 dequantized to
+    `dtype` (`quant.dequantize_rows`; inside the jitted step, so XLA can fuse it into the consuming matmul)."""
+    return rows if quant is None else dequantize_rows(rows, quant, dtype)
+
+
+def segment_ffn(x: jax.Array, seg: jax.Array, quant: ExpertQuant | None = None) -> jax.Array:
     """Partial SwiGLU output of a run of neurons of one expert.
 
     Args:
-      x: [N, D]; seg: [S, 3, D] neuron-major rows (gate col, up col, down row).
+      x: [N, D]; seg: [S, 3, D] neuron-major rows (gate col, up col, down row), or with `quant` (static) the
+        stored rows [S, 3, W] uint8, dequantized to x's dtype here.
     Returns:
       [N, D]. Summing over an expert's segments gives the full expert output (exact).
     """
+    seg = expert_weights(seg, quant, x.dtype)
     g = jnp.einsum("nd,sd->ns", x, seg[:, 0])
     u = jnp.einsum("nd,sd->ns", x, seg[:, 1])
     return jnp.einsum("ns,sd->nd", jax.nn.silu(g) * u, seg[:, 2])
 
 
-def experts_dense(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+def experts_dense(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array,
+                  quant: ExpertQuant | None = None) -> jax.Array:
     """Routed-expert output computed over all E experts with a combine matrix (prefill; many tokens).
 
-    x: [N, D]; experts: [E, F, 3, D]; ids, w: [N, K]. Returns [N, D] float32.
+    x: [N, D]; experts: [E, F, 3, D] (with `quant`: [E, F, 3, W] uint8, dequantized as a whole: small models and
+    tests only); ids, w: [N, K]. Returns [N, D] float32.
     """
+    experts = expert_weights(experts, quant, x.dtype)
     E = experts.shape[0]
     combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * w[..., None], axis=1)  # [N, E]
     g = jnp.einsum("nd,efd->nef", x, experts[:, :, 0])
@@ -145,21 +157,24 @@ def experts_dense(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array
     return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine)
 
 
-def experts_scan(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+def experts_scan(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array,
+                 quant: ExpertQuant | None = None) -> jax.Array:
     """Same result as `experts_dense`, one expert at a time (`lax.scan` over E), so the temporaries are
-    [N, F] instead of [N, E, F]: the prefill path for large models. Returns [N, D] float32."""
+    [N, F] instead of [N, E, F]: the prefill path for large models. With `quant` each expert is dequantized in
+    its own iteration. Returns [N, D] float32."""
     E = experts.shape[0]
     combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * w[..., None], axis=1)  # [N, E]
 
     def body(acc, inp):
         ex, c = inp  # [F, 3, D], [N]
-        return acc + c[:, None] * segment_ffn(x, ex).astype(jnp.float32), None
+        return acc + c[:, None] * segment_ffn(x, ex, quant).astype(jnp.float32), None
 
     acc, _ = jax.lax.scan(body, jnp.zeros((x.shape[0], x.shape[1]), jnp.float32), (experts, combine.T))
     return acc
 
 
-def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array,
+                     quant: ExpertQuant | None = None) -> jax.Array:
     """Routed-expert output reading only the N*K routed experts (decode; few tokens). Returns [N, D] f32.
 
     One dynamic index per routed expert rather than one gather of [N, K, F, 3, D]: on the H200 the indexed
@@ -170,7 +185,7 @@ def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Ar
         acc = jnp.zeros((x.shape[1],), jnp.float32)
         for k in range(ids.shape[1]):
             ex = jax.lax.dynamic_index_in_dim(experts, ids[n, k], keepdims=False)  # [F, 3, D]
-            acc = acc + w[n, k] * segment_ffn(x[n:n + 1], ex)[0].astype(jnp.float32)
+            acc = acc + w[n, k] * segment_ffn(x[n:n + 1], ex, quant)[0].astype(jnp.float32)
         rows.append(acc)
     return jnp.stack(rows)
 
@@ -182,13 +197,16 @@ def shared_expert(x: jax.Array, p: MoEParams) -> jax.Array:
     return jax.nn.sigmoid(x @ p.w_shared_gate) * mlp(x, p.shared)
 
 
-def experts_many(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array, matmul=None) -> jax.Array:
+def experts_many(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Array, matmul=None,
+                 quant: ExpertQuant | None = None) -> jax.Array:
     """Routed-expert output for many tokens (prefill): grouped by expert with `matmul` (`grouped.matmul_for`), or
     `experts_scan` when it is None or there are fewer (token, expert) pairs than one row tile of the kernel
     (GROUPED_MIN_ROWS: the GPU checks ran 512 pairs and more; a few tokens cost the scan little).
-    x: [N, D]; experts: [E, F, 3, D]; ids, w: [N, K]. Returns [N, D] float32."""
-    if matmul is None or ids.size < GROUPED_MIN_ROWS:
-        return experts_scan(x, experts, ids, w)
+    Quantized experts (`quant`) always take the scan: the grouped kernel reads model-dtype weights, and
+    dequantizing a layer's stack for it would put a full-precision copy of the layer on the device.
+    x: [N, D]; experts: [E, F, 3, D] ([E, F, 3, W] uint8 with quant); ids, w: [N, K]. Returns [N, D] float32."""
+    if matmul is None or quant is not None or ids.size < GROUPED_MIN_ROWS:
+        return experts_scan(x, experts, ids, w, quant)
     return experts_grouped(x, experts, ids, w, matmul)
 
 
@@ -198,8 +216,9 @@ def moe_resident(x: jax.Array, p: MoEParams, cfg: MoEConfig, matmul=None) -> jax
         ids, w = route(x, p.w_router, cfg)
     n = x.shape[0]
     # Reading only the routed experts is cheaper while N*K is small; the dense form avoids a huge gather.
-    routed = experts_gathered(x, p.experts, ids, w) if n * cfg.top_k <= cfg.n_experts else experts_many(
-        x, p.experts, ids, w, matmul)
+    q = cfg.expert_quant
+    routed = experts_gathered(x, p.experts, ids, w, q) if n * cfg.top_k <= cfg.n_experts else experts_many(
+        x, p.experts, ids, w, matmul, q)
     return routed.astype(x.dtype) + shared_expert(x, p)
 
 

@@ -46,7 +46,7 @@ class MLPParams:
 @flax.struct.dataclass
 class MoEParams:
     w_router: jax.Array  # [D, E]
-    experts: jax.Array  # [E, F, 3, D] neuron-major; may be absent (None) when experts are offloaded
+    experts: jax.Array  # [E, F, 3, D] neuron-major ([E, F, 3, W] uint8 when quantized, `model/quant.py`); None when offloaded
     shared: Optional[MLPParams] = None  # Qwen2-MoE shared expert
     w_shared_gate: Optional[jax.Array] = None  # [D, 1]
 

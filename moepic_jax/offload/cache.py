@@ -1,7 +1,8 @@
 """Device side: per-layer slots of top segments, the slot map, and replacement rules as pure JAX functions.
 
 State of one MoE layer (shapes fixed by the plan, so a different occupant never recompiles):
-  tops:     [N, s, 3, D]  top segments (neurons [0, s)) of the cached experts
+  tops:     [N, s, 3, D]  top segments (neurons [0, s)) of the cached experts ([N, s, 3, W] uint8 packed rows
+                          when the experts are quantized, `model/quant.py`)
   slot_of:  [E] int32     slot holding expert e, or -1
   owner:    [N] int32     expert held by each slot, or -1
   last_use: [N] int32     step of the last use of each slot (LRU)

@@ -52,8 +52,14 @@ class StepSpec:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one neuron of one expert (its gate column, up column and down row)."""
-        return 3 * self.cfg.d_model * jnp.dtype(self.dtype).itemsize
+        """Bytes of one stored neuron of one expert (its gate column, up column and down row; packed when the
+        experts are quantized)."""
+        return self.cfg.expert_row_bytes(jnp.dtype(self.dtype).itemsize)
+
+    @property
+    def store_dtype(self):
+        """dtype of the expert stacks, copies and cache slots: the weights', or uint8 for quantized experts."""
+        return self.cfg.expert_store_dtype(self.dtype)
 
     @property
     def admits(self) -> bool:
@@ -104,7 +110,7 @@ def copy_step(spec: StepSpec, split: int, stack: jax.Array, cache: C.LayerCache,
       `CopyResult`.
     """
     cfg = spec.cfg
-    F, D = cfg.d_ff, cfg.d_model
+    F, D = cfg.d_ff, cfg.expert_row_width
     U = ids.shape[0]
     s = split if cache.tops.shape[0] > 0 else 0
     need = need & (ids >= 0)
@@ -126,7 +132,7 @@ def copy_step(spec: StepSpec, split: int, stack: jax.Array, cache: C.LayerCache,
     r = cache.tops.shape[1]
 
     def expert(kind, e, slot, is_cached, tops):  # (emit's result, the rows to admit [r, 3, D] when admitting)
-        rows = jnp.zeros((r if admit else 0, 3, D), spec.dtype)
+        rows = jnp.zeros((r if admit else 0, 3, D), spec.store_dtype)
         if kind == "whole":
             buf = fetch_rows(stack, e, 0, F)
             return emit(kind, buf, None), (buf[:r] if admit else rows)
@@ -206,11 +212,11 @@ def assemble(spec: StepSpec, split: int, stack: jax.Array, cache: C.LayerCache, 
 
     Returns a `CopyResult` whose outputs are the buffers [U, F, 3, D] (zeros where not needed and not cached whole).
     """
-    shape = (spec.cfg.d_ff, 3, spec.cfg.d_model)
+    shape = (spec.cfg.d_ff, 3, spec.cfg.expert_row_width)
 
     def emit(kind, buf, mask):
         if buf is None:
-            return jnp.zeros(shape, spec.dtype)
+            return jnp.zeros(shape, spec.store_dtype)
         return buf if mask is None else jnp.where(mask, buf, jnp.zeros((), buf.dtype))
 
     return copy_step(spec, split, stack, cache, ids, need, emit, every)
@@ -229,7 +235,7 @@ def expert_outputs(spec: StepSpec, x: jax.Array, split: int, stack: jax.Array, c
         if buf is None:
             return jnp.zeros((B, D), jnp.float32)
         with jax.named_scope("ffn"):
-            out = M.segment_ffn(x, buf).astype(jnp.float32)
+            out = M.segment_ffn(x, buf, spec.cfg.expert_quant).astype(jnp.float32)
         return out if mask is None else jnp.where(mask, out, 0.0)
 
     return copy_step(spec, split, stack, cache, ids, need, emit, every, admit_step)

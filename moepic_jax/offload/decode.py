@@ -178,7 +178,7 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
         j = jnp.argmax(r.ids[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
         g = got[r.order]
         with jax.named_scope("ffn"):
-            pred_outs = jnp.stack([M.segment_ffn(x, pred.buffers[p]).astype(jnp.float32)
+            pred_outs = jnp.stack([M.segment_ffn(x, pred.buffers[p], cfg.expert_quant).astype(jnp.float32)
                                    for p in range(len(pred.ids))])
         outs = jnp.where(g[:, None, None], pred_outs[j], outs)
         n, rows_kept = new_cache.tops.shape[:2]
@@ -256,7 +256,8 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         dst, flight = start_copies(spec, l, transfer.Group(plan, src, cache.tops), nxt)
         bufs = transfer.wait(platform, dst, l, 0)
     with jax.named_scope("ffn"):
-        outs = jnp.stack([M.segment_ffn(x, bufs[u]).astype(jnp.float32) for u in range(U)])  # [U, B, D]
+        outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
+                          for u in range(U)])  # [U, B, D]
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:
@@ -264,7 +265,8 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         pbufs = transfer.wait(platform, pred.dst, pred.tag, 1)
         j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
         with jax.named_scope("ffn"):
-            pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p]).astype(jnp.float32) for p in range(len(pred.ids))])
+            pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p], cfg.expert_quant).astype(jnp.float32)
+                                   for p in range(len(pred.ids))])
         outs = jnp.where(got[:, None, None], pred_outs[j], outs)
         if spec.admits:  # a prefetched miss is admitted with its prefetched rows
             admit_rows = jnp.where(got[:, None, None, None], pbufs[j, :rows_kept], admit_rows)
@@ -300,7 +302,7 @@ def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple 
     if nxt is None:
         groups.append(transfer.Group(empty, now.src, now.tops[:0]))
     dst, dst_next = transfer.start(spec.place.device.platform, tuple(groups), spec.cfg.d_ff, spec.cfg.n_experts,
-                                   spec.dtype, tag=l)
+                                   spec.store_dtype, tag=l)
     return dst, (None if nxt is None else InFlight(nxt[2], dst_next, flight_bytes, l))
 
 

@@ -144,12 +144,14 @@ def tree_bytes(tree) -> int:
 def activation_bytes(cfg, batch: int, max_len: int, dtype_bytes: int) -> int:
     """Largest activations of a prefill over `max_len` tokens (bytes): attention scores and probabilities
     ([B, H, T, S] float32), one expert's SwiGLU intermediates ([N, F] float32 x 3, experts scanned one at a
-    time), the residual stream and its float32 accumulators ([N, D] x 6), the last-token logits."""
+    time), the residual stream and its float32 accumulators ([N, D] x 6), the last-token logits; with quantized
+    experts also one expert dequantized in float32 ([F, 3, D], prefill's scan dequantizes one at a time)."""
     n = batch * max_len
     attn = 2 * batch * cfg.n_heads * max_len * max_len * 4
     ffn = 3 * n * max(cfg.d_ff, cfg.dense_d_ff, cfg.shared_d_ff) * 4
     stream = 6 * n * cfg.d_model * 4 + n * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * dtype_bytes
-    return attn + ffn + stream + batch * cfg.vocab_size * 4
+    dequant = cfg.d_ff * 3 * cfg.d_model * 4 if cfg.expert_quant is not None else 0
+    return attn + ffn + stream + batch * cfg.vocab_size * 4 + dequant
 
 
 def workspace_bytes(platform: str, stack_bytes: int) -> int:
@@ -165,7 +167,7 @@ def offload_fixed_bytes(cfg, dtype_bytes: int, resident_bytes: int, e_loc: int, 
     """Device bytes of everything but the top caches, per device, for a KV cache of batch x max_len tokens: the
     resident weights, the KV cache, copy buffers (decode: routed + predicted experts of two layers in flight;
     prefill: two layer stacks), prefill activations and the workspace (`workspace_bytes`)."""
-    expert = cfg.d_ff * 3 * cfg.d_model * dtype_bytes
+    expert = cfg.expert_bytes(dtype_bytes)  # as stored: packed bytes for quantized experts
     stack = e_loc * expert
     U = min(batch * cfg.top_k, e_loc)
     Pn = min(batch * n_predicted, e_loc) if predicts else 0

@@ -84,7 +84,8 @@ def prefill_layer(spec: StepSpec, is_moe: bool, matmul, lp, experts, h, k, v, po
         with jax.named_scope("router"):
             ids, w = M.route(x, lp.moe.w_router, cfg)
         with jax.named_scope("ffn"):
-            y = spec.place.psum(M.experts_many(x, experts, spec.place.local(ids), w, matmul)).astype(x.dtype)
+            y = spec.place.psum(M.experts_many(x, experts, spec.place.local(ids), w, matmul,
+                                               cfg.expert_quant)).astype(x.dtype)
             y = y + M.shared_expert(x, lp.moe)
         # valid: [B, S] over the whole KV cache; this step's tokens are [start, start + T). Padding positions
         # route too: they are not counted.

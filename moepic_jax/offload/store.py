@@ -3,7 +3,8 @@
 One stack per MoE layer, `[E, F, 3, D]` neuron-major (`model/layers.py`), so that a whole expert is the
 contiguous slice `[e, 0:F]` and a bottom segment is `[e, s:F]`: each is ONE copy (DESIGN.md). One
 stack per layer (not separate top/bottom stacks) keeps a single host copy of the weights whatever
-split the plan picks, and a split change never rebuilds the store.
+split the plan picks, and a split change never rebuilds the store. Quantized experts (`load(experts="int8")`) are
+the same stack of packed rows, `[E, F, 3, W]` uint8 (`model/quant.py`): every slice and copy works unchanged.
 
 `pin_experts` copies a model's expert stacks to pinned_host arrays layer by layer and returns them; the model is
 left as it is. A stack that already is a pinned_host array with the same sharding is returned as is, so models whose

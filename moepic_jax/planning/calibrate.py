@@ -135,7 +135,7 @@ def route_all(weights: PlacedWeights, tokens: np.ndarray, n_predicted: int | Non
                 pred = M.route(xn, nlp.moe.w_router, cfg, n_predicted)[0]
             if lp.moe is not None:
                 ids, w = M.route(x, lp.moe.w_router, cfg)
-                y = M.experts_scan(x, experts, ids, w).astype(x.dtype) + M.shared_expert(x, lp.moe)
+                y = M.experts_scan(x, experts, ids, w, cfg.expert_quant).astype(x.dtype) + M.shared_expert(x, lp.moe)
             else:
                 ids, y = None, M.mlp(x, lp.mlp)
             return y[None], (ids, pred)
@@ -217,7 +217,7 @@ def profile_model(weights: PlacedWeights, tokens: np.ndarray | None = None, scor
             precision[l] = inter.sum() / predicted[l].size
     return ModelProfile(freq=freq, recall=recall, precision=precision, d_model=cfg.d_model, d_ff=cfg.d_ff,
                         top_k=cfg.top_k, n_experts=E, dtype_bytes=weights.dtype.itemsize, model_id=cfg.identity(),
-                        n_predicted=n_predicted)
+                        n_predicted=n_predicted, expert_row_bytes=stored_row_bytes(cfg, weights.dtype.itemsize))
 
 
 def profile_from_trace(trace: RoutingTrace, cfg, dtype_bytes: int, smoothing: float = 0.5) -> ModelProfile:
@@ -249,7 +249,14 @@ def profile_from_trace(trace: RoutingTrace, cfg, dtype_bytes: int, smoothing: fl
             recall[l] = inter / ids[:, l].size
             precision[l] = inter / pred[:, l].size
     return ModelProfile(freq=freq, recall=recall, precision=precision, d_model=cfg.d_model, d_ff=cfg.d_ff, top_k=K,
-                        n_experts=E, dtype_bytes=dtype_bytes, model_id=cfg.identity(), n_predicted=pred.shape[2])
+                        n_experts=E, dtype_bytes=dtype_bytes, model_id=cfg.identity(), n_predicted=pred.shape[2],
+                        expert_row_bytes=stored_row_bytes(cfg, dtype_bytes))
+
+
+def stored_row_bytes(cfg, dtype_bytes: int) -> int:
+    """`ModelProfile.expert_row_bytes` of a model: the packed row bytes of quantized experts, else 0 (the profile
+    then counts 3 * d_model * dtype_bytes)."""
+    return cfg.expert_row_bytes(dtype_bytes) if cfg.expert_quant is not None else 0
 
 
 def default_hardware(n_layers: int, direct: bool = False) -> HardwareProfile:
@@ -420,7 +427,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         return transfer.wait(placed.device.platform, pending.dst, pending.tag, 1)[0] if direct else pending
 
     def apply(h, w):
-        return h + M.segment_ffn(h[0], w)[None].astype(h.dtype)
+        return h + M.segment_ffn(h[0], w, cfg.expert_quant)[None].astype(h.dtype)
 
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)

@@ -11,7 +11,8 @@ fixed point simplifies under this cost model is explained below.
 Notation (one decoder layer `l`, batch 1 decode)
 ------------------------------------------------
   E experts, k = top_k routed per token, f = d_ff neurons, d = d_model,
-  beta = 3 * d * dtype_bytes            bytes of one neuron row (gate column, up column, down row),
+  beta = 3 * d * dtype_bytes            bytes of one neuron row (gate column, up column, down row), or the
+                                        packed row of quantized experts (`ModelProfile.row_bytes`),
   p[l, e]                               probability that expert e is routed for a token (row sums to k),
   C_l, s_l, N_l = |C_l|                 cached experts, split, slots; P_l = sum_{e in C_l} p[l, e],
   rho_l                                 predictor recall (share of routed experts that were predicted; NaN = layer
@@ -187,7 +188,7 @@ def without_prediction(mp: ModelProfile) -> ModelProfile:
 
 
 def plan_bytes(plan: CachePlan, mp: ModelProfile) -> int:
-    """Device bytes of the top caches: sum_l len(cached_l) * split_l * 3 * d_model * dtype_bytes (exact int)."""
+    """Device bytes of the top caches: sum_l len(cached_l) * split_l * beta (`ModelProfile.row_bytes`; exact int)."""
     return sum(len(lp.cached) * lp.split for lp in plan.layers) * mp.row_bytes
 
 

@@ -213,6 +213,8 @@ class ModelProfile:
     d_model, d_ff, top_k, n_experts, dtype_bytes: model sizes (dtype_bytes of the expert weights on the host).
     model_id: hash of the model config (e.g. MoEConfig.identity()).
     n_predicted: experts prefetched per predicted layer (0 = top_k).
+    expert_row_bytes: bytes of one stored neuron row of an expert where it is not 3 * d_model * dtype_bytes
+      (quantized experts: packed codes and scales, `MoEConfig.expert_row_bytes`); 0 = 3 * d_model * dtype_bytes.
     Raises ValueError (in __init__) on inconsistent shapes or NaN/inf/negative frequencies.
     """
 
@@ -226,11 +228,12 @@ class ModelProfile:
     dtype_bytes: int
     model_id: str
     n_predicted: int = 0
+    expert_row_bytes: int = 0
 
     def __post_init__(self):
-        for name in ("d_model", "d_ff", "top_k", "n_experts", "dtype_bytes", "n_predicted"):
+        for name in ("d_model", "d_ff", "top_k", "n_experts", "dtype_bytes", "n_predicted", "expert_row_bytes"):
             object.__setattr__(self, name, as_int(getattr(self, name), f"ModelProfile.{name}"))
-            if getattr(self, name) < (0 if name == "n_predicted" else 1):
+            if getattr(self, name) < (0 if name in ("n_predicted", "expert_row_bytes") else 1):
                 raise ValueError(f"ModelProfile.{name}={getattr(self, name)} must be positive")
         if self.top_k > self.n_experts:
             raise ValueError(f"ModelProfile.top_k={self.top_k} exceeds n_experts={self.n_experts}")
@@ -275,8 +278,8 @@ class ModelProfile:
 
     @property
     def row_bytes(self) -> int:
-        """beta = 3 * d_model * dtype_bytes: bytes of one neuron row of an expert."""
-        return 3 * self.d_model * self.dtype_bytes
+        """beta = 3 * d_model * dtype_bytes (or `expert_row_bytes` when set): bytes of one neuron row of an expert."""
+        return self.expert_row_bytes or 3 * self.d_model * self.dtype_bytes
 
     @property
     def expert_bytes(self) -> int:
@@ -294,6 +297,7 @@ class ModelProfile:
             "precision": _nan_to_none(self.precision), "d_model": self.d_model, "d_ff": self.d_ff,
             "top_k": self.top_k, "n_experts": self.n_experts, "dtype_bytes": self.dtype_bytes,
             "model_id": self.model_id, "n_predicted": self.n_predicted,
+            **({"expert_row_bytes": self.expert_row_bytes} if self.expert_row_bytes else {}),
         })
 
     @classmethod
@@ -303,6 +307,7 @@ class ModelProfile:
         kw = {k: _get(d, k, "ModelProfile") for k in ("freq", "recall", "precision", "d_model", "d_ff", "top_k",
                                                        "n_experts", "dtype_bytes", "model_id")}
         kw["n_predicted"] = d.get("n_predicted", 0)
+        kw["expert_row_bytes"] = d.get("expert_row_bytes", 0)
         return cls(**kw)
 
     def save(self, path) -> None:

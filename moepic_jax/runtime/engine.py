@@ -174,6 +174,7 @@ class OffloadEngine:
                  direct: bool = False):
         self.weights, self.spec, self.policy = weights, spec, spec.name
         self.cfg, self.dtype, self.place = weights.cfg, weights.dtype, weights.place
+        self.store_dtype = jnp.dtype(self.cfg.expert_store_dtype(self.dtype))  # uint8 for quantized experts
         self.stacks, self.resident = weights.stacks, weights.resident
         self.n_predicted = n_predicted
         self.max_batch, self.max_seq_len = int(max_batch), int(max_seq_len)
@@ -217,8 +218,8 @@ class OffloadEngine:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one neuron of one expert."""
-        return 3 * self.cfg.d_model * self.dtype.itemsize
+        """Bytes of one stored neuron of one expert (packed when quantized)."""
+        return self.cfg.expert_row_bytes(self.dtype.itemsize)
 
     @property
     def stack_bytes(self) -> int:
@@ -330,7 +331,7 @@ class OffloadEngine:
             for d, dev in enumerate(self.devices):
                 mine = [e - d * self.e_loc for e in lp.cached if e // self.e_loc == d] if n else []
                 # Preallocated and filled slot by slot: the device never holds the caches twice.
-                tops = jnp.zeros((n, s, 3, cfg.d_model), self.dtype, device=dev)  # made on dev, not copied there
+                tops = jnp.zeros((n, s, 3, cfg.expert_row_width), self.store_dtype, device=dev)  # made on dev, not copied there
                 for slot, e in enumerate(mine):
                     tops = put(tops, local[dev], jnp.int32(e), jnp.int32(slot), s)
                 per_dev.append(jax.device_put(C.init_layer_cache(tops, mine, self.e_loc), dev))
@@ -357,7 +358,7 @@ class OffloadEngine:
             def sds(shape, dtype):
                 return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
-            out.append(C.LayerCache(tops=sds((nd * n, s, 3, cfg.d_model), self.dtype),
+            out.append(C.LayerCache(tops=sds((nd * n, s, 3, cfg.expert_row_width), self.store_dtype),
                                     slot_of=sds((cfg.n_experts,), jnp.int32), owner=sds((nd * n,), jnp.int32),
                                     last_use=sds((nd * n,), jnp.int32), score=sds((cfg.n_experts,), jnp.float32)))
         return tuple(out)
@@ -565,7 +566,7 @@ class OffloadEngine:
         h, positions, valid = sds(h), sds(positions), sds(valid)
         for l in sorted({next((m for m in range(cfg.n_layers) if cfg.moe_layers[m] == flag), None)
                          for flag in (True, False)} - {None}):
-            ex = (jax.ShapeDtypeStruct(self.stacks[l].shape, self.dtype, sharding=self.place.sharding(expert=True))
+            ex = (jax.ShapeDtypeStruct(self.stacks[l].shape, self.store_dtype, sharding=self.place.sharding(expert=True))
                   if cfg.moe_layers[l] else None)
             self._prefill_fn(cfg.moe_layers[l], (self.resident.layers[l], ex, h, state.k, state.v, positions, valid,
                                                  state.length, jnp.int32(l)))
@@ -582,18 +583,18 @@ class OffloadEngine:
         """Compile prefill's stack assembly (`gather_stack`) and cache refill (`refill_tops`) for each (slots,
         split) of the plan that uses them."""
         sds = functools.partial(jax.ShapeDtypeStruct, sharding=self.place.sharding())
-        D = self.cfg.d_model
+        D, dt = self.cfg.expert_row_width, self.store_dtype
         for l, lp in enumerate(self.cache_plan.layers):
             if not self.cfg.moe_layers[l]:
                 continue
             n = len(lp.cached)
             if self._prefill_partial(lp):
                 self.compiles.get("prefill_gather", gather_stack, (
-                    self.stacks[l], sds((n, lp.split, 3, D), self.dtype),
+                    self.stacks[l], sds((n, lp.split, 3, D), dt),
                     sds((self.e_loc - n,), jnp.int32), sds((n,), jnp.int32)))
             if self._adapts(l):
                 self.compiles.get("cache_refill", refill_tops, (
-                    sds((n, lp.split, 3, D), self.dtype), sds(self.stacks[l].shape, self.dtype),
+                    sds((n, lp.split, 3, D), dt), sds(self.stacks[l].shape, dt),
                     sds((n,), jnp.int32)), donate_argnums=(0,))
 
     def device_bytes_needed(self, state) -> int:

@@ -146,7 +146,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
     budget = resolve_budget(given, fixed, model.expert_bytes() // place.n_dev, place.device)
     if given.kind == "auto" and plan is not None and place.device.platform == "cpu":
         # "auto" with the caller's own plan on the CPU: room for that plan's caches (host memory is not scarce)
-        row_bytes = 3 * cfg.d_model * weights.dtype.itemsize
+        row_bytes = cfg.expert_row_bytes(weights.dtype.itemsize)
         budget = fixed + sum(len(lp.cached) * lp.split * row_bytes for lp in plan.layers) // place.n_dev
     if given.kind == "auto" and place.n_dev == 1 and place.device.platform != "cpu" and routing is None and (
             model.weight_bytes() + M.kv_cache_bytes(cfg, max_batch, max_seq_len, weights.dtype.itemsize)
@@ -161,7 +161,7 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
     elif plan is None:
         mp = profile or _profile(weights, n_predicted, cache, progress)
         hw = hardware or calibrate.default_hardware(cfg.n_layers, direct=bool(direct))
-        row_bytes = 3 * cfg.d_model * weights.dtype.itemsize
+        row_bytes = cfg.expert_row_bytes(weights.dtype.itemsize)
 
         def replan(cache_budget):
             return plan_for_policy(spec, cfg, mp, hw, cache_budget, row_bytes, place.n_dev, granule)
