@@ -301,8 +301,9 @@ def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple 
         groups[0] = transfer.Group(empty, groups[1].src, groups[1].tops[:0])
     if nxt is None:
         groups.append(transfer.Group(empty, now.src, now.tops[:0]))
-    dst, dst_next = transfer.start(spec.place.device.platform, tuple(groups), spec.cfg.d_ff, spec.cfg.n_experts,
-                                   spec.store_dtype, tag=l)
+    width = spec.row_bytes // (3 * jnp.dtype(spec.store_dtype).itemsize)  # a stored row is [3, width]
+    dst, dst_next = transfer.start(spec.place.device.platform, tuple(groups), spec.cfg.d_ff, (3, width),
+                                   spec.cfg.n_experts, spec.store_dtype, tag=l)
     return dst, (None if nxt is None else InFlight(nxt[2], dst_next, flight_bytes, l))
 
 

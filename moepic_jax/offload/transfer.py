@@ -132,14 +132,15 @@ class Group(NamedTuple):
     tops: jax.Array
 
 
-def start(platform: str, groups: tuple[Group, Group], rows: int, n_experts: int, dtype, tag: int):
-    """Queue the copies of two groups; returns their destinations ([n_g, rows, *row_shape], undefined rows where no
-    plan row writes). `tag` (static, e.g. the layer) names the call site: its `wait`s name it too.
+def start(platform: str, groups: tuple[Group, Group], rows: int, row_shape: tuple[int, ...], n_experts: int, dtype,
+          tag: int):
+    """Queue the copies of two groups; returns their destinations ([n_g, rows, *row_shape] of `dtype`, the stack's
+    row shape and dtype; undefined rows where no plan row writes). `tag` (static, e.g. the layer) names the call
+    site: its `wait`s name it too.
     Raises RuntimeError when direct copies are unavailable on `platform` (`available`)."""
     reason = _register(platform)
     if reason is not None:
         raise RuntimeError(f"direct copies are unavailable on {platform}: {reason}")
-    row_shape = groups[0].tops.shape[2:]
     row_bytes = int(np.prod(row_shape)) * jnp.dtype(dtype).itemsize
     out = tuple(jax.ShapeDtypeStruct((g.plan.shape[0], rows, *row_shape), dtype) for g in groups)
     call = jax.ffi.ffi_call(_TARGETS[platform][0], out, has_side_effect=True)

@@ -276,8 +276,8 @@ def direct_rows(platform: str, stack: jax.Array, src: jax.Array, ids: list, rows
                       for e in ids])[:, None]
     tops = jnp.zeros((0, 0) + stack.shape[2:], stack.dtype)
     none = transfer.Group(jnp.zeros((0, 1, transfer.PLAN_COLS), jnp.int32), src, tops)
-    dst, _ = transfer.start(platform, (transfer.Group(plan, src, tops), none), stack.shape[1], stack.shape[0],
-                            stack.dtype, tag=tag)
+    dst, _ = transfer.start(platform, (transfer.Group(plan, src, tops), none), stack.shape[1], stack.shape[2:],
+                            stack.shape[0], stack.dtype, tag=tag)
     dst = transfer.wait(platform, dst, tag, 0)
     return [dst[j, :rows] for j in range(len(ids))]
 
