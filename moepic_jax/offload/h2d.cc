@@ -17,6 +17,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -67,6 +68,31 @@ ffi::Error Segments(const int32_t* plan, int64_t n, const char* host, const char
     }
   }
   return ffi::Error::Success();
+}
+
+// The calls' operands and attributes, after the platform's context (the CUDA stream, or none on the CPU).
+template <typename B>
+auto StartBinding(B b) {
+  return std::move(b).template Arg<ffi::Buffer<ffi::S32>>()  // plan0
+      .template Arg<ffi::Buffer<ffi::S32>>()      // src0
+      .template Arg<ffi::AnyBuffer>()             // tops0
+      .template Arg<ffi::Buffer<ffi::S32>>()      // plan1
+      .template Arg<ffi::Buffer<ffi::S32>>()      // src1
+      .template Arg<ffi::AnyBuffer>()             // tops1
+      .template Ret<ffi::AnyBuffer>()             // dst0
+      .template Ret<ffi::AnyBuffer>()             // dst1
+      .template Attr<int64_t>("rows")
+      .template Attr<int64_t>("row_bytes")
+      .template Attr<int64_t>("n_experts")
+      .template Attr<int64_t>("tag");
+}
+
+template <typename B>
+auto WaitBinding(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // dst
+      .template Ret<ffi::AnyBuffer>()                  // dst (aliased)
+      .template Attr<int64_t>("tag")
+      .template Attr<int64_t>("group");
 }
 
 }  // namespace
@@ -176,27 +202,9 @@ ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("rows")
-                                  .Attr<int64_t>("row_bytes")
-                                  .Attr<int64_t>("n_experts")
-                                  .Attr<int64_t>("tag"));
+                              StartBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tag")
-                                  .Attr<int64_t>("group"));
+                              WaitBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 
 #else  // CPU: the same plans, copied at once with memcpy.
 
@@ -229,24 +237,6 @@ ffi::Error Wait(ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, int64_t, int64_t) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("rows")
-                                  .Attr<int64_t>("row_bytes")
-                                  .Attr<int64_t>("n_experts")
-                                  .Attr<int64_t>("tag"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tag")
-                                  .Attr<int64_t>("group"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start, StartBinding(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait, WaitBinding(ffi::Ffi::Bind()));
 #endif
