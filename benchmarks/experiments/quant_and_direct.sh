@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU command: quantized experts against bfloat16 (Qwen1.5-MoE-A2.7B shapes, random weights, calibrated routing,
-# lru and static at 25 % of the bfloat16 expert bytes... as a share of each run's own expert bytes), then the
-# high-hit A/B of direct copies vs the conditional copy step (the random weights' own routing: a stress case).
+# lru and static with the same cache bytes: 25 % of the bfloat16 experts' bytes, which is 48.5 % of the int8 and
+# 89 % of the int4 experts' packed bytes), then the high-hit A/B of direct copies vs the conditional copy step (the
+# random weights' own routing: a stress case).
 # qwix is not on the GPU machine: a wheel in wheels/ (not committed) is installed first.
 #   bash benchmarks/experiments/quant_and_direct.sh OUT_DIR
 set -u
@@ -9,8 +10,9 @@ OUT="${1:?results folder}"
 export PYTHONPATH=.
 pip install --no-deps --no-index -q wheels/qwix-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-for ex in none int8 int4; do
-  timeout 150 python -m benchmarks.bench_policies --model qwen15 --routing calibrated --pairs "lru:0.25,static:0.25" \
+for run in none:0.25 int8:0.485 int4:0.89; do
+  ex=${run%%:*} f=${run##*:}
+  timeout 150 python -m benchmarks.bench_policies --model qwen15 --routing calibrated --pairs "lru:$f,static:$f" \
     --experts "$ex" --out-dir "$OUT" --name "quant_qwen15_$ex" --time-limit 130 2>&1 \
     | grep -E "^model|TPOT|ERROR|rror" | tail -4
 done
