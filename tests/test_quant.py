@@ -314,3 +314,20 @@ def test_heldout_perplexity_int8_close_to_bf16():
     ppl = train.sample_perplexity(m, text[ev["offset_chars"]:], ev["n_tokens"], ev["chunk"])
     assert math.isfinite(ppl)
     assert abs(ppl / ev["ppl"] - 1) <= 0.01, (ppl, ev["ppl"])
+
+
+def test_direct_copies_of_packed_rows_match_resident():
+    """Direct copies (`offload/transfer.py`) move packed rows: a split plan (top rows from the slots, device to
+    device, packed bottoms from the host) with prefetch forced on gives the resident model's tokens."""
+    from moepic_jax.planning.profiles import CachePlan, LayerPlan
+
+    m = moepic_jax.load(experts="int4")
+    cfg = m.cfg
+    cached = tuple(e for e in range(cfg.n_experts) if e % 4 != 1)
+    plan = CachePlan(layers=tuple(LayerPlan(192, cached) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers),
+                     budget_bytes=0, model_id=cfg.identity())
+    ref = moepic_jax.generate(PROMPT, model=m, max_new_tokens=8, policy="resident")
+    engine = make_engine(m, policy="moepic", plan=plan, prefetch=True, direct=True, **KW)
+    res = moepic_jax.generate(PROMPT, model=m, max_new_tokens=8, engine=engine)
+    assert engine.direct and res.token_ids == ref.token_ids
+    assert res.stats.top_only_hit_rate > 0 and res.stats.predictor_recall > 0
