@@ -4,17 +4,20 @@
 # 89 % of the int4 experts' packed bytes), then the high-hit A/B of direct copies vs the conditional copy step (the
 # random weights' own routing: a stress case).
 # qwix is not on the GPU machine: a wheel in wheels/ (not committed) is installed first.
-#   bash benchmarks/experiments/quant_and_direct.sh OUT_DIR
+#   bash benchmarks/experiments/quant_and_direct.sh OUT_DIR [POLICIES] [quant-only]
 set -u
 OUT="${1:?results folder}"
+POL="${2:-lru,static}"
 export PYTHONPATH=.
 pip install --no-deps --no-index -q wheels/qwix-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for run in none:0.25 int8:0.485 int4:0.89; do
   ex=${run%%:*} f=${run##*:}
-  timeout 150 python -m benchmarks.bench_policies --model qwen15 --routing calibrated --pairs "lru:$f,static:$f" \
+  pairs=$(echo "$POL" | tr ',' '\n' | sed "s/\$/:$f/" | paste -sd, -)
+  timeout 150 python -m benchmarks.bench_policies --model qwen15 --routing calibrated --policies "$POL" --pairs "$pairs" \
     --experts "$ex" --out-dir "$OUT" --name "quant_qwen15_$ex" --time-limit 130 2>&1 \
     | grep -E "^model|TPOT|ERROR|rror" | tail -4
 done
-timeout 140 python -m benchmarks.bench_policies --model qwen15 --routing own --pairs "lru:0.25:direct,lru:0.25" \
+[ "${3:-}" = quant-only ] && exit 0
+timeout 140 python -m benchmarks.bench_policies --model qwen15 --routing own --policies lru --pairs "lru:0.25:direct,lru:0.25" \
   --out-dir "$OUT" --name direct_ab_own --time-limit 120 2>&1 | grep -E "TPOT|ERROR|rror" | tail -4
