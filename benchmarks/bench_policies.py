@@ -175,9 +175,8 @@ def main(argv=None) -> int:
 
     cfg = C.get_config(args.model, tiny=args.tiny)
     if args.experts != "none":
-        import dataclasses
-
         from moepic_jax.config import expert_quant
+
         cfg = dataclasses.replace(cfg, expert_quant=expert_quant(args.experts, args.quant_group))
     model = C.random_model(cfg, dtype=args.dtype, seed=args.seed, zipf_bias=args.zipf, progress=not args.tiny)
     info = model.random_info
