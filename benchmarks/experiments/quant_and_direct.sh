@@ -3,7 +3,8 @@
 # lru and static with the same cache bytes: 25 % of the bfloat16 experts' bytes, which is 48.5 % of the int8 and
 # 89 % of the int4 experts' packed bytes), then the high-hit A/B of direct copies vs the conditional copy step (the
 # random weights' own routing: a stress case).
-# qwix is not on the GPU machine: a wheel in wheels/ (not committed) is installed first.
+# qwix is not on the GPU machine: a wheel in wheels/ (git-ignored; `pip download qwix --no-deps -d wheels`, and
+# pass carry=["wheels"] to the device call) is installed first.
 #   bash benchmarks/experiments/quant_and_direct.sh OUT_DIR [POLICIES] [quant-only]
 set -u
 OUT="${1:?results folder}"
