@@ -73,7 +73,7 @@ class ExpertQuant:
 
 
 def expert_quant(experts: str | ExpertQuant | None, group: int | None = None) -> ExpertQuant | None:
-    """Read the `experts=` option: None / "none" / "bfloat16"-like dtype names mean not quantized, "int8" / "int4"
+    """Read the `experts=` option: None / "none" mean not quantized, "int8" / "int4"
     quantized with `group` elements per scale (default `DEFAULT_QUANT_GROUP`: 128 for int8, 64 for int4).
 
     Raises:

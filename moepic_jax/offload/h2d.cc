@@ -41,11 +41,20 @@ struct Segment {
   bool from_host;
 };
 
-// The copies of one group: plan [n, kPlanCols] (already on the host), dst [n_dst, rows, ...]: plan rows
-// [j * n / n_dst, (j + 1) * n / n_dst) fill destination expert j.
-ffi::Error Segments(const int32_t* plan, int64_t n, const char* host, const char* tops, int64_t tops_rows,
-                    int64_t tops_slots, int64_t n_experts, char* dst, int64_t n_dst, int64_t rows, int64_t row_bytes,
+// The copies of one group: plan [n, kPlanCols] (already on the host), the cache's tops [slots, tops_rows, ...] and
+// dst [n_dst, rows, ...]: plan rows [j * n / n_dst, (j + 1) * n / n_dst) fill destination expert j. The buffers'
+// sizes are checked against row_bytes, so a plan can never read or write past them.
+ffi::Error Segments(const int32_t* plan, int64_t n, const char* host, const ffi::AnyBuffer& tops_buf,
+                    int64_t n_experts, ffi::Result<ffi::AnyBuffer>& dst_buf, int64_t rows, int64_t row_bytes,
                     std::vector<Segment>* out) {
+  auto tdims = tops_buf.dimensions();
+  int64_t tops_slots = tdims.size() ? tdims[0] : 0, tops_rows = tdims.size() > 1 ? tdims[1] : 0;
+  int64_t n_dst = dst_buf->dimensions().size() ? dst_buf->dimensions()[0] : 0;
+  const char* tops = static_cast<const char*>(tops_buf.untyped_data());
+  char* dst = static_cast<char*>(dst_buf->untyped_data());
+  if (static_cast<int64_t>(dst_buf->size_bytes()) != n_dst * rows * row_bytes ||
+      (tops_slots * tops_rows > 0 && static_cast<int64_t>(tops_buf.size_bytes()) != tops_slots * tops_rows * row_bytes))
+    return ffi::Error::InvalidArgument("h2d: the destination or the cache rows are not row_bytes wide");
   if (n == 0) return ffi::Error::Success();
   if (n_dst == 0 || n % n_dst != 0)
     return ffi::Error::InvalidArgument("h2d plan rows must be a multiple of the destination's experts");
@@ -57,6 +66,7 @@ ffi::Error Segments(const int32_t* plan, int64_t n, const char* host, const char
     if (first < 0 || count < 0 || first + count > rows)
       return ffi::Error::InvalidArgument("h2d plan row " + std::to_string(i) + " leaves the expert's rows");
     char* d = dst + ((i / per) * rows + first) * row_bytes;
+    if (source != 0 && source != 1) return ffi::Error::InvalidArgument("h2d plan: source must be 0 or 1");
     if (source == 0) {
       if (index < 0 || index >= n_experts) return ffi::Error::InvalidArgument("h2d plan: expert out of range");
       out->push_back({d, host + (index * rows + first) * row_bytes, static_cast<size_t>(count * row_bytes), true});
@@ -110,6 +120,7 @@ int cudaEventRecord(cudaEvent_t, cudaStream_t);
 int cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned);
 int cudaMallocHost(void**, size_t);
 int cudaFreeHost(void*);
+int cudaGetDevice(int*);
 const char* cudaGetErrorString(int);
 }
 constexpr int kH2D = 1, kD2H = 2, kD2D = 3;
@@ -121,6 +132,7 @@ namespace {
 // process drives one device through this path (the engine uses it with one device only).
 struct State {
   std::mutex mu;
+  int device = -1;
   cudaStream_t side = nullptr;
   cudaEvent_t ready = nullptr;
   std::unordered_map<int64_t, cudaEvent_t> done;
@@ -144,6 +156,15 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
   ffi::Error err;
+  if (src0.element_count() != 2 || src1.element_count() != 2 || plan0.element_count() % kPlanCols ||
+      plan1.element_count() % kPlanCols)
+    return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
+  int device = -1;
+  if (!(err = Check(cudaGetDevice(&device), "cudaGetDevice")).success()) return err;
+  if (st.device >= 0 && device != st.device)
+    return ffi::Error::InvalidArgument("direct copies drive one GPU per process (first used: " +
+                                       std::to_string(st.device) + ", now: " + std::to_string(device) + ")");
+  st.device = device;
   if (!st.side) {
     if (!(err = Check(cudaStreamCreateWithFlags(&st.side, kNonBlocking), "cudaStreamCreate")).success()) return err;
     if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
@@ -159,26 +180,22 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   }
   // The plans are computed by XLA's stream just before: read them after that work, then wait (host round trip).
   int32_t* h = st.staging;
-  cudaEventRecord(st.ready, stream);
-  cudaStreamWaitEvent(st.side, st.ready, 0);
-  cudaMemcpyAsync(h, plan0.typed_data(), 4 * n0, kD2H, st.side);
-  cudaMemcpyAsync(h + n0, plan1.typed_data(), 4 * n1, kD2H, st.side);
-  cudaMemcpyAsync(h + n0 + n1, src0.typed_data(), 8, kD2H, st.side);
-  cudaMemcpyAsync(h + n0 + n1 + 2, src1.typed_data(), 8, kD2H, st.side);
+  int rc = cudaEventRecord(st.ready, stream);
+  if (!rc) rc = cudaStreamWaitEvent(st.side, st.ready, 0);
+  if (!rc && n0) rc = cudaMemcpyAsync(h, plan0.typed_data(), 4 * n0, kD2H, st.side);
+  if (!rc && n1) rc = cudaMemcpyAsync(h + n0, plan1.typed_data(), 4 * n1, kD2H, st.side);
+  if (!rc) rc = cudaMemcpyAsync(h + n0 + n1, src0.typed_data(), 8, kD2H, st.side);
+  if (!rc) rc = cudaMemcpyAsync(h + n0 + n1 + 2, src1.typed_data(), 8, kD2H, st.side);
+  if (!(err = Check(rc, "queueing the copy plan's read")).success()) return err;
   if (!(err = Check(cudaStreamSynchronize(st.side), "reading the copy plan")).success()) return err;
   const int32_t* plans[2] = {h, h + n0};
   const int32_t* srcs[2] = {h + n0 + n1, h + n0 + n1 + 2};
   size_t ns[2] = {n0 / kPlanCols, n1 / kPlanCols};
-  ffi::AnyBuffer* tops[2] = {&tops0, &tops1};
-  char* dsts[2] = {static_cast<char*>(dst0->untyped_data()), static_cast<char*>(dst1->untyped_data())};
-  int64_t n_dst[2] = {dst0->dimensions().size() ? dst0->dimensions()[0] : 0,
-                      dst1->dimensions().size() ? dst1->dimensions()[0] : 0};
+  const ffi::AnyBuffer* tops[2] = {&tops0, &tops1};
+  ffi::Result<ffi::AnyBuffer>* dsts[2] = {&dst0, &dst1};
   for (int g = 0; g < 2; ++g) {
     std::vector<Segment> segs;
-    auto dims = tops[g]->dimensions();
-    int64_t slots = dims.size() ? dims[0] : 0, tops_rows = dims.size() > 1 ? dims[1] : 0;
-    err = Segments(plans[g], ns[g], HostAddress(srcs[g]), static_cast<const char*>(tops[g]->untyped_data()),
-                   tops_rows, slots, n_experts, dsts[g], n_dst[g], rows, row_bytes, &segs);
+    err = Segments(plans[g], ns[g], HostAddress(srcs[g]), *tops[g], n_experts, *dsts[g], rows, row_bytes, &segs);
     if (!err.success()) return err;
     for (const Segment& s : segs)
       if (!(err = Check(cudaMemcpyAsync(s.dst, s.src, s.bytes, s.from_host ? kH2D : kD2D, st.side),
@@ -206,9 +223,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait,
                               WaitBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 
-#else  // CPU: the same plans, copied at once with memcpy.
+#else  // CPU: the same plans, copied with memcpy when waited for.
 
 namespace {
+
+// The CPU copies run in `Wait`, not in `Start`, as they land on a GPU only by then: a program that read a
+// destination before its wait, or wrote a cache row that a started copy still reads, gives wrong results on the
+// CPU too (the tests' exactness checks catch it), instead of only on a GPU.
+struct Pending {
+  std::mutex mu;
+  std::unordered_map<int64_t, std::vector<Segment>> copies;  // by 2 * tag + group
+};
+Pending& pending() {
+  static Pending* p = new Pending();  // never destroyed: XLA may call into it until the process exits
+  return *p;
+}
 
 ffi::Error Start(ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::AnyBuffer tops0,
                  ffi::Buffer<ffi::S32> plan1, ffi::Buffer<ffi::S32> src1, ffi::AnyBuffer tops1,
@@ -216,24 +245,32 @@ ffi::Error Start(ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::A
                  int64_t n_experts, int64_t tag) {
   const ffi::Buffer<ffi::S32>* plans[2] = {&plan0, &plan1};
   const ffi::Buffer<ffi::S32>* srcs[2] = {&src0, &src1};
-  ffi::AnyBuffer* tops[2] = {&tops0, &tops1};
-  char* dsts[2] = {static_cast<char*>(dst0->untyped_data()), static_cast<char*>(dst1->untyped_data())};
-  int64_t n_dst[2] = {dst0->dimensions().size() ? dst0->dimensions()[0] : 0,
-                      dst1->dimensions().size() ? dst1->dimensions()[0] : 0};
+  const ffi::AnyBuffer* tops[2] = {&tops0, &tops1};
+  ffi::Result<ffi::AnyBuffer>* dsts[2] = {&dst0, &dst1};
+  Pending& p = pending();
+  std::lock_guard<std::mutex> lock(p.mu);
   for (int g = 0; g < 2; ++g) {
+    if (srcs[g]->element_count() != 2 || plans[g]->element_count() % kPlanCols)
+      return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
     std::vector<Segment> segs;
-    auto dims = tops[g]->dimensions();
-    int64_t slots = dims.size() ? dims[0] : 0, tops_rows = dims.size() > 1 ? dims[1] : 0;
     ffi::Error err = Segments(plans[g]->typed_data(), plans[g]->element_count() / kPlanCols,
-                              HostAddress(srcs[g]->typed_data()), static_cast<const char*>(tops[g]->untyped_data()),
-                              tops_rows, slots, n_experts, dsts[g], n_dst[g], rows, row_bytes, &segs);
+                              HostAddress(srcs[g]->typed_data()), *tops[g], n_experts, *dsts[g], rows, row_bytes,
+                              &segs);
     if (!err.success()) return err;
-    for (const Segment& s : segs) std::memcpy(s.dst, s.src, s.bytes);
+    p.copies[2 * tag + g] = std::move(segs);
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Wait(ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, int64_t, int64_t) { return ffi::Error::Success(); }
+ffi::Error Wait(ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
+  Pending& p = pending();
+  std::lock_guard<std::mutex> lock(p.mu);
+  auto it = p.copies.find(2 * tag + group);
+  if (it == p.copies.end()) return ffi::Error::Success();  // nothing was started under this tag
+  for (const Segment& s : it->second) std::memcpy(s.dst, s.src, s.bytes);
+  p.copies.erase(it);
+  return ffi::Error::Success();
+}
 
 }  // namespace
 

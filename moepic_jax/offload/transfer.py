@@ -16,8 +16,9 @@ destination expert, so a destination [n, F, 3, D] comes out whole: misses from t
 its cache slot and its bottom from the host. Rows that no plan row writes are undefined (callers never read them).
 Group 0 is this layer's experts, group 1 the next layer's predicted experts (a prefetch, waited for a layer later).
 
-On the CPU the same plans run with memcpy (tests). Without a C++ compiler the engines use the conditional copy
-step (`copy_step.py`) instead (`available`).
+On the CPU the same plans run with memcpy at `wait`, where a GPU's copies have landed by, so that a program that
+read a destination before its wait, or wrote cache rows that a started copy still reads, fails the CPU tests too.
+Direct copies are opt-in (`make_engine(..., direct=True)`); they need a C++ compiler (`available`).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ DEFAULT_COND_OVERHEAD_S = 3.6e-5
 DEFAULT_COND_WINDOW_FRACTION = 0.0
 # With direct copies (`offload/transfer.py`): from the copy-overlap probes on the H100
 # (docs/notes/2026-12-07-copy-overlap-probes.md): cudaMemcpyAsync on a private stream hid 0.90-0.92 of a copy
-# behind compute; the call's host round trip is taken as one conditional's until measured.
+# behind compute; the call's host round trip is a guess (5e-5 s) until measured (measure_hardware(direct=True)).
 DEFAULT_DIRECT_OVERHEAD_S = 5e-5
 DEFAULT_DIRECT_WINDOW_FRACTION = 0.9
 

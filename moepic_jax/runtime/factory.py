@@ -6,6 +6,7 @@ model profiles, engines); `generate` owns one (`generate.ENGINES`), callers may 
 from __future__ import annotations
 
 import gc
+import logging
 import hashlib
 import os
 import weakref
@@ -24,6 +25,8 @@ from moepic_jax.planning import calibrate
 from moepic_jax.planning.plans import empty_plan, plan_for_policy
 from moepic_jax.planning.profiles import CachePlan, HardwareProfile, ModelProfile
 from moepic_jax.runtime.engine import OffloadEngine, ResidentEngine
+
+log = logging.getLogger(__name__)
 
 
 class EngineCache:
@@ -161,6 +164,11 @@ def make_engine(model: Model, policy: str = "moepic", vram_budget="auto", plan: 
     elif plan is None:
         mp = profile or _profile(weights, n_predicted, cache, progress)
         hw = hardware or calibrate.default_hardware(cfg.n_layers, direct=bool(direct))
+        if hw.direct != bool(direct):
+            log.warning("the hardware profile was measured for %s, the engine runs %s: the plan prices the wrong "
+                        "copies (measure_hardware(weights, direct=%s))",
+                        *(("direct copies", "the conditional copy step") if hw.direct else
+                          ("the conditional copy step", "direct copies")), bool(direct))
         row_bytes = cfg.expert_row_bytes(weights.dtype.itemsize)
 
         def replan(cache_budget):
