@@ -102,8 +102,8 @@ def _register(platform: str) -> str | None:
 
 
 def available(device) -> bool:
-    """Whether direct copies work on `device` (builds and registers the library on first call). Set
-    MOEPIC_JAX_DIRECT_COPIES=0 to turn them off (the engines then use the conditional copy step)."""
+    """Whether direct copies work on `device` (builds and registers the library on first call).
+    MOEPIC_JAX_DIRECT_COPIES=0 makes them unavailable (an engine asked for them then refuses)."""
     if os.environ.get("MOEPIC_JAX_DIRECT_COPIES", "1") == "0":
         return False
     return _register(device.platform) is None
