@@ -128,12 +128,13 @@ constexpr unsigned kNonBlocking = 1, kDisableTiming = 2;
 
 namespace {
 
-// One private stream, its events (per call site tag and group) and a pinned staging buffer for the plans. A
+// The private streams, their events (per call site tag and group) and a pinned staging buffer for the plans. A
 // process drives one device through this path (the engine uses it with one device only).
 struct State {
   std::mutex mu;
   int device = -1;
-  cudaStream_t side = nullptr;
+  cudaStream_t side = nullptr;    // the copies
+  cudaStream_t reader = nullptr;  // the plans' reads: not queued behind copies still in flight
   cudaEvent_t ready = nullptr;
   std::unordered_map<int64_t, cudaEvent_t> done;
   int32_t* staging = nullptr;
@@ -167,6 +168,8 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   st.device = device;
   if (!st.side) {
     if (!(err = Check(cudaStreamCreateWithFlags(&st.side, kNonBlocking), "cudaStreamCreate")).success()) return err;
+    if (!(err = Check(cudaStreamCreateWithFlags(&st.reader, kNonBlocking), "cudaStreamCreate")).success())
+      return err;
     if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
   }
   size_t n0 = plan0.element_count(), n1 = plan1.element_count(), words = n0 + n1 + 4;
@@ -179,15 +182,18 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
     st.staging_words = want;
   }
   // The plans are computed by XLA's stream just before: read them after that work, then wait (host round trip).
+  // The read has its own stream, so the host waits for XLA's work only, not for copies queued earlier (a
+  // prefetch still in flight); the copies wait for XLA's work too (their destinations are XLA's buffers).
   int32_t* h = st.staging;
   int rc = cudaEventRecord(st.ready, stream);
+  if (!rc) rc = cudaStreamWaitEvent(st.reader, st.ready, 0);
   if (!rc) rc = cudaStreamWaitEvent(st.side, st.ready, 0);
-  if (!rc && n0) rc = cudaMemcpyAsync(h, plan0.typed_data(), 4 * n0, kD2H, st.side);
-  if (!rc && n1) rc = cudaMemcpyAsync(h + n0, plan1.typed_data(), 4 * n1, kD2H, st.side);
-  if (!rc) rc = cudaMemcpyAsync(h + n0 + n1, src0.typed_data(), 8, kD2H, st.side);
-  if (!rc) rc = cudaMemcpyAsync(h + n0 + n1 + 2, src1.typed_data(), 8, kD2H, st.side);
+  if (!rc && n0) rc = cudaMemcpyAsync(h, plan0.typed_data(), 4 * n0, kD2H, st.reader);
+  if (!rc && n1) rc = cudaMemcpyAsync(h + n0, plan1.typed_data(), 4 * n1, kD2H, st.reader);
+  if (!rc) rc = cudaMemcpyAsync(h + n0 + n1, src0.typed_data(), 8, kD2H, st.reader);
+  if (!rc) rc = cudaMemcpyAsync(h + n0 + n1 + 2, src1.typed_data(), 8, kD2H, st.reader);
   if (!(err = Check(rc, "queueing the copy plan's read")).success()) return err;
-  if (!(err = Check(cudaStreamSynchronize(st.side), "reading the copy plan")).success()) return err;
+  if (!(err = Check(cudaStreamSynchronize(st.reader), "reading the copy plan")).success()) return err;
   const int32_t* plans[2] = {h, h + n0};
   const int32_t* srcs[2] = {h + n0 + n1, h + n0 + n1 + 2};
   size_t ns[2] = {n0 / kPlanCols, n1 / kPlanCols};
