@@ -127,32 +127,36 @@ def test_policies_exact(family, policy, frac, offload_models, reference):
 def test_direct_copies_exact(policy, offload_models, reference):
     """Direct copies (`offload/transfer.py`, direct=True) give the resident model's logits and tokens too, with the
     same per-layer counters as the conditional copy step."""
-    _check_direct(policy, offload_models, reference, SINGLE)
+    engines, counters = _direct_and_conditional(policy, offload_models, reference, SINGLE)
+    assert [e.direct for e in engines] == [False, True]
+    assert engines[0].cache_plan == engines[1].cache_plan
+    for got, exp in zip(*counters):
+        for k in exp:
+            np.testing.assert_array_equal(got[k], exp[k])
 
 
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
 def test_direct_copies_exact_at_batch_two(policy, offload_models, reference):
     """Two prompts: padded routed and predicted ids (-1), destination rows no plan writes."""
-    _check_direct(policy, offload_models, reference, BATCH)
+    engines, counters = _direct_and_conditional(policy, offload_models, reference, BATCH)
+    assert engines[0].cache_plan == engines[1].cache_plan
+    for got, exp in zip(*counters):
+        for k in exp:
+            np.testing.assert_array_equal(got[k], exp[k])
+    wasted = sum(c["prefetch_wasted_bytes"].sum() for c in counters[1])
+    assert engines[1].prefetches and 0 <= wasted <= sum(c["h2d_bytes"].sum() for c in counters[1])
 
 
-def _check_direct(policy, offload_models, reference, prompts):
+def _direct_and_conditional(policy, offload_models, reference, prompts):
+    """(engines, per-step counters) of the conditional step and of direct copies under one plan; both checked
+    against the resident model's logits and tokens (`_check`)."""
     from moepic_jax.planning.calibrate import default_hardware
 
     m = offload_models["qwen2_moe"]
     hw = default_hardware(m.cfg.n_layers)  # one hardware profile: both engines run the same plan
     engines = [make_engine(m, policy=policy, vram_budget=_budget(m, 0.3), direct=d, hardware=hw, **kw(policy))
                for d in (False, True)]
-    assert [e.direct for e in engines] == [False, True]
-    assert engines[0].cache_plan == engines[1].cache_plan
-    counters = [_check(e, "qwen2_moe", reference, m, prompts)[0] for e in engines]
-    for got, exp in zip(*counters):
-        for k in exp:
-            np.testing.assert_array_equal(got[k], exp[k])
-    if engines[1].prefetches:
-        wasted = sum(c["prefetch_wasted_bytes"].sum() for c in counters[1])
-        h2d = sum(c["h2d_bytes"].sum() for c in counters[1])
-        assert 0 <= wasted <= h2d
+    return engines, [_check(e, "qwen2_moe", reference, m, prompts)[0] for e in engines]
 
 
 def test_direct_decode_step_has_no_conditional(offload_models):

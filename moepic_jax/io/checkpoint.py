@@ -166,19 +166,24 @@ def restore(path, dtype: str, store_experts: Callable[[int, np.ndarray], Any] | 
     try:
         tree = ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax raises many types for missing/corrupt files
-        raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
-                         "re-create it (or `git checkout` the embedded one)") from e
+        raise _corrupted(path, e) from e
     tree = {k: v for k, v in tree.items()}
+    return cfg, _from_tree(_cast(tree, abstract, path, target), like)
 
-    def cast(t, ref):
-        if isinstance(ref, dict):
-            return {k: cast(t[k], r) for k, r in ref.items()}
-        a = np.asarray(t)
-        if a.shape != ref.shape:
-            raise ValueError(f"checkpoint {path}: a tensor has shape {a.shape}, expected {ref.shape}; corrupted")
-        return a.astype(target)
 
-    return cfg, _from_tree(cast(tree, abstract), like)
+def _corrupted(path: pathlib.Path, e: Exception) -> ValueError:
+    return ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
+                      "re-create it (or `git checkout` the embedded one)")
+
+
+def _cast(t, ref, path: pathlib.Path, target):
+    """Restored tree `t` as NumPy arrays of dtype `target`, checked against the abstract tree `ref`'s shapes."""
+    if isinstance(ref, dict):
+        return {k: _cast(t[k], r, path, target) for k, r in ref.items()}
+    a = np.asarray(t)
+    if a.shape != ref.shape:
+        raise ValueError(f"checkpoint {path}: a tensor has shape {a.shape}, expected {ref.shape}; corrupted")
+    return a.astype(target)
 
 
 def _restore_by_layer(path: pathlib.Path, cfg: MoEConfig, like: M.Params, abstract: dict, target,
@@ -209,18 +214,8 @@ def _restore_by_layer(path: pathlib.Path, cfg: MoEConfig, like: M.Params, abstra
                 got = ck.restore(path / "params", args=ocp.args.PyTreeRestore(item=item, restore_args=args,
                                                                              partial_restore=True))
         except Exception as e:  # orbax raises many types for missing/corrupt files
-            raise ValueError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
-                             "re-create it (or `git checkout` the embedded one)") from e
-
-        def cast(t, ref):
-            if isinstance(ref, dict):
-                return {k: cast(t[k], r) for k, r in ref.items()}
-            a = np.asarray(t)
-            if a.shape != ref.shape:
-                raise ValueError(f"checkpoint {path}: a tensor has shape {a.shape}, expected {ref.shape}; corrupted")
-            return a.astype(target)
-
-        return cast(got, item)
+            raise _corrupted(path, e) from e
+        return _cast(got, item, path, target)
 
     tree = read(lambda p: not is_experts(p))
     for l in cfg.moe_layer_ids:
