@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     from moepic_jax.runtime.engine import device_memory_stats
     from moepic_jax.runtime.factory import make_engine
     from moepic_jax.generate import bucket as _bucket, generate
+    import jax
+
+    from moepic_jax.offload import transfer
     from moepic_jax.offload.decode import RoutingTrace
     from moepic_jax.planning.calibrate import default_hardware, measure_hardware, profile_from_trace, profile_model
     from moepic_jax.planning.planner import plan_stats, predicted_tpot
@@ -350,6 +353,8 @@ def main(argv=None) -> int:
                 per_layer=[dict(layer=p.layer, full=p.full_hit_rate, top=p.top_only_hit_rate, miss=p.miss_rate,
                                 h2d_mb=p.h2d_bytes_per_token / 1e6, recall=p.predictor_recall) for p in s.per_layer],
             )
+            if row.get("direct"):  # async (worker + device-side waits) or sync (a host round trip per layer)
+                row["direct_mode"] = transfer.mode(jax.devices()[0].platform)
             row["xla_temp_gib"] = getattr(eng.compiles, "temp_bytes", 0) / 2**30
             row["compile_s_by_program"] = dict(eng.compiles.seconds_by_name)
             row["temp_gib_by_program"] = {k: eng.compiles.temp_bytes_of(k) / 2**30

@@ -27,7 +27,7 @@ def _copy(plan0, plan1, pinned, tops):
     def run(plan0, plan1, src, tops):
         groups = (transfer.Group(plan0, src, tops), transfer.Group(plan1, src, tops))
         d0, d1 = transfer.start(DEV.platform, groups, F, (3, D), E, jnp.float32, tag=0)
-        return transfer.wait(DEV.platform, d0, 0, 0), transfer.wait(DEV.platform, d1, 0, 1)
+        return transfer.wait(DEV.platform, d0, groups[0], 0, 0), transfer.wait(DEV.platform, d1, groups[1], 0, 1)
 
     return [np.asarray(x) for x in run(jnp.asarray(plan0, jnp.int32), jnp.asarray(plan1, jnp.int32), src, tops)]
 

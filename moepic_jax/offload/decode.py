@@ -14,9 +14,10 @@ Two ways to make the copies, the same results (tests):
 - **Direct copies** (`moe_decode_direct`, `direct=True` on one device): the step computes a copy plan per layer
   (`copy_plan`: per expert, which rows come from the host stack and which from its cache slot) and one
   `transfer.start` call queues them, with the next layer's predicted experts (the prefetch), on a private stream
-  as DMA; the step then waits on the device only (`transfer.wait`). No conditional: the host reads each plan
-  once per layer (the call's round trip) and the copies overlap the layer's compute. The prefetch is waited for
-  a layer later, so it streams in while this layer computes (MoEpic's overlap).
+  as DMA (a worker thread reads the plan and queues the copies); the step then waits on the device only
+  (`transfer.wait`). No conditional, and the host does not wait for the GPU: it queues the layers ahead while the
+  copies run. The prefetch is waited for a layer later, so it streams in while this layer computes (MoEpic's
+  overlap).
 - **The conditional copy step** (`moe_decode` + `copy_step.py`, the default): copies made inside `lax.switch`
   branches by XLA (zero-copy kernels on the compute stream); on a GPU each conditional makes the host wait for its
   branch index. On the H100 it still decodes the byte-bound rows faster than direct copies: 29.5-30.8 against
@@ -205,6 +206,7 @@ class InFlight(NamedTuple):
     dst: jax.Array  # [P, F, 3, D] their rows once waited for (`transfer.wait`, group 1 of `tag`)
     h2d_bytes: jax.Array  # [P] float32 bytes copied for each
     tag: int  # the layer whose start queued them
+    group: transfer.Group | None = None  # what that start copied from (operands of the wait: kept alive till then)
 
 
 def copy_plan(spec: StepSpec, split: int, cache: C.LayerCache, ids: jax.Array, need: jax.Array):
@@ -253,8 +255,9 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     nbytes = jnp.sum(each)
     platform = place.device.platform
     with jax.named_scope("copy_step"):
-        dst, flight = start_copies(spec, l, transfer.Group(plan, src, cache.tops), nxt)
-        bufs = transfer.wait(platform, dst, l, 0)
+        now = transfer.Group(plan, src, cache.tops)
+        dst, flight = start_copies(spec, l, now, nxt)
+        bufs = transfer.wait(platform, dst, now, l, 0)
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
@@ -262,7 +265,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:
         nbytes = nbytes + jnp.sum(pred.h2d_bytes)
-        pbufs = transfer.wait(platform, pred.dst, pred.tag, 1)
+        pbufs = transfer.wait(platform, pred.dst, pred.group, pred.tag, 1)
         j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
         with jax.named_scope("ffn"):
             pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p], cfg.expert_quant).astype(jnp.float32)
@@ -304,7 +307,7 @@ def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple 
     width = spec.row_bytes // (3 * jnp.dtype(spec.store_dtype).itemsize)  # a stored row is [3, width]
     dst, dst_next = transfer.start(spec.place.device.platform, tuple(groups), spec.cfg.d_ff, (3, width),
                                    spec.cfg.n_experts, spec.store_dtype, tag=l)
-    return dst, (None if nxt is None else InFlight(nxt[2], dst_next, flight_bytes, l))
+    return dst, (None if nxt is None else InFlight(nxt[2], dst_next, flight_bytes, l, groups[1]))
 
 
 def wasted(pred, uniq: jax.Array) -> jax.Array:

@@ -1,21 +1,32 @@
 // Expert rows to the device by DMA, outside XLA's control flow: two XLA FFI calls (moepic_jax/offload/transfer.py).
 //
-// h2d_start(plan0, src0, tops0, plan1, src1, tops1) -> (dst0, dst1): after the work XLA queued before it, read the
-//   two copy plans to the host (one wait per call: the only host round trip of a layer), then queue one
-//   cudaMemcpyAsync per planned segment on a private stream, so the copies run on the copy engines while XLA's
-//   stream computes. A plan row is (source, index, first_row, n_rows) int32: source 0 = the pinned host stack
-//   (index = expert), 1 = the layer's cache of top rows on the device (index = slot). Rows [first_row,
-//   first_row + n_rows) of the source land at the same rows of the destination expert. Group 0 is this layer's
-//   experts, group 1 the next layer's predicted experts (prefetch); each group records its own event.
-// h2d_wait(dst) -> dst (aliased): XLA's stream waits for that group's copies.
+// h2d_start(plan0, src0, tops0, plan1, src1, tops1) -> (dst0, dst1): queue the reads of the two copy plans after
+//   the work XLA queued before it, and hand the layer to a worker thread; return at once. The worker waits for the
+//   plans, then queues one cudaMemcpyAsync per planned segment on a private stream (H2D from the pinned stack, D2D
+//   from the cache's top rows), then a write of the group's sequence number to a flag on the device. A plan row is
+//   (source, index, first_row, n_rows) int32: source 0 = the pinned host stack (index = expert), 1 = the layer's
+//   cache of top rows on the device (index = slot). Rows [first_row, first_row + n_rows) of the source land at the
+//   same rows of the destination expert. Group 0 is this layer's experts, group 1 the next layer's predicted
+//   experts (prefetch).
+// h2d_wait(dst, plan, src, tops) -> dst (aliased): XLA's stream waits on the device until the flag reaches the
+//   group's number (cuStreamWaitValue32). The host never waits for the GPU, so it queues layer after layer ahead
+//   of the GPU. The plan, src and tops are operands only to keep XLA from reusing their memory before the copies
+//   that read them are done.
+// Where the driver refuses stream memory operations (or MOEPIC_JAX_DIRECT_SYNC=1), start reads the plans itself
+// and waits for them (one host round trip per layer), and wait waits on an event.
 //
 // The stack's host address comes in as data (src: two int32 words), not as an attribute, so the compiled program
 // does not depend on where the stack was allocated (the persistent compilation cache stays valid). The CPU build
-// (no MOEPIC_CUDA) runs the same plan with memcpy, so the CPU tests cover the plans.
+// (no MOEPIC_CUDA) runs the same plans with memcpy, so the CPU tests cover the plans.
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -34,6 +45,19 @@ const char* HostAddress(const int32_t* words) {
   return reinterpret_cast<const char*>(a);
 }
 
+// A buffer of `n` experts' (or slots') rows: [n, rows, ...], `bytes` in all.
+struct Rows {
+  char* data = nullptr;
+  int64_t n = 0, rows = 0;
+  size_t bytes = 0;
+};
+
+Rows RowsOf(const ffi::AnyBuffer& b) {
+  auto d = b.dimensions();
+  return {static_cast<char*>(const_cast<void*>(b.untyped_data())), d.size() ? d[0] : 0, d.size() > 1 ? d[1] : 0,
+          b.size_bytes()};
+}
+
 struct Segment {
   char* dst;
   const char* src;
@@ -41,39 +65,38 @@ struct Segment {
   bool from_host;
 };
 
-// The copies of one group: plan [n, kPlanCols] (already on the host), the cache's tops [slots, tops_rows, ...] and
-// dst [n_dst, rows, ...]: plan rows [j * n / n_dst, (j + 1) * n / n_dst) fill destination expert j. The buffers'
-// sizes are checked against row_bytes, so a plan can never read or write past them.
-ffi::Error Segments(const int32_t* plan, int64_t n, const char* host, const ffi::AnyBuffer& tops_buf,
-                    int64_t n_experts, ffi::Result<ffi::AnyBuffer>& dst_buf, int64_t rows, int64_t row_bytes,
-                    std::vector<Segment>* out) {
-  auto tdims = tops_buf.dimensions();
-  int64_t tops_slots = tdims.size() ? tdims[0] : 0, tops_rows = tdims.size() > 1 ? tdims[1] : 0;
-  int64_t n_dst = dst_buf->dimensions().size() ? dst_buf->dimensions()[0] : 0;
-  const char* tops = static_cast<const char*>(tops_buf.untyped_data());
-  char* dst = static_cast<char*>(dst_buf->untyped_data());
-  if (static_cast<int64_t>(dst_buf->size_bytes()) != n_dst * rows * row_bytes ||
-      (tops_slots * tops_rows > 0 && static_cast<int64_t>(tops_buf.size_bytes()) != tops_slots * tops_rows * row_bytes))
+// Checks that `dst` [n_dst, rows, ...] and the cache's `tops` [slots, tops_rows, ...] are row_bytes wide, so that no
+// plan can read or write past them.
+ffi::Error CheckShapes(const Rows& tops, const Rows& dst, int64_t rows, int64_t row_bytes) {
+  if (static_cast<int64_t>(dst.bytes) != dst.n * rows * row_bytes ||
+      (tops.n * tops.rows > 0 && static_cast<int64_t>(tops.bytes) != tops.n * tops.rows * row_bytes))
     return ffi::Error::InvalidArgument("h2d: the destination or the cache rows are not row_bytes wide");
+  return ffi::Error::Success();
+}
+
+// The copies of one group: plan [n, kPlanCols] (on the host): plan rows [j * n / n_dst, (j + 1) * n / n_dst) fill
+// destination expert j. Every row is checked against the buffers (CheckShapes first).
+ffi::Error Segments(const int32_t* plan, int64_t n, const char* host, const Rows& tops, int64_t n_experts,
+                    const Rows& dst, int64_t rows, int64_t row_bytes, std::vector<Segment>* out) {
   if (n == 0) return ffi::Error::Success();
-  if (n_dst == 0 || n % n_dst != 0)
+  if (dst.n == 0 || n % dst.n != 0)
     return ffi::Error::InvalidArgument("h2d plan rows must be a multiple of the destination's experts");
-  const int64_t per = n / n_dst;
+  const int64_t per = n / dst.n;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* p = plan + i * kPlanCols;
     int64_t source = p[0], index = p[1], first = p[2], count = p[3];
     if (count == 0) continue;
     if (first < 0 || count < 0 || first + count > rows)
       return ffi::Error::InvalidArgument("h2d plan row " + std::to_string(i) + " leaves the expert's rows");
-    char* d = dst + ((i / per) * rows + first) * row_bytes;
+    char* d = dst.data + ((i / per) * rows + first) * row_bytes;
     if (source != 0 && source != 1) return ffi::Error::InvalidArgument("h2d plan: source must be 0 or 1");
     if (source == 0) {
       if (index < 0 || index >= n_experts) return ffi::Error::InvalidArgument("h2d plan: expert out of range");
       out->push_back({d, host + (index * rows + first) * row_bytes, static_cast<size_t>(count * row_bytes), true});
     } else {
-      if (index < 0 || index >= tops_slots || first + count > tops_rows)
+      if (index < 0 || index >= tops.n || first + count > tops.rows)
         return ffi::Error::InvalidArgument("h2d plan: cache slot or rows out of range");
-      out->push_back({d, tops + (index * tops_rows + first) * row_bytes, static_cast<size_t>(count * row_bytes),
+      out->push_back({d, tops.data + (index * tops.rows + first) * row_bytes, static_cast<size_t>(count * row_bytes),
                       false});
     }
   }
@@ -100,6 +123,9 @@ auto StartBinding(B b) {
 template <typename B>
 auto WaitBinding(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>()  // dst
+      .template Arg<ffi::AnyBuffer>()                  // plan (kept alive until the copies have read it)
+      .template Arg<ffi::AnyBuffer>()                  // src (the same)
+      .template Arg<ffi::AnyBuffer>()                  // tops (the same)
       .template Ret<ffi::AnyBuffer>()                  // dst (aliased)
       .template Attr<int64_t>("tag")
       .template Attr<int64_t>("group");
@@ -108,7 +134,10 @@ auto WaitBinding(B b) {
 }  // namespace
 
 #ifdef MOEPIC_CUDA
-// The CUDA runtime that jaxlib loads resolves these (no CUDA headers or nvcc needed to build).
+#include <dlfcn.h>
+
+// The CUDA runtime that jaxlib loads resolves these (no CUDA headers or nvcc needed to build); the two stream
+// memory operations come from the driver (libcuda), looked up at first use.
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
 extern "C" {
@@ -117,91 +146,196 @@ int cudaStreamSynchronize(cudaStream_t);
 int cudaStreamCreateWithFlags(cudaStream_t*, unsigned);
 int cudaEventCreateWithFlags(cudaEvent_t*, unsigned);
 int cudaEventRecord(cudaEvent_t, cudaStream_t);
+int cudaEventQuery(cudaEvent_t);
 int cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned);
 int cudaMallocHost(void**, size_t);
 int cudaFreeHost(void*);
+int cudaMalloc(void**, size_t);
+int cudaMemset(void*, int, size_t);
 int cudaGetDevice(int*);
+int cudaSetDevice(int);
 const char* cudaGetErrorString(int);
 }
-constexpr int kH2D = 1, kD2H = 2, kD2D = 3;
-constexpr unsigned kNonBlocking = 1, kDisableTiming = 2;
+typedef int (*StreamValueFn)(cudaStream_t, unsigned long long, uint32_t, unsigned);  // cuStream{Wait,Write}Value32_v2
+constexpr int kH2D = 1, kD2H = 2, kD2D = 3, kNotReady = 600;
+constexpr unsigned kNonBlocking = 1, kDisableTiming = 2, kWaitGeq = 0;
+constexpr int kJobs = 256;  // layers the host may queue ahead of the worker
 
 namespace {
-
-// The private streams, their events (per call site tag and group) and a pinned staging buffer for the plans. A
-// process drives one device through this path (the engine uses it with one device only).
-struct State {
-  std::mutex mu;
-  int device = -1;
-  cudaStream_t side = nullptr;    // the copies
-  cudaStream_t reader = nullptr;  // the plans' reads: not queued behind copies still in flight
-  cudaEvent_t ready = nullptr;
-  std::unordered_map<int64_t, cudaEvent_t> done;
-  int32_t* staging = nullptr;
-  size_t staging_words = 0;
-};
-State& state() {
-  static State* s = new State();  // never destroyed: XLA may call into it until the process exits
-  return *s;
-}
 
 ffi::Error Check(int rc, const char* what) {
   if (rc == 0) return ffi::Error::Success();
   return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorString(rc));
 }
 
-ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::AnyBuffer tops0,
-                 ffi::Buffer<ffi::S32> plan1, ffi::Buffer<ffi::S32> src1, ffi::AnyBuffer tops1,
-                 ffi::Result<ffi::AnyBuffer> dst0, ffi::Result<ffi::AnyBuffer> dst1, int64_t rows, int64_t row_bytes,
-                 int64_t n_experts, int64_t tag) {
-  State& st = state();
-  std::lock_guard<std::mutex> lock(st.mu);
-  ffi::Error err;
-  if (src0.element_count() != 2 || src1.element_count() != 2 || plan0.element_count() % kPlanCols ||
-      plan1.element_count() % kPlanCols)
-    return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
+// One layer's start, handed to the worker: where its plans land on the host, and what they may write.
+struct Job {
+  int32_t* staging = nullptr;  // pinned: plan0, plan1, src0 (2 words), src1 (2 words)
+  size_t capacity = 0;         // words
+  cudaEvent_t ready = nullptr;      // XLA's stream reached the start
+  cudaEvent_t plan_read = nullptr;  // the plans are on the host
+  int64_t n[2] = {0, 0};            // plan rows per group
+  Rows tops[2], dst[2];
+  int64_t rows = 0, row_bytes = 0, n_experts = 0;
+  uint32_t seq[2] = {0, 0};
+  bool busy = false;
+};
+
+// The private streams, the worker, and per call site (tag) and group the sequence number its wait waits for. A
+// process drives one device through this path (the engine uses it with one device only).
+struct State {
+  std::mutex mu;
+  std::condition_variable cv;
   int device = -1;
+  bool async = false;
+  cudaStream_t side = nullptr;    // the copies
+  cudaStream_t reader = nullptr;  // the plans' reads: not queued behind copies still in flight
+  uint32_t* flag = nullptr;       // device word: the last group whose copies are queued before it
+  StreamValueFn wait_value = nullptr, write_value = nullptr;
+  uint32_t seq = 0;
+  std::unordered_map<int64_t, uint32_t> seqs;  // by 2 * tag + group
+  std::vector<Job> jobs = std::vector<Job>(kJobs);
+  int64_t next_job = 0;
+  std::deque<Job*> queue;
+  std::string error;  // the worker's first failure, reported by the next call
+  // synchronous mode
+  cudaEvent_t ready = nullptr;
+  std::unordered_map<int64_t, cudaEvent_t> done;
+};
+State& state() {
+  static State* s = new State();  // never destroyed: XLA may call into it until the process exits
+  return *s;
+}
+
+// Stream memory operations from the driver, or nullptr where it has none (or MOEPIC_JAX_DIRECT_SYNC=1).
+bool LoadStreamValueOps(State& st) {
+  const char* sync = std::getenv("MOEPIC_JAX_DIRECT_SYNC");
+  if (sync && std::string(sync) == "1") return false;
+  void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
+  if (!h) return false;
+  st.wait_value = reinterpret_cast<StreamValueFn>(dlsym(h, "cuStreamWaitValue32_v2"));
+  st.write_value = reinterpret_cast<StreamValueFn>(dlsym(h, "cuStreamWriteValue32_v2"));
+  if (!st.wait_value || !st.write_value) return false;
+  if (cudaMalloc(reinterpret_cast<void**>(&st.flag), 4) || cudaMemset(st.flag, 0, 4)) return false;
+  // a write the driver refuses (no stream memory operations on this device or driver) means synchronous mode
+  if (st.write_value(st.side, reinterpret_cast<unsigned long long>(st.flag), 0, 0)) return false;
+  return cudaStreamSynchronize(st.side) == 0;
+}
+
+void Fail(State& st, const std::string& what) {
+  std::lock_guard<std::mutex> lock(st.mu);
+  if (st.error.empty()) st.error = what;
+}
+
+// The worker: for each job in order, wait until its plans are on the host, queue its copies, then its flag writes.
+// It writes the flags even after a failure, so that XLA's stream is never left waiting; the failure is reported by
+// the next call.
+void Worker(State* stp) {
+  State& st = *stp;
+  cudaSetDevice(st.device);
+  for (;;) {
+    Job* j;
+    {
+      std::unique_lock<std::mutex> lock(st.mu);
+      st.cv.wait(lock, [&] { return !st.queue.empty(); });
+      j = st.queue.front();
+      st.queue.pop_front();
+    }
+    int rc;
+    while ((rc = cudaEventQuery(j->plan_read)) == kNotReady) std::this_thread::yield();
+    if (rc) Fail(st, std::string("reading the copy plan: ") + cudaGetErrorString(rc));
+    const int32_t* h = j->staging;
+    const int32_t* plans[2] = {h, h + kPlanCols * j->n[0]};
+    const int32_t* srcs[2] = {h + kPlanCols * (j->n[0] + j->n[1]), h + kPlanCols * (j->n[0] + j->n[1]) + 2};
+    for (int g = 0; g < 2; ++g) {
+      std::vector<Segment> segs;
+      if (!rc) {
+        ffi::Error err = Segments(plans[g], j->n[g], HostAddress(srcs[g]), j->tops[g], j->n_experts, j->dst[g],
+                                  j->rows, j->row_bytes, &segs);
+        if (!err.success()) {
+          Fail(st, err.message());
+          segs.clear();
+        }
+      }
+      for (const Segment& s : segs) {
+        int c = cudaMemcpyAsync(s.dst, s.src, s.bytes, s.from_host ? kH2D : kD2D, st.side);
+        if (c) Fail(st, std::string("cudaMemcpyAsync: ") + cudaGetErrorString(c));
+      }
+      int c = st.write_value(st.side, reinterpret_cast<unsigned long long>(st.flag), j->seq[g], 0);
+      if (c) Fail(st, "cuStreamWriteValue32 failed (" + std::to_string(c) + ")");
+    }
+    {
+      std::lock_guard<std::mutex> lock(st.mu);
+      j->busy = false;
+    }
+    st.cv.notify_all();
+  }
+}
+
+// Streams, events and the mode, on the first call (st.mu held).
+ffi::Error Init(State& st) {
+  int device = -1;
+  ffi::Error err;
   if (!(err = Check(cudaGetDevice(&device), "cudaGetDevice")).success()) return err;
   if (st.device >= 0 && device != st.device)
     return ffi::Error::InvalidArgument("direct copies drive one GPU per process (first used: " +
                                        std::to_string(st.device) + ", now: " + std::to_string(device) + ")");
+  if (st.side) return ffi::Error::Success();
   st.device = device;
-  if (!st.side) {
-    if (!(err = Check(cudaStreamCreateWithFlags(&st.side, kNonBlocking), "cudaStreamCreate")).success()) return err;
-    if (!(err = Check(cudaStreamCreateWithFlags(&st.reader, kNonBlocking), "cudaStreamCreate")).success())
-      return err;
-    if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
-  }
-  size_t n0 = plan0.element_count(), n1 = plan1.element_count(), words = n0 + n1 + 4;
-  if (words > st.staging_words) {
-    if (st.staging) cudaFreeHost(st.staging);
-    st.staging = nullptr;
-    size_t want = words < 4096 ? 4096 : 2 * words;
-    if (!(err = Check(cudaMallocHost(reinterpret_cast<void**>(&st.staging), 4 * want), "cudaMallocHost")).success())
-      return err;
-    st.staging_words = want;
-  }
-  // The plans are computed by XLA's stream just before: read them after that work, then wait (host round trip).
-  // The read has its own stream, so the host waits for XLA's work only, not for copies queued earlier (a
-  // prefetch still in flight); the copies wait for XLA's work too (their destinations are XLA's buffers).
-  int32_t* h = st.staging;
-  int rc = cudaEventRecord(st.ready, stream);
-  if (!rc) rc = cudaStreamWaitEvent(st.reader, st.ready, 0);
-  if (!rc) rc = cudaStreamWaitEvent(st.side, st.ready, 0);
+  if (!(err = Check(cudaStreamCreateWithFlags(&st.side, kNonBlocking), "cudaStreamCreate")).success()) return err;
+  if (!(err = Check(cudaStreamCreateWithFlags(&st.reader, kNonBlocking), "cudaStreamCreate")).success()) return err;
+  if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
+  st.async = LoadStreamValueOps(st);
+  if (st.async) std::thread(Worker, &st).detach();  // lives as long as the process, like the state
+  return ffi::Error::Success();
+}
+
+// Room for `words` in a job's (or the synchronous mode's) pinned staging buffer.
+ffi::Error Reserve(int32_t** staging, size_t* capacity, size_t words) {
+  if (words <= *capacity) return ffi::Error::Success();
+  if (*staging) cudaFreeHost(*staging);
+  *staging = nullptr;
+  size_t want = words < 4096 ? 4096 : 2 * words;
+  ffi::Error err = Check(cudaMallocHost(reinterpret_cast<void**>(staging), 4 * want), "cudaMallocHost");
+  *capacity = err.success() ? want : 0;
+  return err;
+}
+
+// Queue the reads of both plans and both srcs into `h` on the reader stream, after XLA's work so far.
+int QueuePlanRead(State& st, cudaStream_t stream, cudaEvent_t ready, int32_t* h, const ffi::Buffer<ffi::S32>& plan0,
+                  const ffi::Buffer<ffi::S32>& plan1, const ffi::Buffer<ffi::S32>& src0,
+                  const ffi::Buffer<ffi::S32>& src1) {
+  size_t n0 = plan0.element_count(), n1 = plan1.element_count();
+  int rc = cudaEventRecord(ready, stream);
+  if (!rc) rc = cudaStreamWaitEvent(st.reader, ready, 0);
   if (!rc && n0) rc = cudaMemcpyAsync(h, plan0.typed_data(), 4 * n0, kD2H, st.reader);
   if (!rc && n1) rc = cudaMemcpyAsync(h + n0, plan1.typed_data(), 4 * n1, kD2H, st.reader);
   if (!rc) rc = cudaMemcpyAsync(h + n0 + n1, src0.typed_data(), 8, kD2H, st.reader);
   if (!rc) rc = cudaMemcpyAsync(h + n0 + n1 + 2, src1.typed_data(), 8, kD2H, st.reader);
+  return rc;
+}
+
+// Synchronous mode: read the plans here (the host waits for XLA's work so far), queue the copies and an event.
+ffi::Error StartSync(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S32>& plan0,
+                     const ffi::Buffer<ffi::S32>& src0, const Rows (&tops)[2], const ffi::Buffer<ffi::S32>& plan1,
+                     const ffi::Buffer<ffi::S32>& src1, const Rows (&dsts)[2], int64_t rows, int64_t row_bytes,
+                     int64_t n_experts, int64_t tag) {
+  static int32_t* staging = nullptr;  // guarded by st.mu, like the rest of the state
+  static size_t capacity = 0;
+  size_t n0 = plan0.element_count(), n1 = plan1.element_count();
+  ffi::Error err = Reserve(&staging, &capacity, n0 + n1 + 4);
+  if (!err.success()) return err;
+  int rc = QueuePlanRead(st, stream, st.ready, staging, plan0, plan1, src0, src1);
+  if (!rc) rc = cudaStreamWaitEvent(st.side, st.ready, 0);
   if (!(err = Check(rc, "queueing the copy plan's read")).success()) return err;
   if (!(err = Check(cudaStreamSynchronize(st.reader), "reading the copy plan")).success()) return err;
-  const int32_t* plans[2] = {h, h + n0};
-  const int32_t* srcs[2] = {h + n0 + n1, h + n0 + n1 + 2};
-  size_t ns[2] = {n0 / kPlanCols, n1 / kPlanCols};
-  const ffi::AnyBuffer* tops[2] = {&tops0, &tops1};
-  ffi::Result<ffi::AnyBuffer>* dsts[2] = {&dst0, &dst1};
+  const int32_t* plans[2] = {staging, staging + n0};
+  const int32_t* srcs[2] = {staging + n0 + n1, staging + n0 + n1 + 2};
+  int64_t ns[2] = {static_cast<int64_t>(n0 / kPlanCols), static_cast<int64_t>(n1 / kPlanCols)};
   for (int g = 0; g < 2; ++g) {
     std::vector<Segment> segs;
-    err = Segments(plans[g], ns[g], HostAddress(srcs[g]), *tops[g], n_experts, *dsts[g], rows, row_bytes, &segs);
+    err = Segments(plans[g], ns[g], HostAddress(srcs[g]), tops[g], n_experts, dsts[g], rows, row_bytes, &segs);
     if (!err.success()) return err;
     for (const Segment& s : segs)
       if (!(err = Check(cudaMemcpyAsync(s.dst, s.src, s.bytes, s.from_host ? kH2D : kD2D, st.side),
@@ -214,9 +348,66 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
+ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::AnyBuffer tops0,
+                 ffi::Buffer<ffi::S32> plan1, ffi::Buffer<ffi::S32> src1, ffi::AnyBuffer tops1,
+                 ffi::Result<ffi::AnyBuffer> dst0, ffi::Result<ffi::AnyBuffer> dst1, int64_t rows, int64_t row_bytes,
+                 int64_t n_experts, int64_t tag) {
+  State& st = state();
+  std::unique_lock<std::mutex> lock(st.mu);
+  if (!st.error.empty()) return ffi::Error::Internal("direct copies: " + st.error);
+  if (src0.element_count() != 2 || src1.element_count() != 2 || plan0.element_count() % kPlanCols ||
+      plan1.element_count() % kPlanCols)
+    return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
+  ffi::Error err = Init(st);
+  if (!err.success()) return err;
+  Rows tops[2] = {RowsOf(tops0), RowsOf(tops1)};
+  Rows dsts[2] = {RowsOf(*dst0), RowsOf(*dst1)};
+  for (int g = 0; g < 2; ++g)
+    if (!(err = CheckShapes(tops[g], dsts[g], rows, row_bytes)).success()) return err;
+  if (!st.async) return StartSync(st, stream, plan0, src0, tops, plan1, src1, dsts, rows, row_bytes, n_experts, tag);
+
+  // The next job, once the worker is done with it (the host runs at most kJobs layers ahead of the copies).
+  Job& j = st.jobs[st.next_job++ % kJobs];
+  st.cv.wait(lock, [&] { return !j.busy; });
+  size_t n0 = plan0.element_count(), n1 = plan1.element_count();
+  if (!(err = Reserve(&j.staging, &j.capacity, n0 + n1 + 4)).success()) return err;
+  if (!j.ready) {
+    if (!(err = Check(cudaEventCreateWithFlags(&j.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
+    if (!(err = Check(cudaEventCreateWithFlags(&j.plan_read, kDisableTiming), "cudaEventCreate")).success())
+      return err;
+  }
+  int rc = QueuePlanRead(st, stream, j.ready, j.staging, plan0, plan1, src0, src1);
+  if (!rc) rc = cudaEventRecord(j.plan_read, st.reader);
+  if (!(err = Check(rc, "queueing the copy plan's read")).success()) return err;
+  j.n[0] = n0 / kPlanCols;
+  j.n[1] = n1 / kPlanCols;
+  for (int g = 0; g < 2; ++g) {
+    j.tops[g] = tops[g];
+    j.dst[g] = dsts[g];
+    j.seq[g] = ++st.seq;
+    st.seqs[2 * tag + g] = j.seq[g];
+  }
+  j.rows = rows, j.row_bytes = row_bytes, j.n_experts = n_experts;
+  j.busy = true;
+  st.queue.push_back(&j);
+  lock.unlock();
+  st.cv.notify_all();
+  return ffi::Error::Success();
+}
+
+ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
+                ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
+  if (!st.error.empty()) return ffi::Error::Internal("direct copies: " + st.error);
+  if (st.async) {
+    auto it = st.seqs.find(2 * tag + group);
+    if (it == st.seqs.end()) return ffi::Error::Success();  // nothing was started under this tag
+    // cyclic >= comparison: the 32-bit numbers may wrap
+    int rc = st.wait_value(stream, reinterpret_cast<unsigned long long>(st.flag), it->second, kWaitGeq);
+    return rc ? ffi::Error::Internal("cuStreamWaitValue32 failed (" + std::to_string(rc) + ")")
+              : ffi::Error::Success();
+  }
   auto it = st.done.find(2 * tag + group);
   if (it == st.done.end()) return ffi::Error::Success();  // nothing was started under this tag
   return Check(cudaStreamWaitEvent(stream, it->second, 0), "cudaStreamWaitEvent");
@@ -228,6 +419,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start,
                               StartBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait,
                               WaitBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+
+// Whether this process's direct copies run asynchronously (1), synchronously (0), or have not started (-1).
+extern "C" int MoepicH2DMode() {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  return st.side ? static_cast<int>(st.async) : -1;
+}
 
 #else  // CPU: the same plans, copied with memcpy when waited for.
 
@@ -251,24 +449,26 @@ ffi::Error Start(ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::A
                  int64_t n_experts, int64_t tag) {
   const ffi::Buffer<ffi::S32>* plans[2] = {&plan0, &plan1};
   const ffi::Buffer<ffi::S32>* srcs[2] = {&src0, &src1};
-  const ffi::AnyBuffer* tops[2] = {&tops0, &tops1};
-  ffi::Result<ffi::AnyBuffer>* dsts[2] = {&dst0, &dst1};
+  Rows tops[2] = {RowsOf(tops0), RowsOf(tops1)};
+  Rows dsts[2] = {RowsOf(*dst0), RowsOf(*dst1)};
   Pending& p = pending();
   std::lock_guard<std::mutex> lock(p.mu);
   for (int g = 0; g < 2; ++g) {
     if (srcs[g]->element_count() != 2 || plans[g]->element_count() % kPlanCols)
       return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
+    ffi::Error err = CheckShapes(tops[g], dsts[g], rows, row_bytes);
+    if (!err.success()) return err;
     std::vector<Segment> segs;
-    ffi::Error err = Segments(plans[g]->typed_data(), plans[g]->element_count() / kPlanCols,
-                              HostAddress(srcs[g]->typed_data()), *tops[g], n_experts, *dsts[g], rows, row_bytes,
-                              &segs);
+    err = Segments(plans[g]->typed_data(), plans[g]->element_count() / kPlanCols, HostAddress(srcs[g]->typed_data()),
+                   tops[g], n_experts, dsts[g], rows, row_bytes, &segs);
     if (!err.success()) return err;
     p.copies[2 * tag + g] = std::move(segs);
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Wait(ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
+ffi::Error Wait(ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>,
+                int64_t tag, int64_t group) {
   Pending& p = pending();
   std::lock_guard<std::mutex> lock(p.mu);
   auto it = p.copies.find(2 * tag + group);
@@ -282,4 +482,6 @@ ffi::Error Wait(ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start, StartBinding(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait, WaitBinding(ffi::Ffi::Bind()));
+
+extern "C" int MoepicH2DMode() { return 0; }
 #endif

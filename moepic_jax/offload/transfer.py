@@ -6,9 +6,16 @@ branch index (docs/notes/2026-12-07-copy-overlap-probes.md: overlap 0.1 for trac
 arguments, 0.9 for `cudaMemcpyAsync` on a private stream). So the decode step computes a copy *plan* on the device
 and two XLA FFI calls (`h2d.cc`, built here with g++ on first use) carry it out:
 
-  start(plan0, src0, tops0, plan1, src1, tops1) -> (dst0, dst1)   read the plans (one host round trip), queue the
-                                                                   copies on the private stream, return at once
-  wait(dst, group) -> dst                                          XLA's stream waits for that group's copies
+  start(plan0, src0, tops0, plan1, src1, tops1) -> (dst0, dst1)   queue the plans' reads and hand the layer to a
+                                                                   worker thread that queues its copies on the
+                                                                   private stream; return at once
+  wait(dst, plan, src, tops, group) -> dst                         XLA's stream waits on the device for that
+                                                                   group's copies (a stream memory operation)
+
+The host never waits for the GPU inside a step: it queues every layer's kernels ahead of the copies, and the GPU
+idles between a layer's router and its first copy only for the worker's reaction (read the plan, queue the copies).
+Where the driver has no stream memory operations (or MOEPIC_JAX_DIRECT_SYNC=1), `start` reads the plans itself and
+waits for them, one host round trip per layer (`mode`).
 
 A plan row is (source, index, first_row, n_rows): source 0 = the pinned host stack (index: expert), 1 = the layer's
 cache of top rows on the device (index: slot); rows [first_row, first_row + n_rows) land at the same rows of the
@@ -64,11 +71,12 @@ def _build(platform: str) -> pathlib.Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-DMOEPIC_CUDA"] if platform == "gpu" else []
+    flags = ["-DMOEPIC_CUDA", "-pthread"] if platform == "gpu" else []
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = pathlib.Path(tmp) / out.name
         res = subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *flags, "-I", jax.ffi.include_dir(),
-                              str(SOURCE), "-o", str(tmp_so)], capture_output=True, text=True)
+                              str(SOURCE), "-o", str(tmp_so), *(["-ldl"] if platform == "gpu" else [])],
+                             capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed:\n{res.stderr[-2000:]}")
         os.replace(tmp_so, out)  # atomic: another process building the same file sees a whole library or none
@@ -83,22 +91,39 @@ def _load_cudart() -> None:
 
 
 @functools.cache  # a shared library and its FFI targets are process-wide: build, load and register once
-def _register(platform: str) -> str | None:
-    """Register the FFI targets for `platform`; None when that works, else the reason it does not."""
+def _library(platform: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """Build, load and register the FFI targets for `platform`: (the library, None), or (None, why not)."""
     if platform not in _TARGETS:
-        return f"no direct copies on platform {platform!r}"
+        return None, f"no direct copies on platform {platform!r}"
     try:
         so = _build(platform)
         if platform == "gpu":
             _load_cudart()
         lib = ctypes.CDLL(str(so))
     except (RuntimeError, OSError) as e:
-        return str(e)
+        return None, str(e)
     start, wait = _TARGETS[platform]
     xla_platform = "CUDA" if platform == "gpu" else "cpu"
     jax.ffi.register_ffi_target(start, jax.ffi.pycapsule(lib.MoepicH2DStart), platform=xla_platform)
     jax.ffi.register_ffi_target(wait, jax.ffi.pycapsule(lib.MoepicH2DWait), platform=xla_platform)
-    return None
+    return lib, None
+
+
+def _register(platform: str) -> str | None:
+    """Register the FFI targets for `platform`; None when that works, else the reason it does not."""
+    return _library(platform)[1]
+
+
+def mode(platform: str) -> str:
+    """How this process's direct copies on `platform` run: "async" (a worker queues the copies; XLA's stream waits
+    on the device), "sync" (each start waits on the host for its plans), "cpu" (memcpy at wait), or "unused" (no
+    copy has started yet, or the library cannot be built)."""
+    lib, _ = _library(platform)
+    if lib is None:
+        return "unused"
+    if platform != "gpu":
+        return "cpu"
+    return {-1: "unused", 0: "sync", 1: "async"}[lib.MoepicH2DMode()]
 
 
 def available(device) -> bool:
@@ -150,8 +175,10 @@ def start(platform: str, groups: tuple[Group, Group], rows: int, row_shape: tupl
                 tag=np.int64(tag))
 
 
-def wait(platform: str, dst: jax.Array, tag: int, group: int) -> jax.Array:
-    """`dst` once group `group` of the `start` tagged `tag` has landed (XLA's stream waits; the host does not)."""
+def wait(platform: str, dst: jax.Array, group: Group, tag: int, index: int) -> jax.Array:
+    """`dst` once group number `index` (0 or 1) of the `start` tagged `tag` has landed: XLA's stream waits on the
+    device, the host does not. `group` is the `Group` that start copied: its plan, src and tops are operands here so
+    that XLA keeps their memory until the copies that read them are done."""
     call = jax.ffi.ffi_call(_TARGETS[platform][1], jax.ShapeDtypeStruct(dst.shape, dst.dtype), has_side_effect=True,
                             input_output_aliases={0: 0})
-    return call(dst, tag=np.int64(tag), group=np.int64(group))
+    return call(dst, group.plan.astype(jnp.int32), group.src, group.tops, tag=np.int64(tag), group=np.int64(index))

@@ -276,9 +276,10 @@ def direct_rows(platform: str, stack: jax.Array, src: jax.Array, ids: list, rows
                       for e in ids])[:, None]
     tops = jnp.zeros((0, 0) + stack.shape[2:], stack.dtype)
     none = transfer.Group(jnp.zeros((0, 1, transfer.PLAN_COLS), jnp.int32), src, tops)
-    dst, _ = transfer.start(platform, (transfer.Group(plan, src, tops), none), stack.shape[1], stack.shape[2:],
-                            stack.shape[0], stack.dtype, tag=tag)
-    dst = transfer.wait(platform, dst, tag, 0)
+    now = transfer.Group(plan, src, tops)
+    dst, _ = transfer.start(platform, (now, none), stack.shape[1], stack.shape[2:], stack.shape[0], stack.dtype,
+                            tag=tag)
+    dst = transfer.wait(platform, dst, now, tag, 0)
     return [dst[j, :rows] for j in range(len(ids))]
 
 
@@ -424,7 +425,9 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         return CS.assemble(spec, F, stack, cache, ids, ids >= 0).outputs[0]
 
     def landed(pending):
-        return transfer.wait(placed.device.platform, pending.dst, pending.tag, 1)[0] if direct else pending
+        if not direct:
+            return pending
+        return transfer.wait(placed.device.platform, pending.dst, pending.group, pending.tag, 1)[0]
 
     def apply(h, w):
         return h + M.segment_ffn(h[0], w, cfg.expert_quant)[None].astype(h.dtype)
@@ -433,8 +436,9 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         ids = ids_for(h, r, hit)
         if direct:
             plan = DS.copy_plan(spec, F, cache, ids, ids >= 0)[0]
-            dst = DS.start_copies(spec, r, transfer.Group(plan, src, cache.tops), None)[0]
-            return apply(h, transfer.wait(placed.device.platform, dst, r, 0)[0])
+            now = transfer.Group(plan, src, cache.tops)
+            dst = DS.start_copies(spec, r, now, None)[0]
+            return apply(h, transfer.wait(placed.device.platform, dst, now, r, 0)[0])
         return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):

@@ -3,7 +3,10 @@ model's, for every offloading policy at 25 % of the expert bytes, prefetch on wh
 
   PYTHONPATH=. python -m benchmarks.experiments.direct.check_exact
 """
+import jax
+
 import moepic_jax
+from moepic_jax.offload import transfer
 from moepic_jax.runtime.factory import make_engine
 
 PROMPT = "def read_config(path):\n    "
@@ -21,6 +24,7 @@ def main():
         ok &= same
         print(f"{policy:8s} direct={eng.direct} prefetch={eng.prefetches} same tokens as resident: {same} "
               f"hits {1 - res.stats.miss_rate:.1%} H2D {res.stats.h2d_bytes_per_token / 1e6:.2f} MB/token")
+    print(f"direct copies ran {transfer.mode(jax.devices()[0].platform)}")
     print("ALL EXACT" if ok else "MISMATCH")
 
 

@@ -11,7 +11,8 @@ PAIRS="${2:-lru:0.25:direct,lru:0.25,static:0.25:direct,static:0.25,moepic:0.25:
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout 120 python -m benchmarks.experiments.direct.check_exact 2>&1 | grep -v Warning | tail -6
+timeout 150 python -m benchmarks.experiments.direct.check_exact 2>&1 | grep -v Warning | tail -7 | tee "$OUT/check_exact.txt"
+grep -q "ALL EXACT" "$OUT/check_exact.txt" || { echo "not exact: no timing"; exit 1; }
 timeout "${BENCH_TIMEOUT:-420}" python -m benchmarks.bench_policies --model qwen15 --routing calibrated \
   --pairs "$PAIRS" --out-dir "$OUT" --name direct_ab --time-limit "${BENCH_LIMIT:-400}" 2>&1 \
   | grep -v "^  layer" | grep -E "^#|^model|^H2D|^routing|^fixed|TPOT|ERROR|Error|error|skip|^\|" | tail -40
