@@ -63,8 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--granule", type=int, default=None, help="split granule in neurons (default 128; tiny 16)")
     ap.add_argument("--hw", default="measured", choices=("measured", "default"),
                     help="hardware profile given to the planner: measured in this run, or profile.default_hardware")
-    ap.add_argument("--direct", default=False, type=lambda v: {"on": True, "off": False}[v],
-                    help="on: decode with direct copies (offload/transfer.py); off (default): the conditional copy step")
+    ap.add_argument("--direct", default="auto", type=lambda v: {"auto": "auto", "on": True, "off": False}[v],
+                    help="auto (default, as make_engine): direct copies (offload/transfer.py) on one GPU, the "
+                         "conditional copy step elsewhere; on / off force either")
     ap.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                     help="next-layer prefetch: as the plan says (auto), or forced on / off")
     ap.add_argument("--adapt", default="off", choices=("on", "off"),
@@ -90,7 +91,7 @@ PAIR_OPTIONS = {"direct": {"direct": True}, "cond": {"direct": False}, "pf": {"p
 
 def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
     """One --pairs item "policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf]" -> runs (policy, fraction, batch,
-    adapt, options). direct / cond: direct copies / the conditional copy step (the default); pf / nopf: prefetch
+    adapt, options). direct / cond: direct copies / the conditional copy step (default: --direct); pf / nopf: prefetch
     forced on / off.
     Raises SystemExit on a bad item."""
     parts = item.split(":")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     from benchmarks import common as C
     C.set_gpu_env(args.model, args.tiny)  # before the first device use
     from moepic_jax.runtime.engine import device_memory_stats
-    from moepic_jax.runtime.factory import make_engine
+    from moepic_jax.runtime.factory import make_engine, uses_direct
     from moepic_jax.generate import bucket as _bucket, generate
     import jax
 
@@ -220,13 +221,20 @@ def main(argv=None) -> int:
         print(f"routing: {trace_info}; {half} rows profiled, {trace.ids.shape[0]} replayed", flush=True)
     else:
         mp = profile_model(base.weights)
-    hw_error = None
-    try:
-        hw = measure_hardware(base.weights) if args.hw == "measured" else default_hardware(cfg.n_layers)
-    except Exception as e:  # noqa: BLE001 - the planner can still run on the default profile
-        hw_error = f"{type(e).__name__}: {e}"
-        print(f"measure_hardware failed ({hw_error}); the planner uses profile.default_hardware", flush=True)
-        hw = default_hardware(cfg.n_layers)
+    # The planner prices the copy step each row runs: one hardware profile per step the rows use.
+    base_place = base.place
+    run_direct = uses_direct(args.direct, base_place)
+    modes = {run_direct} | {PAIR_OPTIONS[o]["direct"] for r in runs for o in r[4] if "direct" in PAIR_OPTIONS[o]}
+    hw_error, hws = None, {}
+    for mode in sorted(modes, key=lambda m: m != run_direct):
+        try:
+            hws[mode] = (measure_hardware(base.weights, direct=mode) if args.hw == "measured"
+                         else default_hardware(cfg.n_layers, direct=mode))
+        except Exception as e:  # noqa: BLE001 - the planner can still run on the default profile
+            hw_error = f"{type(e).__name__}: {e}"
+            print(f"measure_hardware failed ({hw_error}); the planner uses profile.default_hardware", flush=True)
+            hws[mode] = default_hardware(cfg.n_layers, direct=mode)
+    hw = hws[run_direct]
     routing = C.routing_entropy(mp.freq, cfg.top_k, cfg.moe_layers)
     recall_prof = float(np.nanmean(mp.recall)) if np.isfinite(mp.recall).any() else float("nan")
     ref = weakref.ref(base)
@@ -237,7 +245,8 @@ def main(argv=None) -> int:
           f"(1 = uniform), top-25% experts take {routing.get('top25pct_share_mean', float('nan')):.1%} of routed pairs; "
           f"profiled recall {recall_prof:.1%}; hardware fit: latency {hw.h2d_latency_s * 1e6:.0f} us, "
           f"{hw.h2d_bandwidth_Bps / 1e9:.1f} GB/s, layer compute {float(np.mean(hw.layer_compute_s)) * 1e3:.3f} ms, "
-          f"conditional copy step {hw.cond_overhead_s * 1e3:.3f} ms (window fraction {hw.cond_window_fraction:.2f}) "
+          f"{'direct copy call' if hw.direct else 'conditional copy step'} {hw.cond_overhead_s * 1e3:.3f} ms "
+          f"(window fraction {hw.cond_window_fraction:.2f}) "
           f"({setup_s:.1f} s)", flush=True)
 
     rng = np.random.default_rng(args.seed + 1)
@@ -257,7 +266,8 @@ def main(argv=None) -> int:
                              "h2d_bandwidth_Bps": hw.h2d_bandwidth_Bps,
                              "layer_compute_s_mean": float(np.mean(hw.layer_compute_s)),
                              "cond_overhead_s": hw.cond_overhead_s, "cond_window_fraction": hw.cond_window_fraction,
-                             "window_fraction": hw.window_fraction, "json": hw.to_json()},
+                             "window_fraction": hw.window_fraction, "json": hw.to_json(),
+                             "by_step": {("direct" if m else "conditional"): h.to_json() for m, h in hws.items()}},
         "settings": {"temperature": args.temperature, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "warmup_tokens": warm_tokens,
                      "batch": run_batches, "max_seq_len": max_len, "granule": granule, "dtype": args.dtype,
@@ -265,7 +275,8 @@ def main(argv=None) -> int:
                      "budgets_frac_of_experts": fracs, "policies": list(policies)},
         "notes": [
             f"{C.MODEL_NAMES[args.model]}{' (tiny stand-in)' if args.tiny else ''} config, random weights "
-            f"({info['routing']}); routing normalised entropy {routing['norm_entropy_mean']:.3f}, "
+            f"({info['routing'] if trace is None else 'routers replaced by the replayed trace: ' + trace_info}); "
+            f"routing normalised entropy {routing['norm_entropy_mean']:.3f}, "
             f"top-25% experts' share {routing.get('top25pct_share_mean', float('nan')):.1%}",
             f"budget = fixed part ({fixed / 2**30:.2f} GiB at batch {min(fixed_of)}) + frac x expert bytes ({expert_bytes / 2**30:.2f} GiB)",
             f"floor = H2D bytes per token / peak H2D bandwidth of this run ({peak_bw / 1e9:.1f} GB/s, "
@@ -312,7 +323,8 @@ def main(argv=None) -> int:
             if policy == "resident":
                 eng = make_engine(model, "resident")
             else:
-                eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=hw,
+                row_hw = hws[uses_direct(over["direct"], base_place)]
+                eng = make_engine(model, policy, vram_budget=budget, granule=granule, profile=mp, hardware=row_hw,
                                   adapt_to_prompt=adapt, max_batch=batch, routing=trace, **over, **ekw)
                 row["direct"] = bool(eng.direct)
             row["engine_build_s"] = time.perf_counter() - tb
@@ -370,14 +382,14 @@ def main(argv=None) -> int:
                 row["prefetch"] = bool(eng.prefetches)
                 if policy in ("ondemand", "static", "moepic") and batch == 1 and trace is None:  # batch-1 model
                     try:
-                        row["planner_tpot_ms"] = predicted_tpot(plan, mp, hw) * 1e3
+                        row["planner_tpot_ms"] = predicted_tpot(plan, mp, row_hw) * 1e3
                         # The cost model alone, without the calibration's error on which experts are hot: the
                         # same prediction from the routing of the very tokens this run decoded.
                         # (decode steps fed the prompt's last prediction and all but the last new token; raw
                         # counts, no smoothing: this is the routing that happened)
                         run_mp = profile_model(eng.weights, np.asarray(prompt + res.token_ids[0][:-1], np.int32),
                                                score_from=len(prompt), smoothing=0.0)
-                        st = plan_stats(used, run_mp, hw)
+                        st = plan_stats(used, run_mp, row_hw)
                         row["planner_run_tpot_ms"] = st["tpot_s"] * 1e3
                         moe = np.array(cfg.moe_layers)
                         row["planner_run_miss_rate"] = float(np.mean(st["miss_rate"][moe]))

@@ -95,6 +95,9 @@ def _add_engine_args(p, default_policy="moepic", default_budget="auto"):
                    help="GPUs to spread the experts over (an 'expert' mesh axis; the VRAM budget is then per device)")
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="next-layer prediction and prefetch: as the plan decides (auto), or forced on/off")
+    p.add_argument("--direct", default="auto", choices=["auto", "on", "off"],
+                   help="how the decode step copies experts: direct copies (DMA on a side stream, no conditional) on "
+                        "one GPU and the conditional copy step elsewhere (auto), or forced on/off")
     p.add_argument("--adapt-to-prompt", action="store_true",
                    help="static/moepic: refill the cache slots with the experts each prompt routes to most "
                         "(adapt_to_prompt=True; helps when routing follows the prompt, see the README)")
@@ -128,6 +131,8 @@ def _engine_kw(args):
         kw["prefetch"] = args.prefetch == "on"
     if args.adapt_to_prompt and offloads:
         kw["adapt_to_prompt"] = True
+    if args.direct != "auto" and offloads:
+        kw["direct"] = args.direct == "on"
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
 

@@ -61,3 +61,14 @@ def test_wasted_prefetch_bytes_are_the_unrouted_predicted_experts():
     uniq = jnp.array([5, 7, -1], jnp.int32)
     assert float(decode.wasted(pred, uniq)) == 50.0  # experts 3 and 6 were copied and not routed
     assert float(decode.wasted(None, uniq)) == 0.0
+
+
+def test_direct_auto_is_the_conditional_step_on_cpu_and_a_bad_value_is_refused():
+    from moepic_jax.offload.placement import make_placement
+    from moepic_jax.runtime.factory import uses_direct
+
+    place = make_placement(None, E)
+    assert uses_direct("auto", place) is False  # the CPU keeps the conditional copy step
+    assert uses_direct(True, place) is True and uses_direct(False, place) is False
+    with pytest.raises(ValueError, match="direct must be 'auto', True or False"):
+        uses_direct("yes", place)

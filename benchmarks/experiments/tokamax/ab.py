@@ -28,6 +28,12 @@ SHAPES = {  # name: (E, top_k, d_model, d_ff)
 
 def tokamax_matmul(lhs, rhs, group_sizes, transpose_rhs):
     """`grouped.RaggedMatmul` by tokamax (default implementation order)."""
+    import sys
+
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # tokamax's config would parse this script's own arguments as absl flags
+        flags.FLAGS(sys.argv[:1])
     import tokamax
     from tokamax._src.ops.ragged_dot import base
 
@@ -77,6 +83,9 @@ def main():
                 row["rel_diff"] = float(np.abs(outs["mgpu"] - outs["tokamax"]).max() / np.abs(outs["mgpu"]).max())
             rows.append(row)
             print(row, flush=True)
+    for r in rows:
+        if "tokamax_error" in r or "mgpu_error" in r:
+            print(r["model"], r["tokens"], r.get("mgpu_error", ""), r.get("tokamax_error", ""))
     print("\n| model | tokens | mgpu ms | tokamax ms | tokamax/mgpu | rel diff |\n|---|---|---|---|---|---|")
     for r in rows:
         ratio = (f"{r['tokamax_ms'] / r['mgpu_ms']:.2f}" if r.get("mgpu_ms") and r.get("tokamax_ms") else "-")
