@@ -246,18 +246,23 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     U = min(B * cfg.top_k, place.e_loc)
     uniq = place.distinct(ids, U)
     full, top, miss_pairs = C.classify(cache, ids, spec.splits[l], F)
+    # a full hit is computed from its cache slot: no copy, so it never waits behind copies on the private stream
+    full_u = C.classify(cache, uniq, spec.splits[l], F)[0] & (uniq >= 0)
     got = jnp.zeros((U,), bool)
     predicted = jnp.zeros(ids.shape, bool)
     if pred is not None:
-        got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0)
+        got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0) & ~full_u
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
-    plan, each, miss, top_hit = copy_plan(spec, spec.splits[l], cache, uniq, ~got)
+    plan, each, miss, top_hit = copy_plan(spec, spec.splits[l], cache, uniq, ~got & ~full_u)
     nbytes = jnp.sum(each)
     platform = place.device.platform
     with jax.named_scope("copy_step"):
         now = transfer.Group(plan, src, cache.tops)
         dst, flight = start_copies(spec, l, now, nxt)
         bufs = transfer.wait(platform, dst, now, l, 0)
+    if cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: full hits are possible
+        slot = C.lookup(cache, uniq, spec.splits[l])[0]
+        bufs = jnp.where(full_u[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(bufs.dtype), bufs)
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
@@ -298,7 +303,8 @@ def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple 
     groups, flight_bytes = [now], None
     if nxt is not None:
         nsrc, ncache, nids, nsplit = nxt
-        nplan, flight_bytes, _, _ = copy_plan(spec, nsplit, ncache, nids, nids >= 0)
+        nfull = C.classify(ncache, nids, nsplit, spec.cfg.d_ff)[0]  # computed from the slot when used: not copied
+        nplan, flight_bytes, _, _ = copy_plan(spec, nsplit, ncache, nids, (nids >= 0) & ~nfull)
         groups.append(transfer.Group(nplan, nsrc, ncache.tops))
     if now is None:
         groups[0] = transfer.Group(empty, groups[1].src, groups[1].tops[:0])
