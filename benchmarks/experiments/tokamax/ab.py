@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.experiments.probe_grouped_prefill import timed
 from moepic_jax.model import grouped
 
 SHAPES = {  # name: (E, top_k, d_model, d_ff)
@@ -43,16 +43,6 @@ def tokamax_matmul(lhs, rhs, group_sizes, transpose_rhs):
     return out.astype(lhs.dtype)
 
 
-def timed(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="128,512,2048")
@@ -74,7 +64,7 @@ def main():
             for label, mm in (("mgpu", grouped.ragged_matmul_mosaic), ("tokamax", tokamax_matmul)):
                 fn = jax.jit(lambda x, s, i, w, mm=mm: grouped.experts_grouped(x, s, i, w, mm))
                 try:
-                    row[f"{label}_ms"] = round(timed(fn, (x, stack, ids, w), a.repeats) * 1e3, 3)
+                    row[f"{label}_ms"] = round(timed(fn, x, stack, ids, w, repeats=a.repeats) * 1e3, 3)
                     outs[label] = np.asarray(fn(x, stack, ids, w))
                 except Exception as e:  # a kernel that refuses these shapes is a result, not a crash
                     row[f"{label}_ms"] = None
