@@ -18,8 +18,9 @@
 // The stack's host address comes in as data (src: two int32 words), not as an attribute, so the compiled program
 // does not depend on where the stack was allocated (the persistent compilation cache stays valid). The CPU build
 // (no MOEPIC_CUDA) runs the same plans with memcpy, so the CPU tests cover the plans.
-#include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -144,6 +145,8 @@ extern "C" {
 int cudaMemcpyAsync(void*, const void*, size_t, int, cudaStream_t);
 int cudaStreamSynchronize(cudaStream_t);
 int cudaStreamCreateWithFlags(cudaStream_t*, unsigned);
+int cudaStreamCreateWithPriority(cudaStream_t*, unsigned, int);
+int cudaDeviceGetStreamPriorityRange(int*, int*);
 int cudaEventCreateWithFlags(cudaEvent_t*, unsigned);
 int cudaEventRecord(cudaEvent_t, cudaStream_t);
 int cudaEventQuery(cudaEvent_t);
@@ -151,7 +154,6 @@ int cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned);
 int cudaMallocHost(void**, size_t);
 int cudaFreeHost(void*);
 int cudaMalloc(void**, size_t);
-int cudaMemset(void*, int, size_t);
 int cudaGetDevice(int*);
 int cudaSetDevice(int);
 const char* cudaGetErrorString(int);
@@ -197,7 +199,9 @@ struct State {
   std::vector<Job> jobs = std::vector<Job>(kJobs);
   int64_t next_job = 0;
   std::deque<Job*> queue;
-  std::string error;  // the worker's first failure, reported by the next call
+  std::string error;  // the worker's first failure, reported (and cleared) by the next call
+  std::unordered_map<int64_t, void*> dsts;  // by 2 * tag + group: the destination its start wrote to
+  std::vector<int32_t*> retired;  // staging buffers outgrown in async mode: never freed (see Reserve)
   // synchronous mode
   cudaEvent_t ready = nullptr;
   std::unordered_map<int64_t, cudaEvent_t> done;
@@ -217,8 +221,9 @@ bool LoadStreamValueOps(State& st) {
   st.wait_value = reinterpret_cast<StreamValueFn>(dlsym(h, "cuStreamWaitValue32_v2"));
   st.write_value = reinterpret_cast<StreamValueFn>(dlsym(h, "cuStreamWriteValue32_v2"));
   if (!st.wait_value || !st.write_value) return false;
-  if (cudaMalloc(reinterpret_cast<void**>(&st.flag), 4) || cudaMemset(st.flag, 0, 4)) return false;
-  // a write the driver refuses (no stream memory operations on this device or driver) means synchronous mode
+  if (cudaMalloc(reinterpret_cast<void**>(&st.flag), 4)) return false;
+  // the first write zeroes the flag, in order with the copies' stream; one the driver refuses (no stream memory
+  // operations on this device or driver) means synchronous mode
   if (st.write_value(st.side, reinterpret_cast<unsigned long long>(st.flag), 0, 0)) return false;
   return cudaStreamSynchronize(st.side) == 0;
 }
@@ -243,14 +248,29 @@ void Worker(State* stp) {
       st.queue.pop_front();
     }
     int rc;
-    while ((rc = cudaEventQuery(j->plan_read)) == kNotReady) std::this_thread::yield();
+    auto t0 = std::chrono::steady_clock::now();
+    bool warned = false;
+    while ((rc = cudaEventQuery(j->plan_read)) == kNotReady) {
+      std::this_thread::yield();
+      if (!warned && std::chrono::steady_clock::now() - t0 > std::chrono::seconds(20)) {
+        warned = true;  // XLA's stream has not reached this layer's copies for 20 s: say what may be wrong
+        std::fprintf(stderr, "moepic_jax direct copies: no progress for 20 s. If this process hangs, the copy "
+                             "stream may share a hardware queue with XLA's: set CUDA_DEVICE_MAX_CONNECTIONS=32 "
+                             "before JAX starts, or MOEPIC_JAX_DIRECT_SYNC=1, or use direct=False.\n");
+      }
+    }
     if (rc) Fail(st, std::string("reading the copy plan: ") + cudaGetErrorString(rc));
+    bool failed;
+    {
+      std::lock_guard<std::mutex> lock(st.mu);
+      failed = !st.error.empty();  // after a failure, only the flags: the run is being abandoned
+    }
     const int32_t* h = j->staging;
     const int32_t* plans[2] = {h, h + kPlanCols * j->n[0]};
     const int32_t* srcs[2] = {h + kPlanCols * (j->n[0] + j->n[1]), h + kPlanCols * (j->n[0] + j->n[1]) + 2};
     for (int g = 0; g < 2; ++g) {
       std::vector<Segment> segs;
-      if (!rc) {
+      if (!rc && !failed) {
         ffi::Error err = Segments(plans[g], j->n[g], HostAddress(srcs[g]), j->tops[g], j->n_experts, j->dst[g],
                                   j->rows, j->row_bytes, &segs);
         if (!err.success()) {
@@ -283,18 +303,28 @@ ffi::Error Init(State& st) {
                                        std::to_string(st.device) + ", now: " + std::to_string(device) + ")");
   if (st.side) return ffi::Error::Success();
   st.device = device;
-  if (!(err = Check(cudaStreamCreateWithFlags(&st.side, kNonBlocking), "cudaStreamCreate")).success()) return err;
-  if (!(err = Check(cudaStreamCreateWithFlags(&st.reader, kNonBlocking), "cudaStreamCreate")).success()) return err;
+  int least = 0, greatest = 0;  // the copies and the plans' reads at the highest priority: compute waits for them
+  if (!(err = Check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange"))
+           .success())
+    return err;
+  if (!(err = Check(cudaStreamCreateWithPriority(&st.side, kNonBlocking, greatest), "cudaStreamCreate")).success())
+    return err;
+  if (!(err = Check(cudaStreamCreateWithPriority(&st.reader, kNonBlocking, greatest), "cudaStreamCreate"))
+           .success())
+    return err;
   if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
   st.async = LoadStreamValueOps(st);
   if (st.async) std::thread(Worker, &st).detach();  // lives as long as the process, like the state
   return ffi::Error::Success();
 }
 
-// Room for `words` in a job's (or the synchronous mode's) pinned staging buffer.
-ffi::Error Reserve(int32_t** staging, size_t* capacity, size_t words) {
+// Room for `words` in a job's (or the synchronous mode's) pinned staging buffer. An outgrown buffer goes to
+// `retired` when given, never freed: cudaFreeHost may wait for the whole device, and in async mode XLA's stream may
+// be waiting for a flag that only the worker (blocked behind this call's lock) can write.
+ffi::Error Reserve(int32_t** staging, size_t* capacity, size_t words, std::vector<int32_t*>* retired = nullptr) {
   if (words <= *capacity) return ffi::Error::Success();
-  if (*staging) cudaFreeHost(*staging);
+  if (*staging && retired) retired->push_back(*staging);
+  else if (*staging) cudaFreeHost(*staging);
   *staging = nullptr;
   size_t want = words < 4096 ? 4096 : 2 * words;
   ffi::Error err = Check(cudaMallocHost(reinterpret_cast<void**>(staging), 4 * want), "cudaMallocHost");
@@ -348,13 +378,22 @@ ffi::Error StartSync(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S32>
   return ffi::Error::Success();
 }
 
+// The worker's failure, reported once (st.mu held). XLA abandons the run on an error and frees its buffers in its
+// stream's order, so its stream first waits for every job queued so far: no copy still runs into a freed buffer.
+ffi::Error Reported(State& st, cudaStream_t stream) {
+  std::string what = std::move(st.error);
+  st.error.clear();
+  if (st.async) st.wait_value(stream, reinterpret_cast<unsigned long long>(st.flag), st.seq, kWaitGeq);
+  return ffi::Error::Internal("direct copies: " + what);
+}
+
 ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::AnyBuffer tops0,
                  ffi::Buffer<ffi::S32> plan1, ffi::Buffer<ffi::S32> src1, ffi::AnyBuffer tops1,
                  ffi::Result<ffi::AnyBuffer> dst0, ffi::Result<ffi::AnyBuffer> dst1, int64_t rows, int64_t row_bytes,
                  int64_t n_experts, int64_t tag) {
   State& st = state();
   std::unique_lock<std::mutex> lock(st.mu);
-  if (!st.error.empty()) return ffi::Error::Internal("direct copies: " + st.error);
+  if (!st.error.empty()) return Reported(st, stream);
   if (src0.element_count() != 2 || src1.element_count() != 2 || plan0.element_count() % kPlanCols ||
       plan1.element_count() % kPlanCols)
     return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
@@ -362,15 +401,17 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   if (!err.success()) return err;
   Rows tops[2] = {RowsOf(tops0), RowsOf(tops1)};
   Rows dsts[2] = {RowsOf(*dst0), RowsOf(*dst1)};
-  for (int g = 0; g < 2; ++g)
+  for (int g = 0; g < 2; ++g) {
     if (!(err = CheckShapes(tops[g], dsts[g], rows, row_bytes)).success()) return err;
+    st.dsts[2 * tag + g] = dsts[g].data;
+  }
   if (!st.async) return StartSync(st, stream, plan0, src0, tops, plan1, src1, dsts, rows, row_bytes, n_experts, tag);
 
   // The next job, once the worker is done with it (the host runs at most kJobs layers ahead of the copies).
   Job& j = st.jobs[st.next_job++ % kJobs];
   st.cv.wait(lock, [&] { return !j.busy; });
   size_t n0 = plan0.element_count(), n1 = plan1.element_count();
-  if (!(err = Reserve(&j.staging, &j.capacity, n0 + n1 + 4)).success()) return err;
+  if (!(err = Reserve(&j.staging, &j.capacity, n0 + n1 + 4, &st.retired)).success()) return err;
   if (!j.ready) {
     if (!(err = Check(cudaEventCreateWithFlags(&j.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
     if (!(err = Check(cudaEventCreateWithFlags(&j.plan_read, kDisableTiming), "cudaEventCreate")).success())
@@ -395,11 +436,16 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
+ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer dst, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
                 ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  if (!st.error.empty()) return ffi::Error::Internal("direct copies: " + st.error);
+  if (!st.error.empty()) return Reported(st, stream);
+  auto d = st.dsts.find(2 * tag + group);
+  if (d != st.dsts.end() && d->second != dst.untyped_data() && dst.size_bytes() > 0)
+    // XLA copied the destination between start and wait: the copies land in the buffer it no longer reads
+    return ffi::Error::Internal("direct copies: the destination of start " + std::to_string(tag) + " moved "
+                                "before its wait");
   if (st.async) {
     auto it = st.seqs.find(2 * tag + group);
     if (it == st.seqs.end()) return ffi::Error::Success();  // nothing was started under this tag
