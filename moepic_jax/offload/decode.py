@@ -11,17 +11,18 @@ Data flow per layer l (DESIGN.md; JAX_NOTES.md §2b), all on the device, through
 
 Two ways to make the copies, the same results (tests):
 
-- **Direct copies** (`moe_decode_direct`, `direct=True` on one device): the step computes a copy plan per layer
+- **Direct copies** (`moe_decode_direct`, the default on one GPU): the step computes a copy plan per layer
   (`copy_plan`: per expert, which rows come from the host stack and which from its cache slot) and one
   `transfer.start` call queues them, with the next layer's predicted experts (the prefetch), on a private stream
   as DMA (a worker thread reads the plan and queues the copies); the step then waits on the device only
-  (`transfer.wait`). No conditional, and the host does not wait for the GPU: it queues the layers ahead while the
-  copies run. The prefetch is waited for a layer later, so it streams in while this layer computes (MoEpic's
-  overlap).
-- **The conditional copy step** (`moe_decode` + `copy_step.py`, the default): copies made inside `lax.switch`
-  branches by XLA (zero-copy kernels on the compute stream); on a GPU each conditional makes the host wait for its
-  branch index. On the H100 it still decodes the byte-bound rows faster than direct copies: 29.5-30.8 against
-  39.1-39.7 ms per token for Qwen1.5-MoE at 25 % under calibrated routing (docs/notes/2026-12-07-direct-copies.md).
+  (`transfer.wait`). A full hit is not copied: its rows come from its cache slot. No conditional, and the host
+  does not wait for the GPU: it queues the layers ahead while the copies run. The prefetch is waited for a layer
+  later, so it streams in while this layer computes (MoEpic's overlap). On an H100 it decoded Qwen1.5-MoE at 25 %
+  under calibrated routing 7-13 % faster than the conditional step
+  (docs/notes/2026-12-07-async-direct-copies.md).
+- **The conditional copy step** (`moe_decode` + `copy_step.py`; the CPU and several devices): copies made inside
+  `lax.switch` branches by XLA (zero-copy kernels on the compute stream); on a GPU each conditional makes the host
+  wait for its branch index.
 
 Every size comes from the plan (slots N_l, split s_l), so changing which expert sits in which slot never
 recompiles.
