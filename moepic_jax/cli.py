@@ -118,6 +118,9 @@ def _load(args):
     return moepic_jax.load(args.model, dtype=args.dtype, progress=_progress(), experts=experts, group=args.quant_group)
 
 
+DIRECT = {"auto": "auto", "on": True, "off": False}  # --direct -> make_engine(direct=)
+
+
 def _engine_kw(args):
     from moepic_jax.planning.profiles import CachePlan
 
@@ -135,7 +138,7 @@ def _engine_kw(args):
     if args.adapt_to_prompt and offloads:
         kw["adapt_to_prompt"] = True
     if args.direct != "auto" and offloads:
-        kw["direct"] = args.direct == "on"
+        kw["direct"] = DIRECT[args.direct]
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
 
@@ -192,7 +195,16 @@ def _offload_engine(args, model, **kw):
     policy = args.policy if POLICY_SPECS[args.policy].plan != "none" else "moepic"  # a policy that plans
     return make_engine(model, policy=policy, vram_budget=_budget(args.vram_budget), granule=args.granule,
                        max_batch=args.max_batch, max_seq_len=args.max_seq_len, devices=args.devices,
-                       progress=_progress(), **kw)
+                       direct=DIRECT[args.direct], progress=_progress(), **kw)
+
+
+def _direct(args, model) -> bool:
+    """Whether the engine of these arguments decodes with direct copies (--direct; "auto": on one GPU): the copy
+    step whose costs `profile` measures and `plan` prices."""
+    from moepic_jax.offload.placement import make_placement
+    from moepic_jax.runtime.factory import uses_direct
+
+    return uses_direct(DIRECT[args.direct], make_placement(args.devices, model.cfg.n_experts))
 
 
 def _placed_and_profiled(args, model):
@@ -211,7 +223,7 @@ def cmd_profile(args) -> int:
 
     model = _load(args)
     _, weights, mp = _placed_and_profiled(args, model)
-    hw = calibrate.measure_hardware(weights, progress=_progress())
+    hw = calibrate.measure_hardware(weights, direct=_direct(args, model), progress=_progress())
     if args.out:
         mp.save(args.out + ".model.json")
         hw.save(args.out + ".hardware.json")
@@ -240,7 +252,8 @@ def print_plan(plan, mp=None, hw=None, out=None) -> None:
         ids = ",".join(map(str, lp.cached[:12])) + (" ..." if len(lp.cached) > 12 else "")
         print(f"{l:>5} {lp.split:>6} {len(lp.cached):>5}  {ids}", file=out)
     if stats is not None and hw is not None:
-        print(f"predicted TPOT {predicted_tpot(plan, mp, hw) * 1e3:.2f} ms", file=out)
+        step = "direct copies" if hw.direct else "the conditional copy step"
+        print(f"predicted TPOT {predicted_tpot(plan, mp, hw) * 1e3:.2f} ms (decoding with {step})", file=out)
 
 
 def cmd_plan(args) -> int:
@@ -248,7 +261,8 @@ def cmd_plan(args) -> int:
     from moepic_jax.planning.profiles import HardwareProfile, ModelProfile
 
     model = _load(args)
-    hw = HardwareProfile.load(args.hardware) if args.hardware else calibrate.default_hardware(model.cfg.n_layers)
+    hw = (HardwareProfile.load(args.hardware) if args.hardware
+          else calibrate.default_hardware(model.cfg.n_layers, direct=_direct(args, model)))
     if args.profile:
         mp, cache = ModelProfile.load(args.profile), None
     else:

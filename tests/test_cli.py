@@ -23,6 +23,23 @@ def test_plan_prints_every_layer(capsys):
     assert "predicted TPOT" in out and "next-layer prefetch off" in out
 
 
+@pytest.mark.parametrize("direct", ["on", "off"])
+def test_plan_prices_the_copy_step_it_runs(direct, capsys, caplog):
+    """`plan --direct on|off` solves with the hardware profile of that copy step (the factory warns when they
+    differ), for the engine that runs that step."""
+    import jax
+
+    from moepic_jax.offload import transfer
+
+    if direct == "on" and not transfer.available(jax.devices()[0]):
+        pytest.skip("direct copies need a C++ compiler")
+    with caplog.at_level("WARNING", logger="moepic_jax"):
+        assert cli.main(["plan", "--vram-budget", "80%", "--policy", "moepic", "--direct", direct]) == 0
+    assert "prices the wrong copies" not in caplog.text
+    step = "direct copies" if direct == "on" else "the conditional copy step"
+    assert f"(decoding with {step})" in capsys.readouterr().out
+
+
 def test_budget_below_minimum_is_a_clean_error(capsys):
     assert cli.main(["generate", "x", "--vram-budget", "1MB", "--max-new-tokens", "2"]) == 2
     assert "below the minimum" in capsys.readouterr().err
