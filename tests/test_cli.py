@@ -51,10 +51,11 @@ def test_more_devices_than_present_is_a_clean_error(capsys):
     assert "this process sees 1 device(s)" in capsys.readouterr().err
 
 
-def test_bench_replays_a_routing_trace(capsys, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_replays_a_routing_trace(dtype, capsys, tmp_path):
     """`bench --routing`: every decode token routes to experts 0 and 1 in every layer, so once lru has admitted them
-    (the warm-up call on the same engine) the timed call hits every time, and ondemand misses every time. float32:
-    in bfloat16 the warm-up re-plan leaves lru no cache on this model (a known defect of the budget estimate)."""
+    (the warm-up call on the same engine) the timed call hits every time, and ondemand misses every time; in both
+    dtypes the warm-up re-plan leaves lru a cache."""
     import numpy as np
 
     import moepic_jax
@@ -66,7 +67,7 @@ def test_bench_replays_a_routing_trace(capsys, tmp_path):
     pred[:, 0] = -1
     np.savez(tmp_path / "trace.npz", ids=ids, weights=np.full((T, L, K), 1 / K, np.float32), predicted=pred)
     assert cli.main(["bench", "--routing", str(tmp_path / "trace.npz"), "--policies", "ondemand,lru", "--budgets",
-                     "0.25", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
+                     "0.25", "--max-new-tokens", "4", "--dtype", dtype]) == 0
     rows = {line.split("|")[2].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| 25%")}
     assert float(rows["lru"][6]) == 1.0 and float(rows["lru"][8]) == 0.0  # full hit, miss
