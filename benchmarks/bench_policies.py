@@ -293,6 +293,7 @@ def main(argv=None) -> int:
     columns = [("policy", "policy", ""), ("options", "options", ""), ("batch", "batch", ""), ("adapt", "adapt", ""), ("budget_frac", "experts in budget", ".0%"),
                ("budget_gib", "budget GiB", ".2f"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
                ("tpot_p90_ms", "p90 ms", ".2f"), ("floor_ms", "floor ms", ".2f"), ("efficiency", "floor/TPOT", ".2f"),
+               ("efficiency_target", "max(floor, resident)/TPOT", ".2f"),
                ("h2d_mb_per_token", "H2D MB/tok", ".1f"), ("prefetch_wasted_mb_per_token", "wasted MB/tok", ".1f"),
                ("full_hit_rate", "full hit", ".1%"),
                ("top_only_hit_rate", "top hit", ".1%"), ("miss_rate", "miss", ".1%"),
@@ -432,11 +433,22 @@ def main(argv=None) -> int:
         save()
 
     meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    add_target_efficiency(rows)
     paths = save()
     print(f"\nwrote {', '.join(paths)}; total {meta['total_s']:.0f} s\n")
     print(f"## {title}\n")
     print(C.markdown_table(rows, columns))
     return 0
+
+
+def add_target_efficiency(rows: list[dict]) -> None:
+    """Each offloading row's `efficiency_target` = max(floor, the resident TPOT at its batch) / TPOT: how close it
+    runs to what the link or the compute allows, 1 at best; only where the run has a resident row of that batch."""
+    resident = {r["batch"]: r["tpot_ms"] for r in rows if r.get("policy") == "resident" and r.get("tpot_ms")}
+    for r in rows:
+        ref = resident.get(r.get("batch"))
+        if r.get("policy") != "resident" and ref and r.get("tpot_ms") and r.get("floor_ms") is not None:
+            r["efficiency_target"] = max(r["floor_ms"], ref) / r["tpot_ms"]
 
 
 if __name__ == "__main__":
