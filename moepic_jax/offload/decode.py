@@ -247,23 +247,15 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     U = min(B * cfg.top_k, place.e_loc)
     uniq = place.distinct(ids, U)
     full, top, miss_pairs = C.classify(cache, ids, spec.splits[l], F)
-    # a full hit is computed from its cache slot: no copy, so it never waits behind copies on the private stream
     full_u = C.classify(cache, uniq, spec.splits[l], F)[0] & (uniq >= 0)
     got = jnp.zeros((U,), bool)
     predicted = jnp.zeros(ids.shape, bool)
-    if pred is not None:
+    if pred is not None:  # prefetched a layer ago (a full hit is never prefetched: it needs no copy)
         got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0) & ~full_u
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
-    plan, each, miss, top_hit = copy_plan(spec, spec.splits[l], cache, uniq, ~got & ~full_u)
-    nbytes = jnp.sum(each)
     platform = place.device.platform
-    with jax.named_scope("copy_step"):
-        now = transfer.Group(plan, src, cache.tops)
-        dst, flight = start_copies(spec, l, now, nxt)
-        bufs = transfer.wait(platform, dst, now, l, 0)
-    if cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: full hits are possible
-        slot = C.lookup(cache, uniq, spec.splits[l])[0]
-        bufs = jnp.where(full_u[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(bufs.dtype), bufs)
+    bufs, each, miss, top_hit, flight = direct_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt)
+    nbytes = jnp.sum(each)
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
@@ -294,6 +286,26 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
                     misses=jnp.sum(miss_pairs, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
                     h2d_bytes=nbytes.astype(f32), routed=f32(ids.size), prefetch_wasted_bytes=wasted(pred, uniq))
     return y, cache, counters, flight
+
+
+def direct_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, src: jax.Array, ids: jax.Array,
+                need: jax.Array, nxt: tuple | None = None):
+    """The rows [U, F, 3, W] of experts `ids` [U] where `need` [U] (others undefined), as the direct step has them:
+    one `transfer.start` (tagged `tag`) copies the misses and top hits' bottoms (with the next layer's prefetch when
+    nxt = (its src, its cache, its predicted ids, its split)), the step waits on the device, and a full hit's rows
+    come from its cache slot (no copy through the private stream).
+    Returns (rows, H2D bytes of each [U], miss [U], top_hit [U], the next layer's `InFlight` or None)."""
+    F = spec.cfg.d_ff
+    full = C.classify(cache, ids, split, F)[0] & (ids >= 0)
+    plan, each, miss, top_hit = copy_plan(spec, split, cache, ids, need & ~full)
+    with jax.named_scope("copy_step"):
+        now = transfer.Group(plan, src, cache.tops)
+        dst, flight = start_copies(spec, tag, now, nxt)
+        rows = transfer.wait(spec.place.device.platform, dst, now, tag, 0)
+    if cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: full hits are possible
+        slot = C.lookup(cache, ids, split)[0]
+        rows = jnp.where(full[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(rows.dtype), rows)
+    return rows, each, miss, top_hit, flight
 
 
 def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple | None):

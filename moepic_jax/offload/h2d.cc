@@ -202,6 +202,9 @@ struct State {
   std::string error;  // the worker's first failure, reported (and cleared) by the next call
   std::unordered_map<int64_t, void*> dsts;  // by 2 * tag + group: the destination its start wrote to
   std::vector<int32_t*> retired;  // staging buffers outgrown in async mode: never freed (see Reserve)
+  uint32_t abandoned = 0;  // the last sequence number queued when a failure was reported
+  bool abandoned_any = false;
+  cudaEvent_t drained = nullptr;  // synchronous mode: the copies queued so far (Drain)
   // synchronous mode
   cudaEvent_t ready = nullptr;
   std::unordered_map<int64_t, cudaEvent_t> done;
@@ -259,12 +262,14 @@ void Worker(State* stp) {
                              "before JAX starts, or MOEPIC_JAX_DIRECT_SYNC=1, or use direct=False.\n");
       }
     }
-    if (rc) Fail(st, std::string("reading the copy plan: ") + cudaGetErrorString(rc));
-    bool failed;
+    bool failed, abandoned;
     {
       std::lock_guard<std::mutex> lock(st.mu);
-      failed = !st.error.empty();  // after a failure, only the flags: the run is being abandoned
+      // a job queued before a reported failure belongs to the run XLA abandoned: flags only, no new failure
+      abandoned = st.abandoned_any && static_cast<int32_t>(j->seq[1] - st.abandoned) <= 0;
+      failed = abandoned || !st.error.empty();  // after a failure, only the flags: the run is being abandoned
     }
+    if (rc && !abandoned) Fail(st, std::string("reading the copy plan: ") + cudaGetErrorString(rc));
     const int32_t* h = j->staging;
     const int32_t* plans[2] = {h, h + kPlanCols * j->n[0]};
     const int32_t* srcs[2] = {h + kPlanCols * (j->n[0] + j->n[1]), h + kPlanCols * (j->n[0] + j->n[1]) + 2};
@@ -313,6 +318,7 @@ ffi::Error Init(State& st) {
            .success())
     return err;
   if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
+  if (!(err = Check(cudaEventCreateWithFlags(&st.drained, kDisableTiming), "cudaEventCreate")).success()) return err;
   st.async = LoadStreamValueOps(st);
   if (st.async) std::thread(Worker, &st).detach();  // lives as long as the process, like the state
   return ffi::Error::Success();
@@ -378,22 +384,32 @@ ffi::Error StartSync(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S32>
   return ffi::Error::Success();
 }
 
-// The worker's failure, reported once (st.mu held). XLA abandons the run on an error and frees its buffers in its
-// stream's order, so its stream first waits for every job queued so far: no copy still runs into a freed buffer.
-ffi::Error Reported(State& st, cudaStream_t stream) {
+// The worker's failure, reported once (st.mu held); the jobs queued until now belong to the run XLA abandons.
+ffi::Error Reported(State& st) {
   std::string what = std::move(st.error);
   st.error.clear();
-  if (st.async) st.wait_value(stream, reinterpret_cast<unsigned long long>(st.flag), st.seq, kWaitGeq);
+  st.abandoned = st.seq;
+  st.abandoned_any = true;
   return ffi::Error::Internal("direct copies: " + what);
 }
 
-ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::AnyBuffer tops0,
-                 ffi::Buffer<ffi::S32> plan1, ffi::Buffer<ffi::S32> src1, ffi::AnyBuffer tops1,
-                 ffi::Result<ffi::AnyBuffer> dst0, ffi::Result<ffi::AnyBuffer> dst1, int64_t rows, int64_t row_bytes,
-                 int64_t n_experts, int64_t tag) {
-  State& st = state();
-  std::unique_lock<std::mutex> lock(st.mu);
-  if (!st.error.empty()) return Reported(st, stream);
+// On any error (st.mu held): XLA abandons the run and frees its buffers in its stream's order, so its stream first
+// waits for every copy queued so far, so that none still runs into a freed buffer.
+void Drain(State& st, cudaStream_t stream) {
+  if (!st.side) return;  // nothing was ever queued
+  if (st.async) {
+    st.wait_value(stream, reinterpret_cast<unsigned long long>(st.flag), st.seq, kWaitGeq);
+  } else if (st.drained && !cudaEventRecord(st.drained, st.side)) {
+    cudaStreamWaitEvent(stream, st.drained, 0);
+  }
+}
+
+ffi::Error StartLocked(State& st, std::unique_lock<std::mutex>& lock, cudaStream_t stream,
+                       ffi::Buffer<ffi::S32>& plan0, ffi::Buffer<ffi::S32>& src0, ffi::AnyBuffer& tops0,
+                       ffi::Buffer<ffi::S32>& plan1, ffi::Buffer<ffi::S32>& src1, ffi::AnyBuffer& tops1,
+                       ffi::Result<ffi::AnyBuffer>& dst0, ffi::Result<ffi::AnyBuffer>& dst1, int64_t rows,
+                       int64_t row_bytes, int64_t n_experts, int64_t tag) {
+  if (!st.error.empty()) return Reported(st);
   if (src0.element_count() != 2 || src1.element_count() != 2 || plan0.element_count() % kPlanCols ||
       plan1.element_count() % kPlanCols)
     return ffi::Error::InvalidArgument("h2d: src must be 2 words and plans whole rows");
@@ -436,11 +452,20 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer dst, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
-                ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
+ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<ffi::S32> src0, ffi::AnyBuffer tops0,
+                 ffi::Buffer<ffi::S32> plan1, ffi::Buffer<ffi::S32> src1, ffi::AnyBuffer tops1,
+                 ffi::Result<ffi::AnyBuffer> dst0, ffi::Result<ffi::AnyBuffer> dst1, int64_t rows, int64_t row_bytes,
+                 int64_t n_experts, int64_t tag) {
   State& st = state();
-  std::lock_guard<std::mutex> lock(st.mu);
-  if (!st.error.empty()) return Reported(st, stream);
+  std::unique_lock<std::mutex> lock(st.mu);
+  ffi::Error err = StartLocked(st, lock, stream, plan0, src0, tops0, plan1, src1, tops1, dst0, dst1, rows, row_bytes,
+                               n_experts, tag);
+  if (!err.success()) Drain(st, stream);  // on success the lock is already released
+  return err;
+}
+
+ffi::Error WaitLocked(State& st, cudaStream_t stream, const ffi::AnyBuffer& dst, int64_t tag, int64_t group) {
+  if (!st.error.empty()) return Reported(st);
   auto d = st.dsts.find(2 * tag + group);
   if (d != st.dsts.end() && d->second != dst.untyped_data() && dst.size_bytes() > 0)
     // XLA copied the destination between start and wait: the copies land in the buffer it no longer reads
@@ -457,6 +482,15 @@ ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer dst, ffi::AnyBuffer, ffi::An
   auto it = st.done.find(2 * tag + group);
   if (it == st.done.end()) return ffi::Error::Success();  // nothing was started under this tag
   return Check(cudaStreamWaitEvent(stream, it->second, 0), "cudaStreamWaitEvent");
+}
+
+ffi::Error Wait(cudaStream_t stream, ffi::AnyBuffer dst, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
+                ffi::Result<ffi::AnyBuffer>, int64_t tag, int64_t group) {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  ffi::Error err = WaitLocked(st, stream, dst, tag, group);
+  if (!err.success()) Drain(st, stream);
+  return err;
 }
 
 }  // namespace

@@ -434,11 +434,8 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
 
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
-        if direct:
-            plan = DS.copy_plan(spec, F, cache, ids, ids >= 0)[0]
-            now = transfer.Group(plan, src, cache.tops)
-            dst = DS.start_copies(spec, r, now, None)[0]
-            return apply(h, transfer.wait(placed.device.platform, dst, now, r, 0)[0])
+        if direct:  # a hit is read from its slot, a miss copied by a start/wait pair, as in the decode step
+            return apply(h, DS.direct_rows(spec, r, F, cache, src, ids, ids >= 0)[0][0])
         return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):
