@@ -1,5 +1,5 @@
 """The policy benchmark end to end on a tiny config (CPU): a direct-copy row and a conditional-step row, each planned
-with the hardware profile of its own copy step, and the target efficiency max(floor, resident TPOT) / TPOT."""
+with the hardware profile measured for its own copy step, and the target efficiency max(floor, resident TPOT) / TPOT."""
 import json
 
 import pytest
@@ -14,7 +14,7 @@ def test_bench_rows_price_their_own_copy_step(tmp_path):
     if not transfer.available(jax.devices()[0]):
         pytest.skip("direct copies need a C++ compiler")
     rc = bench_policies.main(["--tiny", "--model", "qwen15", "--routing", "calibrated", "--policies", "lru,resident",
-                              "--budgets", "0.25", "--pairs", "lru:0.25:direct,lru:0.25:cond", "--hw", "default",
+                              "--budgets", "0.25", "--pairs", "lru:0.25:direct,lru:0.25:cond", "--hw", "measured",
                               "--new-tokens", "4", "--out-dir", str(tmp_path), "--name", "smoke"])
     assert rc == 0
     d = json.loads((tmp_path / "smoke.json").read_text())
