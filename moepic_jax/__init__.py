@@ -2,6 +2,13 @@
 
 Imports run one way: config -> model -> io -> offload -> planning -> runtime -> stats -> generate -> cli.
 """
+import os
+
+# Direct copies (offload/transfer.py) make XLA's stream wait on the device for a flag that the copy stream writes;
+# with fewer CUDA hardware queues than streams both may share one, and the copies would wait behind that wait. The
+# driver reads this when JAX starts its GPU backend, which is after this import in the usual order; a value the
+# user set wins.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 from moepic_jax.config import MoEConfig, from_hf_config
 from moepic_jax.generate import ENGINES, GenerateResult, forward, generate

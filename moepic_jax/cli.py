@@ -1,7 +1,8 @@
 """`moepic-jax` command: generate | profile | plan | convert | export-hf | bench.
 
-Only this entry point (and benchmarks/tests) touches environment variables that must be set before JAX
-starts (XLA_PYTHON_CLIENT_PREALLOCATE, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB).
+This entry point (and benchmarks/tests) sets the environment variables that must be set before JAX starts and
+that only a whole program may choose (XLA_PYTHON_CLIENT_PREALLOCATE, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, XLA_FLAGS);
+`import moepic_jax` sets one that direct copies need (CUDA_DEVICE_MAX_CONNECTIONS).
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ def _env_before_jax(args) -> None:
         os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(args.host_memory_gb)
     # transformers advises that PyTorch is missing on every import; this package needs only its tokenizers.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    # Direct copies make XLA's stream wait on the device for a flag that the copy stream writes; a GPU with fewer
-    # hardware queues than streams may put both streams on one queue, where the copies would wait behind that wait.
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 
 def _compile_cache(args) -> None:

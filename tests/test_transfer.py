@@ -77,3 +77,20 @@ def test_direct_auto_is_the_conditional_step_on_cpu_and_a_bad_value_is_refused()
     assert uses_direct(True, place) is True and uses_direct(False, place) is False
     with pytest.raises(ValueError, match="direct must be 'auto', True or False"):
         uses_direct("yes", place)
+
+
+@pytest.mark.parametrize("given, expect", [(None, "32"), ("8", "8")])
+def test_import_sets_one_hardware_queue_per_stream_unless_set(given, expect):
+    """`import moepic_jax` sets CUDA_DEVICE_MAX_CONNECTIONS=32 for direct copies' device-side waits; a value the user
+    set wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    if given is not None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = given
+    code = "import os, moepic_jax; print(os.environ['CUDA_DEVICE_MAX_CONNECTIONS'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()[-1]
+    assert out == expect

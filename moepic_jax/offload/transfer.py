@@ -18,7 +18,7 @@ Where the driver has no stream memory operations (or MOEPIC_JAX_DIRECT_SYNC=1), 
 waits for them, one host round trip per layer (`mode`). The worker checks every plan row before copying; a bad row
 (or a CUDA error) is reported by the next `start` or `wait`, which first makes XLA's stream wait for every copy
 queued so far, so that none runs into a buffer XLA frees when it abandons the run. The copy stream must not share a
-hardware queue with XLA's stream (CUDA_DEVICE_MAX_CONNECTIONS=32, set by the command line and the benchmarks).
+hardware queue with XLA's stream (CUDA_DEVICE_MAX_CONNECTIONS=32, set by `import moepic_jax`).
 
 A plan row is (source, index, first_row, n_rows): source 0 = the pinned host stack (index: expert), 1 = the layer's
 cache of top rows on the device (index: slot); rows [first_row, first_row + n_rows) land at the same rows of the
