@@ -213,8 +213,9 @@ class InFlight(NamedTuple):
 def copy_plan(spec: StepSpec, split: int, cache: C.LayerCache, ids: jax.Array, need: jax.Array):
     """The copy plan that makes experts `ids` whole on the device (`transfer`): [U, 2, 4] int32, two rows per expert.
 
-    A needed miss: rows [0, F) from the host. A needed cached expert: rows [0, s) from its slot (device to device)
-    and rows [s, F) from the host (none when s == F). Not needed (padding, or prefetched a layer ago): nothing.
+    A needed miss: rows [0, F) from the host. A needed top hit (s < F): rows [0, s) from its slot (device to
+    device) and rows [s, F) from the host. A full hit (s == F) and what is not needed (padding, or prefetched a
+    layer ago): nothing (the step reads a full hit from its slot, `direct_step_rows`).
     Returns (plan, H2D bytes of each [U] float32, miss [U] bool, top_hit [U] bool) with miss/top_hit among the
     needed.
     """
@@ -226,7 +227,7 @@ def copy_plan(spec: StepSpec, split: int, cache: C.LayerCache, ids: jax.Array, n
     e = jnp.maximum(ids, 0)
     zero = jnp.zeros_like(e)
     first = jnp.stack([jnp.where(cached, transfer.FROM_CACHE, transfer.FROM_HOST), jnp.where(cached, slot, e), zero,
-                       jnp.where(need, jnp.where(cached, s, F), 0)], -1)
+                       jnp.where(miss | top_hit, jnp.where(cached, s, F), 0)], -1)
     second = jnp.stack([zero, e, zero + s, jnp.where(need & cached, F - s, 0)], -1)
     plan = jnp.stack([first, second], 1).astype(jnp.int32)
     rows = jnp.where(miss, F, 0) + jnp.where(top_hit, F - s, 0)
@@ -254,7 +255,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0) & ~full_u
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
     platform = place.device.platform
-    bufs, each, miss, top_hit, flight = direct_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt)
+    bufs, each, miss, top_hit, flight = direct_step_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt)
     nbytes = jnp.sum(each)
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
@@ -288,21 +289,21 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     return y, cache, counters, flight
 
 
-def direct_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, src: jax.Array, ids: jax.Array,
-                need: jax.Array, nxt: tuple | None = None):
+def direct_step_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, src: jax.Array, ids: jax.Array,
+                     need: jax.Array, nxt: tuple | None = None):
     """The rows [U, F, 3, W] of experts `ids` [U] where `need` [U] (others undefined), as the direct step has them:
     one `transfer.start` (tagged `tag`) copies the misses and top hits' bottoms (with the next layer's prefetch when
     nxt = (its src, its cache, its predicted ids, its split)), the step waits on the device, and a full hit's rows
     come from its cache slot (no copy through the private stream).
     Returns (rows, H2D bytes of each [U], miss [U], top_hit [U], the next layer's `InFlight` or None)."""
     F = spec.cfg.d_ff
-    full = C.classify(cache, ids, split, F)[0] & (ids >= 0)
-    plan, each, miss, top_hit = copy_plan(spec, split, cache, ids, need & ~full)
+    plan, each, miss, top_hit = copy_plan(spec, split, cache, ids, need)
     with jax.named_scope("copy_step"):
         now = transfer.Group(plan, src, cache.tops)
         dst, flight = start_copies(spec, tag, now, nxt)
         rows = transfer.wait(spec.place.device.platform, dst, now, tag, 0)
     if cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: full hits are possible
+        full = C.classify(cache, ids, split, F)[0] & (ids >= 0)
         slot = C.lookup(cache, ids, split)[0]
         rows = jnp.where(full[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(rows.dtype), rows)
     return rows, each, miss, top_hit, flight
@@ -316,8 +317,7 @@ def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple 
     groups, flight_bytes = [now], None
     if nxt is not None:
         nsrc, ncache, nids, nsplit = nxt
-        nfull = C.classify(ncache, nids, nsplit, spec.cfg.d_ff)[0]  # computed from the slot when used: not copied
-        nplan, flight_bytes, _, _ = copy_plan(spec, nsplit, ncache, nids, (nids >= 0) & ~nfull)
+        nplan, flight_bytes, _, _ = copy_plan(spec, nsplit, ncache, nids, nids >= 0)
         groups.append(transfer.Group(nplan, nsrc, ncache.tops))
     if now is None:
         groups[0] = transfer.Group(empty, groups[1].src, groups[1].tops[:0])

@@ -170,6 +170,25 @@ ffi::Error Check(int rc, const char* what) {
   return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorString(rc));
 }
 
+// Where QueuePlanRead put a layer's two plans (n0, n1 plan rows) and the two stacks' host addresses.
+struct Staged {
+  const int32_t* plan[2];
+  const char* host[2];
+};
+Staged Unstage(const int32_t* h, int64_t n0, int64_t n1) {
+  const int32_t* src = h + kPlanCols * (n0 + n1);
+  return {{h, h + kPlanCols * n0}, {HostAddress(src), HostAddress(src + 2)}};
+}
+
+// Queue the copies of `segs` on `stream`: 0, or the first failure's code.
+int QueueSegments(const std::vector<Segment>& segs, cudaStream_t stream) {
+  for (const Segment& s : segs) {
+    int rc = cudaMemcpyAsync(s.dst, s.src, s.bytes, s.from_host ? kH2D : kD2D, stream);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 // One layer's start, handed to the worker: where its plans land on the host, and what they may write.
 struct Job {
   int32_t* staging = nullptr;  // pinned: plan0, plan1, src0 (2 words), src1 (2 words)
@@ -208,6 +227,8 @@ struct State {
   // synchronous mode
   cudaEvent_t ready = nullptr;
   std::unordered_map<int64_t, cudaEvent_t> done;
+  int32_t* sync_staging = nullptr;
+  size_t sync_capacity = 0;
 };
 State& state() {
   static State* s = new State();  // never destroyed: XLA may call into it until the process exits
@@ -270,23 +291,18 @@ void Worker(State* stp) {
       failed = abandoned || !st.error.empty();  // after a failure, only the flags: the run is being abandoned
     }
     if (rc && !abandoned) Fail(st, std::string("reading the copy plan: ") + cudaGetErrorString(rc));
-    const int32_t* h = j->staging;
-    const int32_t* plans[2] = {h, h + kPlanCols * j->n[0]};
-    const int32_t* srcs[2] = {h + kPlanCols * (j->n[0] + j->n[1]), h + kPlanCols * (j->n[0] + j->n[1]) + 2};
+    Staged staged = Unstage(j->staging, j->n[0], j->n[1]);
     for (int g = 0; g < 2; ++g) {
       std::vector<Segment> segs;
       if (!rc && !failed) {
-        ffi::Error err = Segments(plans[g], j->n[g], HostAddress(srcs[g]), j->tops[g], j->n_experts, j->dst[g],
+        ffi::Error err = Segments(staged.plan[g], j->n[g], staged.host[g], j->tops[g], j->n_experts, j->dst[g],
                                   j->rows, j->row_bytes, &segs);
         if (!err.success()) {
           Fail(st, err.message());
           segs.clear();
         }
       }
-      for (const Segment& s : segs) {
-        int c = cudaMemcpyAsync(s.dst, s.src, s.bytes, s.from_host ? kH2D : kD2D, st.side);
-        if (c) Fail(st, std::string("cudaMemcpyAsync: ") + cudaGetErrorString(c));
-      }
+      if (int c = QueueSegments(segs, st.side)) Fail(st, std::string("cudaMemcpyAsync: ") + cudaGetErrorString(c));
       int c = st.write_value(st.side, reinterpret_cast<unsigned long long>(st.flag), j->seq[g], 0);
       if (c) Fail(st, "cuStreamWriteValue32 failed (" + std::to_string(c) + ")");
     }
@@ -357,26 +373,20 @@ ffi::Error StartSync(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S32>
                      const ffi::Buffer<ffi::S32>& src0, const Rows (&tops)[2], const ffi::Buffer<ffi::S32>& plan1,
                      const ffi::Buffer<ffi::S32>& src1, const Rows (&dsts)[2], int64_t rows, int64_t row_bytes,
                      int64_t n_experts, int64_t tag) {
-  static int32_t* staging = nullptr;  // guarded by st.mu, like the rest of the state
-  static size_t capacity = 0;
   size_t n0 = plan0.element_count(), n1 = plan1.element_count();
-  ffi::Error err = Reserve(&staging, &capacity, n0 + n1 + 4);
+  ffi::Error err = Reserve(&st.sync_staging, &st.sync_capacity, n0 + n1 + 4);
   if (!err.success()) return err;
-  int rc = QueuePlanRead(st, stream, st.ready, staging, plan0, plan1, src0, src1);
+  int rc = QueuePlanRead(st, stream, st.ready, st.sync_staging, plan0, plan1, src0, src1);
   if (!rc) rc = cudaStreamWaitEvent(st.side, st.ready, 0);
   if (!(err = Check(rc, "queueing the copy plan's read")).success()) return err;
   if (!(err = Check(cudaStreamSynchronize(st.reader), "reading the copy plan")).success()) return err;
-  const int32_t* plans[2] = {staging, staging + n0};
-  const int32_t* srcs[2] = {staging + n0 + n1, staging + n0 + n1 + 2};
   int64_t ns[2] = {static_cast<int64_t>(n0 / kPlanCols), static_cast<int64_t>(n1 / kPlanCols)};
+  Staged staged = Unstage(st.sync_staging, ns[0], ns[1]);
   for (int g = 0; g < 2; ++g) {
     std::vector<Segment> segs;
-    err = Segments(plans[g], ns[g], HostAddress(srcs[g]), tops[g], n_experts, dsts[g], rows, row_bytes, &segs);
+    err = Segments(staged.plan[g], ns[g], staged.host[g], tops[g], n_experts, dsts[g], rows, row_bytes, &segs);
     if (!err.success()) return err;
-    for (const Segment& s : segs)
-      if (!(err = Check(cudaMemcpyAsync(s.dst, s.src, s.bytes, s.from_host ? kH2D : kD2D, st.side),
-                        "cudaMemcpyAsync")).success())
-        return err;
+    if (!(err = Check(QueueSegments(segs, st.side), "cudaMemcpyAsync")).success()) return err;
     cudaEvent_t& ev = st.done[2 * tag + g];
     if (!ev && !(err = Check(cudaEventCreateWithFlags(&ev, kDisableTiming), "cudaEventCreate")).success()) return err;
     if (!(err = Check(cudaEventRecord(ev, st.side), "cudaEventRecord")).success()) return err;

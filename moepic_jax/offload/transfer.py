@@ -28,7 +28,8 @@ Group 0 is this layer's experts, group 1 the next layer's predicted experts (a p
 
 On the CPU the same plans run with memcpy at `wait`, where a GPU's copies have landed by, so that a program that
 read a destination before its wait, or wrote cache rows that a started copy still reads, fails the CPU tests too.
-Direct copies are opt-in (`make_engine(..., direct=True)`); they need a C++ compiler (`available`).
+The engines use direct copies on one GPU by default (`make_engine(direct="auto")`); they need a C++ compiler
+(`available`).
 """
 
 from __future__ import annotations

@@ -435,7 +435,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
         if direct:  # a hit is read from its slot, a miss copied by a start/wait pair, as in the decode step
-            return apply(h, DS.direct_rows(spec, r, F, cache, src, ids, ids >= 0)[0][0])
+            return apply(h, DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0)[0][0])
         return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):
