@@ -8,9 +8,9 @@ moved there and `accelerate.dispatch_model` attaches its hooks: at every forward
 copied from (pageable) CPU memory to the GPU, exactly as after `from_pretrained(device_map="auto")`.
 
 Budgets: by default the VRAM budgets of the moepic_jax run of the same model (bench_policies_<model>[_tiny].json
-in --out-dir, benchmarks/results/<model>/ or benchmarks/results/, the first found; rows of budget fraction 0.25 /
-0.5), else the same formula (fixed part + frac x expert bytes). The table puts the moepic_jax rows at the same
-budget beside it (speed-up = HF TPOT / ours).
+in --out-dir or benchmarks/results/<model>/, the first found; rows of budget fraction 0.25 / 0.5), else the same
+formula (fixed part + frac x expert bytes). The table puts the moepic_jax rows at the same budget beside it
+(speed-up = HF TPOT / ours).
 
 Usage (from the repo root, on the GPU machine with torch, transformers and accelerate; `python -m benchmarks`
 runs it after bench_policies when they are installed):
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=500.0)
     ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/)")
+    ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<model>/)")
     return ap.parse_args(argv)
 
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     expert_bytes = cfg.total_expert_bytes(2)
     ours_name = f"bench_policies_{args.model}{'_tiny' if args.tiny else ''}.json"
     compare_path = Path(args.compare) if args.compare else next(
-        (p for d in ([Path(args.out_dir)] if args.out_dir else []) + [C.RESULTS_DIR / args.model, C.RESULTS_DIR]
+        (p for d in ([Path(args.out_dir)] if args.out_dir else []) + [C.RESULTS_DIR / args.model]
          if (p := d / ours_name).exists()), C.RESULTS_DIR / args.model / ours_name)
     ours = json.loads(compare_path.read_text()) if compare_path.exists() else None
 
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
 
     def save():
         meta["total_s"] = round(time.perf_counter() - t_start, 1)
-        return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns,
+        return C.write_results(name, rows, meta, out_dir=args.out_dir or C.RESULTS_DIR / args.model,
+                               columns=columns,
                                title=f"{C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}: transformers "
                                      "(+ accelerate offload) vs moepic_jax at the same VRAM budget")
 

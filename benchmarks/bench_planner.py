@@ -1,6 +1,6 @@
 """Time `planner.solve` on a large instance: 64 layers x 256 experts x 32 split points, k = 8, Zipf-like popularity.
 
-Usage: python -m benchmarks.bench_planner [--repeats 3] [--out benchmarks/results/planner_speed.json]
+Usage: python -m benchmarks.bench_planner [--repeats 3] [--out benchmarks/results/archive/planner_speed.json]
 Target: < 2 s per solve on a 2-core CPU. Prints a table and writes JSON (date, versions, machine, timings).
 """
 
@@ -46,7 +46,8 @@ def make_instance(seed: int = 0):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "planner_speed.json"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "archive"
+                                         / "planner_speed.json"))
     args = ap.parse_args(argv)
     mp, hw = make_instance()
     rows = []

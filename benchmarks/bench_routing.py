@@ -45,7 +45,7 @@ def parse_args(argv=None):
                          "and would leave the small model's LRU cache no slots)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="bench_routing_embedded")
-    ap.add_argument("--out-dir", default=None, help="default benchmarks/results/")
+    ap.add_argument("--out-dir", default=None, help="default benchmarks/results/embedded/")
     return ap.parse_args(argv)
 
 
@@ -163,7 +163,8 @@ def main(argv=None) -> int:
                ("run_routing_hit_rate", "slots' hit on run routing", ".1%"),
                ("h2d_mb_per_token", "H2D MB/tok", ".3f"), ("prefetch", "prefetch", ""),
                ("predictor_recall", "recall", ".1%"), ("tpot_ms", "TPOT ms (this device)", ".2f")]
-    paths = C.write_results(args.name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
+    out_dir = args.out_dir or C.RESULTS_DIR / "embedded"
+    paths = C.write_results(args.name, rows, meta, out_dir=out_dir, columns=columns, plot=False,
                             title="Routing realism: trained embedded model vs random weights of its config")
     print("\nwrote " + ", ".join(paths))
     print("\n" + C.markdown_table(rows, columns))

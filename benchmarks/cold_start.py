@@ -21,7 +21,7 @@ The checkpoint is read from the page cache in both runs (it was just written, an
 the checkpoint): `load` is the read-and-pack cost, not a cold disk.
 
 Usage (from the repo root):
-  python -m benchmarks.cold_start --out benchmarks/results/cold_start_qwen15.json            # GPU, ~5-7 min
+  python -m benchmarks.cold_start --layers 12     # GPU: benchmarks/results/qwen15/cold_start_qwen15_12l.json
   python -m benchmarks.cold_start --tiny --layers 2 --out /tmp/cold_tiny.json                # CPU smoke, ~1 min
 Options after `--` go to every `moepic-jax generate` (e.g. `-- --vram-budget 25%`).
 """
@@ -177,7 +177,8 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="JSON file to write (default benchmarks/results/cold_start_<model>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON file to write (default benchmarks/results/qwen15/cold_start_<model>.json)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the random checkpoint (default: all)")
     ap.add_argument("--tiny", action="store_true", help="the tiny CPU stand-in of the Qwen1.5 config")
     ap.add_argument("--models", default="embedded,random", help="comma list of embedded, random (in that order)")
@@ -199,7 +200,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     cfg = C.get_config("qwen15", tiny=args.tiny, n_layers=args.layers)
     name = "qwen15" + ("_tiny" if args.tiny else "") + (f"_{args.layers}l" if args.layers else "")
-    out = pathlib.Path(args.out or C.RESULTS_DIR / f"cold_start_{name}.json")
+    out = pathlib.Path(args.out or C.RESULTS_DIR / "qwen15" / f"cold_start_{name}.json")
     work = pathlib.Path(tempfile.mkdtemp(prefix="moepic_cold_", dir=args.work_dir))
     rows, meta = [], {"config": cfg.to_hf_dict(), "cli_extra": args.extra, "new_tokens": args.new_tokens,
                       "work_dir": str(work)}

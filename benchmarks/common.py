@@ -127,7 +127,7 @@ def set_gpu_env(model: str, tiny: bool = False) -> None:
     """Settings read when JAX starts its backend (call before the first device use; importing jax is fine): no
     preallocation, so that peak_bytes_in_use means something; Mixtral-8x7B's 84 GiB of experts need a pinned host
     pool above the 64 GiB default, and 112 GiB let the pool grow until the 128 GiB H200 host OOM-killed the
-    process (benchmarks/results/README.md). (`import moepic_jax` sets CUDA_DEVICE_MAX_CONNECTIONS for direct
+    process (docs/notes/2026-11-30-benchmark-diary.md). (`import moepic_jax` sets CUDA_DEVICE_MAX_CONNECTIONS for direct
     copies.) Values already in the environment win."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if model == "mixtral" and not tiny:

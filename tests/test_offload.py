@@ -328,7 +328,7 @@ def test_copy_loop_temporaries_do_not_grow_with_layers(tmp_path, monkeypatch):
     has to be dead before the next layer's is allocated. Loop results stacked as scan outputs, and constant result
     buffers (XLA allocates them at the start of the step), grew by one layer's results (lru: the admitted rows)
     per MoE layer, on the CPU as on the H200 (3.45 GiB for Qwen3-30B-A3B lru at batch 1;
-    benchmarks/results/probe_step_qwen3_l24*.json). The budget leaves room, so that the extra temporaries do not
+    benchmarks/results/archive/probe_step_qwen3_l24*.json). The budget leaves room, so that the extra temporaries do not
     make the planner shrink the caches instead. Nor may the step copy a layer's cache (LRU admission)."""
     from conftest import build_hf_model
 

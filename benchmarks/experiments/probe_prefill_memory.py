@@ -1,6 +1,6 @@
 """Where does prefill's device peak go past the engine's own estimate? (invariant 3)
 
-The GPU runs (benchmarks/results/README.md) measured the cached policies 0.07 GiB (Qwen1.5-MoE) to 0.22 GiB
+The GPU runs (docs/notes/2026-11-30-benchmark-diary.md) measured the cached policies 0.07 GiB (Qwen1.5-MoE) to 0.22 GiB
 (Qwen3-30B-A3B, 24 layers) over `OffloadEngine.device_bytes_needed`, with the excess in prefill. This script builds
 one engine per policy, one policy per process (the device peak cannot be reset), and records after each step, each
 waited for:

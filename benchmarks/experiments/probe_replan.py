@@ -1,10 +1,10 @@
 """Does a warm-up re-plan slow the decode? bench_policies with every `moepic` engine forced to re-plan once.
 
 Earlier GPU runs saw `static`/`moepic` + adapt_to_prompt at 25 % decode at 17-25 ms per token after a warm-up
-re-plan against 9.7 ms without one, at about the same hits and bytes (benchmarks/results/README.md). Where the
-planner picks whole experts and no prediction (Qwen1.5-MoE on the H200), `moepic` runs as `static`, so this probe
-compares the two: a `moepic` engine's first budget check sees --extra-gib more than the compiled steps need, and
-the engine re-plans its caches with about that much less, as a real overshoot would. Everything else is
+re-plan against 9.7 ms without one, at about the same hits and bytes (docs/notes/2026-11-30-benchmark-diary.md).
+Where the planner picks whole experts and no prediction (Qwen1.5-MoE on the H200), `moepic` runs as `static`, so
+this probe compares the two: a `moepic` engine's first budget check sees --extra-gib more than the compiled steps
+need, and the engine re-plans its caches with about that much less, as a real overshoot would. Everything else is
 benchmarks.bench_policies (same arguments, same output).
 
 Usage (GPU):

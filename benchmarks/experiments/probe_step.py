@@ -1,9 +1,9 @@
 """Where does a decode step's time go? TPOT per engine variant, then a device profile of a few decode steps.
 
-Questions from earlier GPU runs (benchmarks/results/README.md): why Qwen3-30B-A3B `lru` decoded at 59.6 ms with the
-shared copy-loop buffer against 43.0 ms before, why `static` + adapt_to_prompt is either ~10 ms or 17-25 ms per token at
-the same hits and bytes, and why the byte-bound `static` rows reach only 0.75-0.78 of the PCIe floor. All variants
-run in one process on one model build, so machine-to-machine spread is out of the comparison.
+Questions from earlier GPU runs (docs/notes/2026-11-30-benchmark-diary.md): why Qwen3-30B-A3B `lru` decoded at
+59.6 ms with the shared copy-loop buffer against 43.0 ms before, why `static` + adapt_to_prompt is either ~10 ms or
+17-25 ms per token at the same hits and bytes, and why the byte-bound `static` rows reach only 0.75-0.78 of the PCIe
+floor. All variants run in one process on one model build, so machine-to-machine spread is out of the comparison.
 
 A variant is `policy:fraction[:option...]`, options:
   adapt     static/moepic refill the cache from the prompt (adapt_to_prompt)
@@ -23,8 +23,9 @@ Usage (GPU):
   python -m benchmarks.experiments.probe_step --model qwen3 --layers 24 \
       --variants lru:0.25,static:0.25,static:0.25:unroll2 --out-dir DIR
 
-(The `noshare` rows of probe_step_qwen3_l24*.json come from an option of commits 2ed5836-6a2f5d5, when the
-copy loops of all layers shared one result buffer: it gave each layer its own. The engine now does that.)
+(The `noshare` rows of benchmarks/results/archive/probe_step_qwen3_l24*.json come from an option of commits
+2ed5836-6a2f5d5, when the copy loops of all layers shared one result buffer: it gave each layer its own. The engine
+now does that.)
 """
 
 import argparse

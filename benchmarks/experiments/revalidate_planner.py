@@ -8,8 +8,8 @@ measurements.
 Rows saved with the add-0.5 smoothing of `profile_model` (before the bench switched to raw counts) are unsmoothed
 first: counts = freq * (n k + 0.5 E) / k - 0.5, with n = --run-tokens scored tokens.
 
-  python -m benchmarks.experiments.revalidate_planner benchmarks/results/bench_policies_qwen15_validation2.json \
-      --run-tokens 32
+  python -m benchmarks.experiments.revalidate_planner \
+      benchmarks/results/archive/bench_policies_qwen15_validation2.json --run-tokens 32
 Prints a markdown table: measured TPOT, predicted TPOT and error, measured and predicted miss rate.
 """
 

@@ -7,7 +7,8 @@ each rule, this script picks each layer's slots from the prompt's routing with t
 (`offload.prefill.prompt_refill`, the one `OffloadEngine._refill_from_prompt` applies) at the prior under test, or
 by a blend with the calibration profile, and reports the hit rate of those slots on the decode's routing. The rule
 "prompt, prior 1 token" is the engine's (PROMPT_PRIOR_TOKENS = 1) and "plan" is the static cache without refill;
-both reproduce the engine's measured hit rates (`bench_routing_embedded.md`). Hit rates only; CPU is enough.
+both reproduce the engine's measured hit rates (`benchmarks/results/embedded/bench_routing_embedded.md`). Hit rates
+only; CPU is enough.
 
 Usage (from the repo root):
   python -m benchmarks.experiments.sweep_refill            # ~4 minutes on 2 CPU cores

@@ -22,7 +22,7 @@ model's routing of held-out text, at 10 / 25 / 50 % of the experts it finds 28.0
 experts in the cache, LRU 22.4 / 40.8 / 67.6 %, the static hot set 16.9 / 29.3 / 54.6 %
 (benchmarks/experiments/sim_replacement.py; decay 0.9-0.99 all within 1.5 points). On random weights, which route
 by prompt, it matches or beats LRU. On the H200 (Qwen3-30B-A3B shapes, 24 layers, 25 %) `moepic` decoded at 17.0 ms per token with it against 33.6 ms with the
-static hot set (96.3 % against 26.3 % hits; benchmarks/results/probe_step_qwen3_l24_freq.md).
+static hot set (96.3 % against 26.3 % hits; benchmarks/results/archive/probe_step_qwen3_l24_freq.md).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def lru_slots(cache: LayerCache, experts: jax.Array, step: jax.Array) -> tuple[L
     uses (tests/test_cache.py replays traces against an OrderedDict).
 
     The sequence is applied in one vectorised update, not use by use: on the GPU every small op of a per-use loop is
-    a kernel launch, which made LRU's step slower than the static rule's at equal bytes (benchmarks/results, the
+    a kernel launch, which made LRU's step slower than the static rule's at equal bytes (benchmarks/results/archive, the
     LRU benchmark rows). After the hits are refreshed, the i-th miss takes the i-th oldest slot (the slots sorted by
     last use, stable, so empty slots come first, lowest first); with more misses than slots the order wraps around,
     and an

@@ -5,7 +5,7 @@ slice moves (JAX_NOTES.md §2b). A needed expert costs at most one copy (the pla
 whole, a cached expert's top rows [0, s) come from its slot and, when s < F, its bottom rows [s, F) are copied.
 
 How many copies a step makes depends on the data, so it takes a conditional, and on the GPU every conditional costs
-a host round trip (about 50 us per `lax.cond` on the H200, benchmarks/results/probe_cond_*.json): experts are sorted
+a host round trip (~50 us per `lax.cond` on the H200, benchmarks/results/archive/probe_cond_*.json): experts are sorted
 so that the ones not copied come first, then top-only hits, then misses, and one `lax.switch` per group of
 COPY_GROUP experts picks the counts for that group. Every read of a slot therefore comes before any admission writes
 one. The consumer (`emit`) runs inside the branch, so a caller that only needs each expert's output never
@@ -31,8 +31,8 @@ COPY_GROUP = 4  # experts per lax.switch in `copy_step`: 5 branches (15 with bot
 # Up to this many groups the switches are unrolled; beyond, one switch runs in a `lax.scan` over the groups. Unrolled,
 # every branch computes its experts, so the program grows as (groups x branches x COPY_GROUP) FFNs: 235 s to compile
 # Qwen1.5-MoE lru at batch 4 (4 groups) on the H200, 67 s with the loop at the same TPOT (55.1 vs 54.5 ms,
-# benchmarks/results/bench_policies_qwen15_2026-11-30a.json); Qwen3-30B-A3B (top-8, 2 groups, 48 layers) compiled
-# for over 250 s unrolled.
+# benchmarks/results/archive/bench_policies_qwen15_2026-11-30a.json); Qwen3-30B-A3B (top-8, 2 groups, 48 layers)
+# compiled for over 250 s unrolled.
 COPY_UNROLL_GROUPS = 1
 
 
@@ -83,7 +83,7 @@ def fetch_rows(stack: jax.Array, e: jax.Array, start: int, size: int) -> jax.Arr
 
     e is a traced int32; the dynamic slice feeds `device_put` directly, so only that slice moves (JAX_NOTES.md
     §2b). On the H200 (jax 0.11.2) XLA runs it as one kernel that reads the pinned host memory (48.9-50.0 GB/s),
-    not as a DMA on a copy engine (benchmarks/results/probe_step_*.json). Returns [size, 3, D] on the device.
+    not as a DMA on a copy engine (benchmarks/results/archive/probe_step_*.json). Returns [size, 3, D] on the device.
     """
     D = stack.shape[-1]
     zero = jnp.zeros((), jnp.int32)
@@ -195,7 +195,7 @@ def copy_step(spec: StepSpec, split: int, stack: jax.Array, cache: C.LayerCache,
     # The loop's result buffer is filled from this layer's ids (the loop overwrites every value). A constant
     # buffer has no inputs, so XLA allocated every layer's at the start of the step and kept them all alive
     # (every layer's admitted rows): for Qwen3-30B-A3B lru on the H200, 3.45 GiB at 48 layers and
-    # 1.76 GiB at 24 (benchmarks/results/probe_step_qwen3_l24.json), against 0.14 GiB with the fill
+    # 1.76 GiB at 24 (benchmarks/results/archive/probe_step_qwen3_l24.json), against 0.14 GiB with the fill
     # (probe_step_qwen3_l24_tied.json). Its shapes are one copied expert's results (every kind emits the same
     # shapes), traced once rather than the whole switch again.
     one = jax.eval_shape(lambda e, sl, c: expert("whole", e, sl, c, cache.tops)[0], sids[0], slots[0], cached[0])

@@ -130,8 +130,9 @@ WORKSPACE_MARGIN_BYTES = 8 * 2**20  # small temporaries, counters and allocator 
 # that slack counts as in use for the buffer's life. The caches' slot arrays kept 216 MiB of it for Qwen3-30B-A3B
 # (24 layers, 25 %): three arrays with 120, 32 and 64 MiB more than asked. Reserving the caches in one chunk first
 # (the engine's cache build) left two, 152 MiB, served from holes that earlier transients had left
-# (benchmarks/results/probe_prefill_memory_qwen3_lru*.json). On an accelerator the budget counts this many chunks of
-# slack, each at most 128 MiB or one layer stack (the largest slot array), whichever is less. Not on the CPU backend.
+# (benchmarks/results/archive/probe_prefill_memory_qwen3_lru*.json). On an accelerator the budget counts this many
+# chunks of slack, each at most 128 MiB or one layer stack (the largest slot array), whichever is less. Not on the
+# CPU backend.
 ALLOCATOR_SLACK_CHUNKS = 2
 ALLOCATOR_MAX_SLACK_BYTES = 128 * 2**20
 

@@ -22,8 +22,8 @@ from moepic_jax.offload.copy_step import StepSpec, fetch_rows
 
 # Prefill copies only the rows a layer's cache does not hold once they are at most this share of its stack: one
 # expert alone streams at ~39 GB/s against ~53 GB/s for a whole 1 GB layer stack on the H200
-# (benchmarks/results/bench_policies_qwen15_2026-11-30.json, "h2d"), so per-expert copies pay below ~73 % of the bytes;
-# 50 % leaves a margin (the crossover itself is not measured yet).
+# (benchmarks/results/archive/bench_policies_qwen15_2026-11-30.json, "h2d"), so per-expert copies pay below ~73 % of the
+# bytes; 50 % leaves a margin (the crossover itself is not measured yet).
 PREFILL_PARTIAL_MAX = 0.5
 # adapt_to_prompt: weight of the current cache membership, in routed tokens, when the prompt re-picks a layer's hot
 # set; a short prompt then moves only the experts it clearly prefers, and ties keep what is cached.

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 # Used when no hardware profile is measured or given: `measure_hardware` on the H200 with Qwen1.5-MoE-A2.7B shapes,
 # medians of the four runs of the engine that computes each expert inside its copy step
-# (benchmarks/results/bench_policies_qwen15_{2026-11-30,zipf1,b4,p1024}.json): a copy step of 4 experts costs 0.14 ms
-# (0.08-0.19 over the runs) + bytes at 49 GB/s, a conditional copy step 0.036 ms, and a prefetch made inside a
+# (benchmarks/results/archive/bench_policies_qwen15_{2026-11-30,zipf1,b4,p1024}.json): a copy step of 4 experts costs
+# 0.14 ms (0.08-0.19 over the runs) + bytes at 49 GB/s, a conditional copy step 0.036 ms, and a prefetch made inside a
 # conditional hid nothing of a layer's compute (0-2 %). The layer compute time depends on the model (0.20 ms
 # there); the default is a small model's.
 DEFAULT_H2D_LATENCY_S = 1.4e-4

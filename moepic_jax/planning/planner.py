@@ -27,7 +27,7 @@ Each routed expert costs at most ONE copy: a full hit (cached and s_l = f) copie
 (cached, s_l < f) copies its bottom `(f - s_l) * beta` bytes, a miss copies the whole `f * beta` bytes. A layer
 issues its copies together, in one copy step: they stream back to back over the link, so the fixed cost L_c of
 the affine copy curve (HardwareProfile.copy_time_s) is paid once per step that copies anything, not per copy
-(the H200 decode fits this, benchmarks/results/README.md "Planner validation"). With byte times
+(the H200 decode fits this, docs/notes/2026-11-30-benchmark-diary.md "Planner validation"). With byte times
 
     t_miss   = f * beta / B
     t_hit_l  = 0 if s_l == f else (f - s_l) * beta / B
@@ -62,7 +62,7 @@ Data-dependent copies. How many experts a step copies is data, so the engine cop
 or the k' predicted ones of a layer without cache, are always copied). On the H200 a conditional costs a fixed
 `o = cond_overhead_s` (0.087 ms measured when the step assembled its experts' buffers, 0.036 ms since each expert is
 computed inside the conditional) and the copies made inside it hardly overlap compute (`cond_window_fraction` 0.08,
-then 0-0.02 measured; benchmarks/results/probe_cond_stream.json, bench_policies_qwen15_validation2.json and
+then 0-0.02 measured; benchmarks/results/archive/probe_cond_stream.json, bench_policies_qwen15_validation2.json and
 bench_policies_qwen15_2026-11-30.json). So, with C_l = [N_l > 0] and
 Q_l = [layer l is predicted]:
 

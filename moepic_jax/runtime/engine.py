@@ -149,8 +149,8 @@ class OffloadEngine:
         and splits unchanged (nothing recompiles). Off by default: it raised a 25 % cache's hits from 27 % to 77 %
         with random weights, whose routing follows the prompt, but lowered them from 35 % to 27 % on the trained
         embedded model, whose calibration profile predicts its decode better than the prompt does
-        (benchmarks/results/bench_routing_embedded.md). Ignored by lru (which adapts by itself) and with several
-        devices.
+        (benchmarks/results/embedded/bench_routing_embedded.md). Ignored by lru (which adapts by itself) and with
+        several devices.
       replan: `cache_budget_bytes -> CachePlan`, called at warm-up when the compiled steps need more than the
         estimated fixed part (only for plans the factory made; a user's plan is never changed behind their back).
       routing: a `RoutingTrace` whose routed ids, gate weights and predicted ids the decode step replays instead of
