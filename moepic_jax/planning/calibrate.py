@@ -46,10 +46,12 @@ DEFAULT_H2D_BANDWIDTH_BPS = 49e9
 DEFAULT_LAYER_COMPUTE_S = 1e-4
 DEFAULT_COND_OVERHEAD_S = 3.6e-5
 DEFAULT_COND_WINDOW_FRACTION = 0.0
-# With direct copies (`offload/transfer.py`): from the copy-overlap probes on the H100
-# (docs/notes/2026-12-07-copy-overlap-probes.md): cudaMemcpyAsync on a private stream hid 0.90-0.92 of a copy
-# behind compute; the call's host round trip is a guess (5e-5 s) until measured (measure_hardware(direct=True)).
-DEFAULT_DIRECT_OVERHEAD_S = 5e-5
+# With direct copies (`offload/transfer.py`), on the H100 (docs/notes/2026-12-07-default-step-sweep.md): a copy call
+# that copies nothing costs a layer 0.15-0.18 ms with Qwen1.5-MoE-A2.7B shapes (0.24 ms with Qwen3-30B-A3B's, 8
+# experts a layer) in `measure_hardware(direct=True)`; a prefetch hides most of a layer's compute: forced on, it ran
+# Qwen1.5 at 0.98 of its floor (the copy-overlap probes, docs/notes/2026-12-07-copy-overlap-probes.md: a private-
+# stream copy hid 0.90-0.92 of itself behind compute).
+DEFAULT_DIRECT_OVERHEAD_S = 1.5e-4
 DEFAULT_DIRECT_WINDOW_FRACTION = 0.9
 
 _DEFAULT_TEXT = '''def fibonacci(n):
@@ -399,7 +401,9 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     (miss - ahead) / reps, compute_s = plain / reps; and cond_window_fraction = hidden_s / compute_s clipped to
     [0, 1] (0: the copies inside a conditional do not overlap compute at all).
     direct: the same chains with direct copies (`offload/transfer.py`, `decode.moe_decode_direct`'s calls): a hit
-    is then a copy call whose plan takes the expert from its slot, and "ahead" a prefetch group.
+    is then a copy call whose plan takes the expert from its slot, and "ahead" a prefetch group queued, as the step
+    queues it, in the same call as the layer's own copies (here a hit's), after the layer; its layers also apply
+    that hit, so hidden_s is low by one expert FFN (a few microseconds).
     `bar`: a progress bar advanced once per chain, or None.
     """
     cfg = placed.cfg
@@ -418,10 +422,10 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         first = jnp.where(h[0, 0, 0] > 1e30, -1, e).astype(jnp.int32)
         return jnp.concatenate([first[None], jnp.full((U - 1,), -1, jnp.int32)])
 
-    def assemble(h, r, cache, stack):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
+    def assemble(h, r, cache, stack, tag=None):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
         ids = ids_for(h, r, False)
         if direct:  # queued now, waited for when used
-            return DS.start_copies(spec, r, None, (src, cache, ids, F))[1]
+            return DS.start_copies(spec, r if tag is None else tag, None, (src, cache, ids, F))[1]
         return CS.assemble(spec, F, stack, cache, ids, ids >= 0).outputs[0]
 
     def landed(pending):
@@ -439,8 +443,20 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):
-        pending = assemble(h, 0, cache, stack) if mode == "ahead" else None
+        # (direct: the layers' calls are tagged 0..reps-1, so the first prefetch gets a tag of its own)
+        pending = assemble(h, 0, cache, stack, tag=reps) if mode == "ahead" else None
         for r in range(reps):
+            if mode == "ahead" and direct:
+                # As the decode step queues a prefetch: in the layer's own copy call (here a full hit, no copy),
+                # after the layer's routing. A prefetch in a call of its own is tied to nothing before its wait;
+                # measured that way the H100 hid 0.09-0.20 of the window, where the step hid most of it.
+                h = layer(h, ex, weights)
+                ids = ids_for(h, r, True)
+                nxt = (src, cache, ids_for(h, r + 1, False), F) if r + 1 < reps else None
+                rows, *_, flight = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
+                h = apply(apply(h, rows[0]), landed(pending))
+                pending = flight
+                continue
             if mode == "ahead":
                 cur = pending
                 if r + 1 < reps:
