@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test: no device plane)")
+    ap.add_argument("--experts", default="none", choices=("none", "int8", "int4"),
+                    help="quantized experts (weight-only, group-wise; README 'Quantized experts')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=540.0, help="skip variants after this many seconds")
     ap.add_argument("--name", default=None)
@@ -140,6 +142,10 @@ def main(argv=None) -> int:
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
     cfg = C.get_config(args.model, tiny=args.tiny, n_layers=args.layers)
+    if args.experts != "none":
+        from moepic_jax.config import expert_quant
+        cfg = dataclasses.replace(cfg, expert_quant=expert_quant(args.experts))
+        name += f"_{args.experts}"
     model = C.random_model(cfg, seed=args.seed, progress=not args.tiny)
     granule = 16 if args.tiny else 128
     T = _bucket(args.prompt_len)
