@@ -2,7 +2,7 @@
 # One device call: Qwen3-30B-A3B with the default decode step (moepic at 10 / 25 / 50 %, lru at 25 %), then
 # Qwen3-30B-A3B with int4 experts at the 25 % point's VRAM budget, then Mixtral-8x7B with int4 experts at a budget
 # that fits a 24 GB card (0.65 of the int4 experts' bytes). Calibrated routing, batch 1.
-#   bash benchmarks/experiments/gpu_run_b.sh OUT_DIR      (carry wheels/ for qwix)
+#   bash benchmarks/experiments/quant/qwen3_mixtral_gpu.sh OUT_DIR      (carry wheels/ for qwix)
 set -u
 OUT="${1:?results folder}"
 pip install --no-deps --no-index -q wheels/qwix-*.whl 2>&1 | tail -1

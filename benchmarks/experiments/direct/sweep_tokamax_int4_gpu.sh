@@ -2,7 +2,7 @@
 # One device call (under 600 s): exactness of direct copies on the embedded model, the Qwen1.5-MoE-A2.7B budget
 # sweep with the default decode step (direct/sweep_gpu.sh), tokamax's ragged_dot against the Mosaic-GPU grouped
 # matmul (tokamax/ab.py), then int4 experts at the 25 % point's VRAM budget, each while time is left.
-#   bash benchmarks/experiments/gpu_run_a.sh OUT_DIR      (carry wheels/: qwix, tokamax and their dependencies)
+#   bash benchmarks/experiments/direct/sweep_tokamax_int4_gpu.sh OUT_DIR      (carry wheels/: qwix, tokamax and their dependencies)
 set -u
 OUT="${1:?results folder}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site wheels/*.whl 2>&1 | tail -1
