@@ -71,3 +71,52 @@ def test_progress_bars_only_when_asked(capsys):
     measure_hardware(eng.weights, repeats=1, progress=True)
     err = capsys.readouterr().err
     assert "measuring hardware" in err and "9/9" in err  # 4 copy sizes, the compute, 4 conditional chains
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_copy_cost_chains_apply_the_experts_they_copy(direct):
+    """The chains that price the copy step (`conditional_costs`: plain, hit, miss, prefetched ahead) compute what
+    they claim, against plain JAX on the device-resident experts: a copy that was skipped, landed in the wrong
+    buffer or was waited for under another call's tag would change the result. With direct copies the prefetch
+    rides in the layer's own copy call (a hit), so the "ahead" layers apply that hit and the prefetched expert."""
+    import jax
+    import jax.numpy as jnp
+
+    from moepic_jax import model as M
+    from moepic_jax.offload import transfer
+    from moepic_jax.planning import calibrate
+
+    if direct and not transfer.available(jax.devices()[0]):
+        pytest.skip("direct copies need a C++ compiler")
+    m = moepic_jax.load(None, dtype="float32")
+    w = make_engine(m, "ondemand", max_seq_len=32).weights
+    cfg, l0, reps = m.cfg, m.cfg.moe_layer_ids[0], 3
+    stack = w.stacks[l0]
+    lp = w.resident.layers[l0]
+    ex = jax.device_put(stack, jax.sharding.SingleDeviceSharding(w.device))
+    kv = M.init_kv_cache(cfg, 1, 256, w.dtype)
+    pos, valid = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 256), bool)
+
+    def layer(h, experts, wt):
+        lp, k, v = wt
+        ffn = M.resident_ffn(lp.replace(moe=lp.moe.replace(experts=experts)), cfg, is_moe=True)
+        return M.decoder_layer(lp, h, k, v, 0, M.Positions(pos, valid, jnp.int32(0)), cfg, ffn)[0]
+
+    h0 = jnp.ones((1, 1, cfg.d_model), w.dtype) * 0.01
+    got = {}
+    calibrate.conditional_costs(w, stack, ex, layer, h0, repeats=1, reps=reps, weights=(lp, kv.k, kv.v),
+                                direct=direct, outputs=got)
+
+    def apply(h, e):
+        x = M.rms_norm(h[0], jnp.ones(cfg.d_model, h.dtype), cfg.rms_eps)
+        return h + M.segment_ffn(x, ex[e])[None].astype(h.dtype)
+
+    E = stack.shape[0]
+    for mode in calibrate.COND_MODES:
+        h = h0
+        for r in range(reps):
+            h = layer(h, ex, (lp, kv.k, kv.v))
+            miss = 1 + r % (E - 1)
+            h = {"plain": lambda: apply(h, r % E), "hit": lambda: apply(h, 0), "miss": lambda: apply(h, miss),
+                 "ahead": lambda: apply(apply(h, 0), miss) if direct else apply(h, miss)}[mode]()
+        np.testing.assert_allclose(np.asarray(got[mode]), np.asarray(h), rtol=1e-4, atol=1e-5, err_msg=mode)

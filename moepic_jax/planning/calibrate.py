@@ -384,7 +384,7 @@ COND_MODES = ("plain", "hit", "miss", "ahead")
 
 
 def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, layer, h: jax.Array, repeats: int = 5,
-                      reps: int = 8, weights=(), direct: bool = False, bar=None) -> dict:
+                      reps: int = 8, weights=(), direct: bool = False, bar=None, outputs: dict | None = None) -> dict:
     """What the engine's data-dependent copy step costs on this machine, measured with its own code.
 
     `layer(h, experts, weights)` is one resident decode layer ([1, 1, d_model] -> same; `weights` is passed to the
@@ -404,7 +404,10 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     is then a copy call whose plan takes the expert from its slot, and "ahead" a prefetch group queued, as the step
     queues it, in the same call as the layer's own copies (here a hit's), after the layer; its layers also apply
     that hit, so hidden_s is low by one expert FFN (a few microseconds).
-    `bar`: a progress bar advanced once per chain, or None.
+    `bar`: a progress bar advanced once per chain, or None. `outputs`: a dict that receives each chain's result
+    [1, 1, d_model] by mode (tests check it against the experts the chain should have applied).
+    The expert FFNs read the RMS-normalised residual stream, as in the model (raw, the chains' values grew without
+    bound: NaN within 8 layers on a tiny model, and an infinite value turns an expert id into padding).
     """
     cfg = placed.cfg
     E, F = stack.shape[0], cfg.d_ff
@@ -422,29 +425,34 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
         first = jnp.where(h[0, 0, 0] > 1e30, -1, e).astype(jnp.int32)
         return jnp.concatenate([first[None], jnp.full((U - 1,), -1, jnp.int32)])
 
-    def assemble(h, r, cache, stack, tag=None):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
+    def first(res):  # the copy step's result for ids[0], the one expert (the step orders padding before a miss)
+        return res.outputs[jnp.argmax(res.order == 0)]
+
+    def assemble(h, r, cache, stack):  # a copy made ahead, as a prefetch is: the expert's [F, 3, D] buffer
         ids = ids_for(h, r, False)
-        if direct:  # queued now, waited for when used
-            return DS.start_copies(spec, r if tag is None else tag, None, (src, cache, ids, F))[1]
-        return CS.assemble(spec, F, stack, cache, ids, ids >= 0).outputs[0]
+        if direct:  # queued now, waited for when used (tagged reps: the layers' own calls are tagged 0..reps-1)
+            return DS.start_copies(spec, reps, None, (src, cache, ids, F))[1]
+        return first(CS.assemble(spec, F, stack, cache, ids, ids >= 0))
 
     def landed(pending):
         if not direct:
             return pending
         return transfer.wait(placed.device.platform, pending.dst, pending.group, pending.tag, 1)[0]
 
+    def normed(h):  # the expert's input [1, D]
+        return M.rms_norm(h[0], jnp.ones(h.shape[-1], h.dtype), cfg.rms_eps)
+
     def apply(h, w):
-        return h + M.segment_ffn(h[0], w, cfg.expert_quant)[None].astype(h.dtype)
+        return h + M.segment_ffn(normed(h), w, cfg.expert_quant)[None].astype(h.dtype)
 
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
         if direct:  # a hit is read from its slot, a miss copied by a start/wait pair, as in the decode step
             return apply(h, DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0)[0][0])
-        return h + CS.expert_outputs(spec, h[0], F, stack, cache, ids, ids >= 0).outputs[0][None].astype(h.dtype)
+        return h + first(CS.expert_outputs(spec, normed(h), F, stack, cache, ids, ids >= 0))[None].astype(h.dtype)
 
     def chain(mode, h, cache, stack, ex, weights):
-        # (direct: the layers' calls are tagged 0..reps-1, so the first prefetch gets a tag of its own)
-        pending = assemble(h, 0, cache, stack, tag=reps) if mode == "ahead" else None
+        pending = assemble(h, 0, cache, stack) if mode == "ahead" else None
         for r in range(reps):
             if mode == "ahead" and direct:
                 # As the decode step queues a prefetch: in the layer's own copy call (here a full hit, no copy),
@@ -473,7 +481,9 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     t = {}
     for mode in COND_MODES:
         fn = jax.jit(functools.partial(chain, mode))
-        jax.block_until_ready(fn(h, cache, stack, ex, weights))
+        result = jax.block_until_ready(fn(h, cache, stack, ex, weights))
+        if outputs is not None:
+            outputs[mode] = result
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
