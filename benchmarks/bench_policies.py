@@ -71,8 +71,9 @@ def parse_args(argv=None):
     ap.add_argument("--adapt", default="off", choices=("on", "off"),
                     help="static/moepic: refill the cache from each prompt's routing (adapt_to_prompt)")
     ap.add_argument("--pairs", default=None,
-                    help="run only these policy:fraction[:bN][:adapt] runs (comma list), e.g. lru:0.5:b4,static:0.25:adapt;"
-                         " bN = batch N (default: each --batch), adapt = --adapt on for that run")
+                    help="run only these policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf] runs (comma list), e.g."
+                         " lru:0.5:b4,static:0.25:adapt,moepic:0.25:pf; bN = batch N (default: each --batch), adapt ="
+                         " --adapt on for that run, direct / cond = that copy step, pf / nopf = prefetch forced on / off")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--routing", default="own",
