@@ -6,7 +6,8 @@ For the model (default: Qwen1.5-MoE-A2.7B, bf16, weights drawn on the GPU, exper
     one model profile (expert frequencies, predictor recall) and one hardware profile, shared by all engines;
   * for each budget = fixed part + frac * expert bytes (default frac 0.25, 0.5), in ascending order, and each
     offloading policy (ondemand, lru, static, moepic): one engine, a warm-up generate on another prompt (compiles;
-    compile time reported apart), then one timed generate: 128-token prompt of random ids, 32 new tokens, batch 1;
+    compile time reported apart), then one timed generate: 128-token prompt of random ids, 32 new tokens, batch 1
+    (ondemand, which caches nothing, only at the smallest budget: the others would repeat it);
   * `resident` (all weights on the device) last, so the process-wide device peak of the offloading rows is not
     polluted by it (the peak cannot be reset: each row's "peak" is the running maximum up to that row).
 Reports TTFT, TPOT median / p90, H2D bytes per token, hit rates, predictor recall, compile seconds, peak device
@@ -161,8 +162,9 @@ def main(argv=None) -> int:
     fracs = sorted(float(x) for x in args.budgets.split(",") if x.strip())
     batches = sorted(int(x) for x in args.batch.split(",") if x.strip())
     granule = args.granule or (16 if args.tiny else 128)
+    # ondemand caches nothing, so its budget changes nothing it runs: one row per batch, at the smallest budget
     runs = [(p, f, b, args.adapt == "on" and p in ADAPTS, ())
-            for b in batches for f in fracs for p in policies if p != "resident"]
+            for b in batches for f in fracs for p in policies if p != "resident" and (p != "ondemand" or f == fracs[0])]
     if args.pairs:  # only these runs, e.g. "static:0.1,lru:0.75:b4,static:0.25:adapt"
         runs = [r for item in args.pairs.split(",") if item.strip() for r in parse_pair(item.strip(), batches, args)]
     if "resident" in policies:
