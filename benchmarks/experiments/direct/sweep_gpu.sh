@@ -22,7 +22,9 @@ if [ -z "${SKIP_EXACT:-}" ]; then
   timeout 150 python -m benchmarks.experiments.direct.check_exact 2>&1 | grep -v Warning | tail -7 | tee "$OUT/check_exact.txt"
   grep -q "ALL EXACT" "$OUT/check_exact.txt" || { echo "not exact: no timing"; exit 1; }
 fi
-PAIRS=$(for f in ${BUDGETS//,/ }; do for p in ${POL//,/ }; do printf '%s:%s,' "$p" "$f"; done; done)${EXTRA}
+# ondemand caches nothing: it runs at the first budget only
+PAIRS=$(first=1; for f in ${BUDGETS//,/ }; do for p in ${POL//,/ }; do
+  [ "$p" = ondemand ] && [ $first = 0 ] && continue; printf '%s:%s,' "$p" "$f"; done; first=0; done)${EXTRA}
 timeout "${BENCH_TIMEOUT:-420}" python -m benchmarks.bench_policies --model "$MODEL" --routing calibrated \
   --policies "${POL}${RES}" --pairs "${PAIRS%,}" --experts "$EXPERTS" --out-dir "$OUT" --name "$NAME" \
   --time-limit "${BENCH_LIMIT:-400}" 2>&1 \
