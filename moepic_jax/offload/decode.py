@@ -261,13 +261,17 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         nbytes = nbytes + jnp.sum(pred.h2d_bytes)
         pbufs = transfer.wait(platform, pred.dst, pred.group, pred.tag, 1)
         j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
-        bufs = jnp.where(got[:, None, None, None], pbufs[j], bufs)
-    # Each routed expert once, from wherever its rows are. Computing every prefetch slot's output as well doubled a
-    # layer's expert FFNs (small kernels at batch 1): prefetch cost Qwen3-30B-A3B 13 ms per token on the H100, of
-    # which its wrong guesses' bytes explain 6 (docs/notes/2026-12-07-default-step-sweep.md).
+        if spec.admits:  # admission needs the prefetched rows among this layer's: each expert is then computed once
+            bufs = jnp.where(got[:, None, None, None], pbufs[j], bufs)
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
+        if pred is not None and not spec.admits:
+            # No admission: selecting the rows would move 3x the routed experts' bytes through HBM, more than the
+            # prefetch slots' FFNs read (docs/notes/2026-12-07-default-step-sweep.md)
+            pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p], cfg.expert_quant).astype(jnp.float32)
+                                   for p in range(len(pred.ids))])
+            outs = jnp.where(got[:, None, None], pred_outs[j], outs)
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None  # a prefetched miss is admitted with its prefetched rows
     if spec.admits and cache.tops.shape[0] and rows_kept and spec.splits[l]:
