@@ -129,14 +129,13 @@ def _engine_kw(args):
     if offloads:
         kw["granule"] = args.granule
         kw["progress"] = _progress()
+        kw["direct"] = DIRECT[args.direct]
     if args.devices != 1:
         kw["devices"] = args.devices
     if args.prefetch != "auto" and offloads:
         kw["prefetch"] = args.prefetch == "on"
     if args.adapt_to_prompt and offloads:
         kw["adapt_to_prompt"] = True
-    if args.direct != "auto" and offloads:
-        kw["direct"] = DIRECT[args.direct]
     plan = CachePlan.load(args.plan) if args.plan else None
     return plan, kw
 

@@ -248,7 +248,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     U = min(B * cfg.top_k, place.e_loc)
     uniq = place.distinct(ids, U)
     full, top, miss_pairs = C.classify(cache, ids, spec.splits[l], F)
-    full_u = C.classify(cache, uniq, spec.splits[l], F)[0] & (uniq >= 0)
+    full_u = C.classify(cache, uniq, spec.splits[l], F)[0]
     got = jnp.zeros((U,), bool)
     predicted = jnp.zeros(ids.shape, bool)
     if pred is not None:  # prefetched a layer ago (a full hit is never prefetched: it needs no copy)
@@ -304,9 +304,8 @@ def direct_step_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, 
         now = transfer.Group(plan, src, cache.tops)
         dst, flight = start_copies(spec, tag, now, nxt)
         rows = transfer.wait(spec.place.device.platform, dst, now, tag, 0)
-    if cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: full hits are possible
-        full = C.classify(cache, ids, split, F)[0] & (ids >= 0)
-        slot = C.lookup(cache, ids, split)[0]
+    if split == F and cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: a hit is full
+        slot, full = C.lookup(cache, ids, split)
         rows = jnp.where(full[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(rows.dtype), rows)
     return rows, each, miss, top_hit, flight
 
