@@ -240,9 +240,11 @@ struct State {
   bool kernel = false;
   void* gather = nullptr;        // CUfunction
   LaunchKernelFn launch = nullptr;
-  volatile unsigned* err_host = nullptr;  // mapped: the kernel sets bit 0 for a plan row that leaves its buffers
+  unsigned* err_host = nullptr;  // mapped: the highest launch number of a kernel that met a bad plan row
   unsigned* err_dev = nullptr;
+  unsigned launches = 0, abandoned_launch = 0;  // numbers up to abandoned_launch belong to an abandoned run
   unsigned blocks = 32, threads = 512;
+  std::string kernel_why;  // why the kernel is not used (empty when it is)
 };
 State& state() {
   static State* s = new State();  // never destroyed: XLA may call into it until the process exits
@@ -267,35 +269,50 @@ bool LoadStreamValueOps(State& st) {
 }
 
 // The copy kernel from the PTX that Python handed over, or false (then a DMA mode runs).
+// A launch setting from the environment, within [lo, hi], else `fallback`.
+unsigned EnvCount(const char* name, unsigned fallback, long lo, long hi) {
+  const char* v = std::getenv(name);
+  if (!v) return fallback;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  return (end != v && *end == 0 && x >= lo && x <= hi) ? static_cast<unsigned>(x) : fallback;
+}
+
 bool LoadKernel(State& st) {
-  if (st.ptx.empty()) return false;
+  const char* sync = std::getenv("MOEPIC_JAX_DIRECT_SYNC");
+  if (sync && std::string(sync) == "1") return st.kernel_why = "MOEPIC_JAX_DIRECT_SYNC=1", false;
+  if (st.ptx.empty()) return st.kernel_why = "no PTX", false;
   void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
   if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
-  if (!h) return false;
+  if (!h) return st.kernel_why = "no libcuda.so.1", false;
   auto load = reinterpret_cast<ModuleLoadDataFn>(dlsym(h, "cuModuleLoadData"));
   auto get = reinterpret_cast<ModuleGetFunctionFn>(dlsym(h, "cuModuleGetFunction"));
   st.launch = reinterpret_cast<LaunchKernelFn>(dlsym(h, "cuLaunchKernel"));
+  if (!load || !get || !st.launch) return st.kernel_why = "libcuda.so.1 lacks the module functions", false;
   void* module = nullptr;
-  if (!load || !get || !st.launch || load(&module, st.ptx.c_str()) || get(&st.gather, module, "moepic_gather"))
-    return false;
+  if (int rc = load(&module, st.ptx.c_str()))  // e.g. 222: the PTX is newer than the driver
+    return st.kernel_why = "cuModuleLoadData failed (" + std::to_string(rc) + ")", false;
+  if (int rc = get(&st.gather, module, "moepic_gather"))
+    return st.kernel_why = "cuModuleGetFunction failed (" + std::to_string(rc) + ")", false;
   void* err = nullptr;
   if (cudaHostAlloc(&err, 4, kHostAllocMapped) || cudaHostGetDevicePointer(reinterpret_cast<void**>(&st.err_dev),
                                                                             err, 0))
-    return false;
-  st.err_host = static_cast<volatile unsigned*>(err);
-  *st.err_host = 0;
+    return st.kernel_why = "no mapped host word for the kernel's errors", false;
+  st.err_host = static_cast<unsigned*>(err);
+  __atomic_store_n(st.err_host, 0u, __ATOMIC_SEQ_CST);
   // enough 16-byte loads in flight to fill the link, few enough SMs to leave the rest to XLA's kernels
-  if (const char* b = std::getenv("MOEPIC_JAX_GATHER_BLOCKS")) st.blocks = static_cast<unsigned>(std::atoi(b));
-  if (const char* t = std::getenv("MOEPIC_JAX_GATHER_THREADS")) st.threads = static_cast<unsigned>(std::atoi(t));
-  return st.blocks > 0 && st.threads > 0 && st.threads <= 1024;
+  st.blocks = EnvCount("MOEPIC_JAX_GATHER_BLOCKS", st.blocks, 1, 4096);
+  st.threads = EnvCount("MOEPIC_JAX_GATHER_THREADS", st.threads, 32, 1024);
+  return true;
 }
 
 // A plan row that the kernel skipped becomes the failure the next call reports (st.mu held).
+// Launches of a run that an earlier report abandoned may still meet its bad rows: those are not reported again.
 void CheckKernel(State& st) {
-  if (st.err_host && *st.err_host) {
-    *st.err_host = 0;
-    if (st.error.empty()) st.error = "h2d plan: a row leaves the expert's rows, the stack or the cache";
-  }
+  if (!st.err_host) return;
+  unsigned gen = __atomic_exchange_n(st.err_host, 0u, __ATOMIC_SEQ_CST);
+  if (gen && static_cast<int32_t>(gen - st.abandoned_launch) > 0 && st.error.empty())
+    st.error = "h2d plan: a row leaves the expert's rows, the stack or the cache";
 }
 
 void Fail(State& st, const std::string& what) {
@@ -462,7 +479,9 @@ ffi::Error StartKernel(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S3
       const char* t = tops[g].data;
       char* d = dsts[g].data;
       unsigned* e = st.err_dev;
-      void* args[] = {&plan, &n, &per, &src, &t, &tops_n, &tops_rows, &d, &r, &rb, &ne, &e};
+      unsigned gen = ++st.launches;
+      if (gen == 0) gen = ++st.launches;  // 0 means no error
+      void* args[] = {&plan, &n, &per, &src, &t, &tops_n, &tops_rows, &d, &r, &rb, &ne, &e, &gen};
       if ((rc = st.launch(st.gather, st.blocks, 1, 1, st.threads, 1, 1, 0, st.side, args, nullptr)))
         return ffi::Error::Internal("cuLaunchKernel failed (" + std::to_string(rc) + ")");
     }
@@ -479,6 +498,7 @@ ffi::Error Reported(State& st) {
   st.error.clear();
   st.abandoned = st.seq;
   st.abandoned_any = true;
+  st.abandoned_launch = st.launches;
   return ffi::Error::Internal("direct copies: " + what);
 }
 
@@ -602,6 +622,13 @@ extern "C" int MoepicH2DMode() {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
   return st.side ? (st.kernel ? 2 : static_cast<int>(st.async)) : -1;
+}
+
+// Why the copy kernel is not used ("" when it is, or before the first start).
+extern "C" const char* MoepicH2DKernelWhy() {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  return st.kernel_why.c_str();  // stays valid: set once, in Init
 }
 
 // The copy kernel's PTX (gather.cu), before the first start; none (or PTX the driver refuses) means DMA.

@@ -106,14 +106,17 @@ def kernel_ptx(build: bool = True) -> tuple[bytes | None, str]:
     if out.exists():
         return out.read_bytes(), str(out)
     nvcc = shutil.which("nvcc")
-    if not build or nvcc is None:
+    if not build or nvcc is None or os.environ.get("MOEPIC_JAX_DIRECT_SYNC") == "1":
         return None, f"{KERNEL_PTX.name} is not made from this {KERNEL_SOURCE.name} and nvcc is not on the PATH"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_ptx = pathlib.Path(tmp) / out.name
         # compute_80 PTX: the driver compiles it for any GPU since Ampere
-        res = subprocess.run([nvcc, "-ptx", "-O3", "-arch=compute_80", str(KERNEL_SOURCE), "-o", str(tmp_ptx)],
-                             capture_output=True, text=True)
+        try:
+            res = subprocess.run([nvcc, "-ptx", "-O3", "-arch=compute_80", str(KERNEL_SOURCE), "-o", str(tmp_ptx)],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"nvcc failed: {e}"
         if res.returncode != 0:
             return None, f"nvcc failed: {res.stderr[-500:]}"
         tmp_ptx.write_bytes(want + tmp_ptx.read_bytes())
@@ -139,7 +142,10 @@ def _library(platform: str) -> tuple[ctypes.CDLL | None, str | None]:
             _load_cudart()
         lib = ctypes.CDLL(str(so))
         if platform == "gpu":
-            ptx, _ = kernel_ptx()
+            try:
+                ptx, _ = kernel_ptx()
+            except OSError:  # an unwritable cache: the copies run by DMA
+                ptx = None
             if ptx is not None:
                 lib.MoepicH2DSetKernel(ctypes.c_char_p(ptx))
     except (RuntimeError, OSError) as e:
@@ -167,6 +173,19 @@ def mode(platform: str) -> str:
     if platform != "gpu":
         return "cpu"
     return {-1: "unused", 0: "sync", 1: "async", 2: "kernel"}[lib.MoepicH2DMode()]
+
+
+def kernel_why(platform: str) -> str:
+    """Why this process's direct copies on a GPU do not use the copy kernel ("" when they do, or before the first
+    copy)."""
+    lib, why = _library(platform)
+    if lib is None:
+        return why or ""
+    if platform != "gpu":
+        return "not a GPU"
+    why = lib.MoepicH2DKernelWhy
+    why.restype = ctypes.c_char_p
+    return why().decode()
 
 
 def available(device) -> bool:

@@ -98,7 +98,7 @@ def child() -> dict:
     t_chain_small = bench(jax.jit(lambda x: chain(x, 16, True)), x0)
     t_chain_full = bench(jax.jit(lambda x: chain(x, F, True)), x0)
     row_mb = F * 3 * D * 2 / 1e6
-    return dict(mode=transfer.mode(plat), values_ok=ok, copy_ms=t_copy, copy_GBps=K * row_mb / t_copy,
+    return dict(mode=transfer.mode(plat), kernel_why=transfer.kernel_why(plat), values_ok=ok, copy_ms=t_copy, copy_GBps=K * row_mb / t_copy,
                 compute_ms=t_comp, both_ms=t_both, overlap=(t_copy + t_comp - t_both) / min(t_copy, t_comp),
                 chain_layers=L, chain_compute_ms=t_chain0,
                 chain_small_ms_per_layer=(t_chain_small - t_chain0) / L,
