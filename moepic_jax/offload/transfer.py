@@ -52,6 +52,7 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("h2d.cc")
 KERNEL_SOURCE = SOURCE.with_name("gather.cu")
+KERNEL_BY_DEFAULT = False  # not yet measured on a GPU: DMA copies unless MOEPIC_JAX_COPY_KERNEL=1
 KERNEL_PTX = SOURCE.with_name("gather.ptx")  # made from gather.cu by `nvcc -ptx` (kernel_ptx); first line: its sha256
 PLAN_COLS = 4  # (source, index, first_row, n_rows)
 FROM_HOST, FROM_CACHE = 0, 1
@@ -96,9 +97,9 @@ def _kernel_hash() -> str:
 def kernel_ptx(build: bool = True) -> tuple[bytes | None, str]:
     """The copy kernel's PTX (gather.cu) and where it came from: the shipped gather.ptx when it was made from this
     gather.cu, else one built with nvcc (kept in `cache_dir`; `build`), else (None, why not).
-    MOEPIC_JAX_COPY_KERNEL=0 turns the kernel off (the copies then run by DMA)."""
-    if os.environ.get("MOEPIC_JAX_COPY_KERNEL", "1") == "0":
-        return None, "MOEPIC_JAX_COPY_KERNEL=0"
+    Off unless MOEPIC_JAX_COPY_KERNEL=1 (`KERNEL_BY_DEFAULT`): the copies then run by DMA."""
+    if os.environ.get("MOEPIC_JAX_COPY_KERNEL", "1" if KERNEL_BY_DEFAULT else "0") != "1":
+        return None, "MOEPIC_JAX_COPY_KERNEL is not 1"
     want = f"// sha256 {_kernel_hash()}\n".encode()
     if KERNEL_PTX.exists() and KERNEL_PTX.read_bytes().startswith(want):
         return KERNEL_PTX.read_bytes(), "shipped"

@@ -6,6 +6,7 @@
 set -u
 OUT="${1:?results folder}"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export MOEPIC_JAX_COPY_KERNEL=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
 nvcc --version 2>/dev/null | tail -1
 python -c "from moepic_jax.offload import transfer as t; p, w = t.kernel_ptx(); print('ptx from', w, len(p or b''))"
