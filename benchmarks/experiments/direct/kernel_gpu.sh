@@ -12,7 +12,7 @@ nvcc --version 2>/dev/null | tail -1
 python -c "from moepic_jax.offload import transfer as t; p, w = t.kernel_ptx(); print('ptx from', w, len(p or b''))"
 cp ~/.cache/moepic_jax/ffi/gather_*.ptx "$OUT/" 2>/dev/null
 timeout 90 python -m pytest -q -x tests/test_transfer.py 2>&1 | tail -3
-timeout 200 python -m benchmarks.experiments.direct.probe_copy_kernel --out "$OUT" 2>&1 | grep -E "^\||rror" | tail -8
+timeout 200 python -m benchmarks.experiments.direct.probe_copy_kernel --blocks 32,128 --out "$OUT" 2>&1 | grep -E "^\||rror" | tail -8
 timeout 100 python -m benchmarks.experiments.direct.check_exact 2>&1 | grep -v Warning | tail -4 | tee "$OUT/check_exact_kernel.txt"
 grep -q "ALL EXACT" "$OUT/check_exact_kernel.txt" || { echo "not exact: no timing"; exit 1; }
 for m in 1 0; do
