@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + 32)
     # The budget as bench_policies sets it, computed without building anything on the device.
-    sizing = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+    sizing = make_engine(model, policy="ondemand", vram_budget=None, max_batch=1, max_seq_len=max_len)
     fixed = sizing.fixed_bytes_for(1, max_len, prefetch=True)
     del sizing
     C.release_engine(model, None)

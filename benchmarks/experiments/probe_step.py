@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     granule = 16 if args.tiny else 128
     T = _bucket(args.prompt_len)
     max_len = _bucket(T + args.new_tokens)
-    base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+    base = make_engine(model, policy="ondemand", vram_budget=None, max_batch=1, max_seq_len=max_len)
     fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
     expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
     mp, hw = profile_model(base.weights), measure_hardware(base.weights)

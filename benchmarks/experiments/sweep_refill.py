@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     for variant in ("trained", "random", "zipf"):
         model = trained if variant == "trained" else C.random_model(
             cfg, dtype="float32", seed=0, zipf_bias=args.zipf if variant == "zipf" else None, progress=False)
-        base = make_engine(model, policy="ondemand", max_batch=1, max_seq_len=max_len)
+        base = make_engine(model, policy="ondemand", vram_budget=None, max_batch=1, max_seq_len=max_len)
         fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
         mp = profile_model(base.weights, tokens=calib)
         pm = profile_model(base.weights, tokens=np.asarray(prompt, np.int32), smoothing=0.0)

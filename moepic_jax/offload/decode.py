@@ -257,23 +257,25 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     platform = place.device.platform
     bufs, each, miss, top_hit, flight = direct_step_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt)
     nbytes = jnp.sum(each)
+    # This layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed expert.
+    # Selecting the prefetched rows instead (each expert computed once) made every FFN wait for a pass over U
+    # experts' rows through HBM: Qwen1.5 `moepic` with prefetch at 25 % decoded in 29.0 ms against 25.6 before
+    # (two H100s, on which `lru` took 28.3 and 28.7 ms; docs/notes/2026-12-07-copy-kernel.md).
+    with jax.named_scope("ffn"):
+        outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
+                          for u in range(U)])  # [U, B, D]
+    rows_kept = cache.tops.shape[1]
+    admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:  # a prefetched expert's rows are where its prefetch landed
         nbytes = nbytes + jnp.sum(pred.h2d_bytes)
         pbufs = transfer.wait(platform, pred.dst, pred.group, pred.tag, 1)
         j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
-        if spec.admits:  # admission needs the prefetched rows among this layer's: each expert is then computed once
-            bufs = jnp.where(got[:, None, None, None], pbufs[j], bufs)
-    with jax.named_scope("ffn"):
-        outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
-                          for u in range(U)])  # [U, B, D]
-        if pred is not None and not spec.admits:
-            # No admission: selecting the rows would move 3x the routed experts' bytes through HBM, more than the
-            # prefetch slots' FFNs read (docs/notes/2026-12-07-default-step-sweep.md)
+        with jax.named_scope("ffn"):
             pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p], cfg.expert_quant).astype(jnp.float32)
                                    for p in range(len(pred.ids))])
-            outs = jnp.where(got[:, None, None], pred_outs[j], outs)
-    rows_kept = cache.tops.shape[1]
-    admit_rows = bufs[:, :rows_kept] if spec.admits else None  # a prefetched miss is admitted with its prefetched rows
+        outs = jnp.where(got[:, None, None], pred_outs[j], outs)
+        if spec.admits:  # a prefetched miss is admitted with its prefetched (top) rows
+            admit_rows = jnp.where(got[:, None, None, None], pbufs[j, :rows_kept], admit_rows)
     if spec.admits and cache.tops.shape[0] and rows_kept and spec.splits[l]:
         with jax.named_scope("cache_admission"):
             # the copy step's use order (not copied, top-only hits, misses) is the rule's order of uses

@@ -156,17 +156,11 @@ int cudaFreeHost(void*);
 int cudaMalloc(void**, size_t);
 int cudaGetDevice(int*);
 int cudaSetDevice(int);
-int cudaHostAlloc(void**, size_t, unsigned);
-int cudaHostGetDevicePointer(void**, void*, unsigned);
 const char* cudaGetErrorString(int);
 }
 typedef int (*StreamValueFn)(cudaStream_t, unsigned long long, uint32_t, unsigned);  // cuStream{Wait,Write}Value32_v2
-typedef int (*ModuleLoadDataFn)(void**, const void*);                            // cuModuleLoadData
-typedef int (*ModuleGetFunctionFn)(void**, void*, const char*);                  // cuModuleGetFunction
-typedef int (*LaunchKernelFn)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
-                              cudaStream_t, void**, void**);                      // cuLaunchKernel
 constexpr int kH2D = 1, kD2H = 2, kD2D = 3, kNotReady = 600;
-constexpr unsigned kNonBlocking = 1, kDisableTiming = 2, kWaitGeq = 0, kHostAllocMapped = 2;
+constexpr unsigned kNonBlocking = 1, kDisableTiming = 2, kWaitGeq = 0;
 constexpr int kJobs = 256;  // layers the host may queue ahead of the worker
 
 namespace {
@@ -235,16 +229,6 @@ struct State {
   std::unordered_map<int64_t, cudaEvent_t> done;
   int32_t* sync_staging = nullptr;
   size_t sync_capacity = 0;
-  // kernel mode (gather.cu): the copies are one kernel launch per group on the side stream, waited for by event
-  std::string ptx;               // set from Python before the first start (MoepicH2DSetKernel); empty: DMA modes
-  bool kernel = false;
-  void* gather = nullptr;        // CUfunction
-  LaunchKernelFn launch = nullptr;
-  unsigned* err_host = nullptr;  // mapped: the highest launch number of a kernel that met a bad plan row
-  unsigned* err_dev = nullptr;
-  unsigned launches = 0, abandoned_launch = 0;  // numbers up to abandoned_launch belong to an abandoned run
-  unsigned blocks = 32, threads = 512;
-  std::string kernel_why;  // why the kernel is not used (empty when it is)
 };
 State& state() {
   static State* s = new State();  // never destroyed: XLA may call into it until the process exits
@@ -266,53 +250,6 @@ bool LoadStreamValueOps(State& st) {
   // operations on this device or driver) means synchronous mode
   if (st.write_value(st.side, reinterpret_cast<unsigned long long>(st.flag), 0, 0)) return false;
   return cudaStreamSynchronize(st.side) == 0;
-}
-
-// The copy kernel from the PTX that Python handed over, or false (then a DMA mode runs).
-// A launch setting from the environment, within [lo, hi], else `fallback`.
-unsigned EnvCount(const char* name, unsigned fallback, long lo, long hi) {
-  const char* v = std::getenv(name);
-  if (!v) return fallback;
-  char* end = nullptr;
-  long x = std::strtol(v, &end, 10);
-  return (end != v && *end == 0 && x >= lo && x <= hi) ? static_cast<unsigned>(x) : fallback;
-}
-
-bool LoadKernel(State& st) {
-  const char* sync = std::getenv("MOEPIC_JAX_DIRECT_SYNC");
-  if (sync && std::string(sync) == "1") return st.kernel_why = "MOEPIC_JAX_DIRECT_SYNC=1", false;
-  if (st.ptx.empty()) return st.kernel_why = "no PTX", false;
-  void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-  if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
-  if (!h) return st.kernel_why = "no libcuda.so.1", false;
-  auto load = reinterpret_cast<ModuleLoadDataFn>(dlsym(h, "cuModuleLoadData"));
-  auto get = reinterpret_cast<ModuleGetFunctionFn>(dlsym(h, "cuModuleGetFunction"));
-  st.launch = reinterpret_cast<LaunchKernelFn>(dlsym(h, "cuLaunchKernel"));
-  if (!load || !get || !st.launch) return st.kernel_why = "libcuda.so.1 lacks the module functions", false;
-  void* module = nullptr;
-  if (int rc = load(&module, st.ptx.c_str()))  // e.g. 222: the PTX is newer than the driver
-    return st.kernel_why = "cuModuleLoadData failed (" + std::to_string(rc) + ")", false;
-  if (int rc = get(&st.gather, module, "moepic_gather"))
-    return st.kernel_why = "cuModuleGetFunction failed (" + std::to_string(rc) + ")", false;
-  void* err = nullptr;
-  if (cudaHostAlloc(&err, 4, kHostAllocMapped) || cudaHostGetDevicePointer(reinterpret_cast<void**>(&st.err_dev),
-                                                                            err, 0))
-    return st.kernel_why = "no mapped host word for the kernel's errors", false;
-  st.err_host = static_cast<unsigned*>(err);
-  __atomic_store_n(st.err_host, 0u, __ATOMIC_SEQ_CST);
-  // enough 16-byte loads in flight to fill the link, few enough SMs to leave the rest to XLA's kernels
-  st.blocks = EnvCount("MOEPIC_JAX_GATHER_BLOCKS", st.blocks, 1, 4096);
-  st.threads = EnvCount("MOEPIC_JAX_GATHER_THREADS", st.threads, 32, 1024);
-  return true;
-}
-
-// A plan row that the kernel skipped becomes the failure the next call reports (st.mu held).
-// Launches of a run that an earlier report abandoned may still meet its bad rows: those are not reported again.
-void CheckKernel(State& st) {
-  if (!st.err_host) return;
-  unsigned gen = __atomic_exchange_n(st.err_host, 0u, __ATOMIC_SEQ_CST);
-  if (gen && static_cast<int32_t>(gen - st.abandoned_launch) > 0 && st.error.empty())
-    st.error = "h2d plan: a row leaves the expert's rows, the stack or the cache";
 }
 
 void Fail(State& st, const std::string& what) {
@@ -398,8 +335,7 @@ ffi::Error Init(State& st) {
     return err;
   if (!(err = Check(cudaEventCreateWithFlags(&st.ready, kDisableTiming), "cudaEventCreate")).success()) return err;
   if (!(err = Check(cudaEventCreateWithFlags(&st.drained, kDisableTiming), "cudaEventCreate")).success()) return err;
-  st.kernel = LoadKernel(st);
-  st.async = !st.kernel && LoadStreamValueOps(st);
+  st.async = LoadStreamValueOps(st);
   if (st.async) std::thread(Worker, &st).detach();  // lives as long as the process, like the state
   return ffi::Error::Success();
 }
@@ -458,47 +394,12 @@ ffi::Error StartSync(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S32>
   return ffi::Error::Success();
 }
 
-// Kernel mode: after XLA's work so far, one launch of the copy kernel per group on the side stream, then the
-// group's event; waits are the synchronous mode's (an event per tag and group), so the host never waits.
-ffi::Error StartKernel(State& st, cudaStream_t stream, const ffi::Buffer<ffi::S32>* (&plans)[2],
-                       const ffi::Buffer<ffi::S32>* (&srcs)[2], const Rows (&tops)[2], const Rows (&dsts)[2],
-                       int64_t rows, int64_t row_bytes, int64_t n_experts, int64_t tag) {
-  int rc = cudaEventRecord(st.ready, stream);
-  if (!rc) rc = cudaStreamWaitEvent(st.side, st.ready, 0);
-  ffi::Error err = Check(rc, "queueing the copy kernel");
-  if (!err.success()) return err;
-  for (int g = 0; g < 2; ++g) {
-    long long n = plans[g]->element_count() / kPlanCols;
-    if (n) {
-      if (dsts[g].n == 0 || n % dsts[g].n != 0)
-        return ffi::Error::InvalidArgument("h2d plan rows must be a multiple of the destination's experts");
-      long long per = n / dsts[g].n, tops_n = tops[g].n, tops_rows = tops[g].rows, r = rows, rb = row_bytes,
-                ne = n_experts;
-      const int32_t* plan = plans[g]->typed_data();
-      const int32_t* src = srcs[g]->typed_data();
-      const char* t = tops[g].data;
-      char* d = dsts[g].data;
-      unsigned* e = st.err_dev;
-      unsigned gen = ++st.launches;
-      if (gen == 0) gen = ++st.launches;  // 0 means no error
-      void* args[] = {&plan, &n, &per, &src, &t, &tops_n, &tops_rows, &d, &r, &rb, &ne, &e, &gen};
-      if ((rc = st.launch(st.gather, st.blocks, 1, 1, st.threads, 1, 1, 0, st.side, args, nullptr)))
-        return ffi::Error::Internal("cuLaunchKernel failed (" + std::to_string(rc) + ")");
-    }
-    cudaEvent_t& ev = st.done[2 * tag + g];
-    if (!ev && !(err = Check(cudaEventCreateWithFlags(&ev, kDisableTiming), "cudaEventCreate")).success()) return err;
-    if (!(err = Check(cudaEventRecord(ev, st.side), "cudaEventRecord")).success()) return err;
-  }
-  return ffi::Error::Success();
-}
-
 // The worker's failure, reported once (st.mu held); the jobs queued until now belong to the run XLA abandons.
 ffi::Error Reported(State& st) {
   std::string what = std::move(st.error);
   st.error.clear();
   st.abandoned = st.seq;
   st.abandoned_any = true;
-  st.abandoned_launch = st.launches;
   return ffi::Error::Internal("direct copies: " + what);
 }
 
@@ -518,7 +419,6 @@ ffi::Error StartLocked(State& st, std::unique_lock<std::mutex>& lock, cudaStream
                        ffi::Buffer<ffi::S32>& plan1, ffi::Buffer<ffi::S32>& src1, ffi::AnyBuffer& tops1,
                        ffi::Result<ffi::AnyBuffer>& dst0, ffi::Result<ffi::AnyBuffer>& dst1, int64_t rows,
                        int64_t row_bytes, int64_t n_experts, int64_t tag) {
-  CheckKernel(st);
   if (!st.error.empty()) return Reported(st);
   if (src0.element_count() != 2 || src1.element_count() != 2 || plan0.element_count() % kPlanCols ||
       plan1.element_count() % kPlanCols)
@@ -530,11 +430,6 @@ ffi::Error StartLocked(State& st, std::unique_lock<std::mutex>& lock, cudaStream
   for (int g = 0; g < 2; ++g) {
     if (!(err = CheckShapes(tops[g], dsts[g], rows, row_bytes)).success()) return err;
     st.dsts[2 * tag + g] = dsts[g].data;
-  }
-  if (st.kernel) {
-    const ffi::Buffer<ffi::S32>* plans[2] = {&plan0, &plan1};
-    const ffi::Buffer<ffi::S32>* srcs[2] = {&src0, &src1};
-    return StartKernel(st, stream, plans, srcs, tops, dsts, rows, row_bytes, n_experts, tag);
   }
   if (!st.async) return StartSync(st, stream, plan0, src0, tops, plan1, src1, dsts, rows, row_bytes, n_experts, tag);
 
@@ -580,7 +475,6 @@ ffi::Error Start(cudaStream_t stream, ffi::Buffer<ffi::S32> plan0, ffi::Buffer<f
 }
 
 ffi::Error WaitLocked(State& st, cudaStream_t stream, const ffi::AnyBuffer& dst, int64_t tag, int64_t group) {
-  CheckKernel(st);
   if (!st.error.empty()) return Reported(st);
   auto d = st.dsts.find(2 * tag + group);
   if (d != st.dsts.end() && d->second != dst.untyped_data() && dst.size_bytes() > 0)
@@ -616,26 +510,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DStart, Start,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoepicH2DWait, Wait,
                               WaitBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 
-// Whether this process's direct copies run by the copy kernel (2), by DMA queued by the worker (1), by DMA queued
-// after the host read the plans (0), or have not started (-1).
+// Whether this process's direct copies run asynchronously (1), synchronously (0), or have not started (-1).
 extern "C" int MoepicH2DMode() {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  return st.side ? (st.kernel ? 2 : static_cast<int>(st.async)) : -1;
-}
-
-// Why the copy kernel is not used ("" when it is, or before the first start).
-extern "C" const char* MoepicH2DKernelWhy() {
-  State& st = state();
-  std::lock_guard<std::mutex> lock(st.mu);
-  return st.kernel_why.c_str();  // stays valid: set once, in Init
-}
-
-// The copy kernel's PTX (gather.cu), before the first start; none (or PTX the driver refuses) means DMA.
-extern "C" void MoepicH2DSetKernel(const char* ptx) {
-  State& st = state();
-  std::lock_guard<std::mutex> lock(st.mu);
-  if (!st.side) st.ptx = ptx ? ptx : "";
+  return st.side ? static_cast<int>(st.async) : -1;
 }
 
 #else  // CPU: the same plans, copied with memcpy when waited for.

@@ -51,9 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("h2d.cc")
-KERNEL_SOURCE = SOURCE.with_name("gather.cu")
-KERNEL_BY_DEFAULT = False  # not yet measured on a GPU: DMA copies unless MOEPIC_JAX_COPY_KERNEL=1
-KERNEL_PTX = SOURCE.with_name("gather.ptx")  # made from gather.cu by `nvcc -ptx` (kernel_ptx); first line: its sha256
 PLAN_COLS = 4  # (source, index, first_row, n_rows)
 FROM_HOST, FROM_CACHE = 0, 1
 _TARGETS = {"cpu": ("moepic_h2d_start_cpu", "moepic_h2d_wait_cpu"),
@@ -90,41 +87,6 @@ def _build(platform: str) -> pathlib.Path:
     return out
 
 
-def _kernel_hash() -> str:
-    return hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest()
-
-
-def kernel_ptx(build: bool = True) -> tuple[bytes | None, str]:
-    """The copy kernel's PTX (gather.cu) and where it came from: the shipped gather.ptx when it was made from this
-    gather.cu, else one built with nvcc (kept in `cache_dir`; `build`), else (None, why not).
-    Off unless MOEPIC_JAX_COPY_KERNEL=1 (`KERNEL_BY_DEFAULT`): the copies then run by DMA."""
-    if os.environ.get("MOEPIC_JAX_COPY_KERNEL", "1" if KERNEL_BY_DEFAULT else "0") != "1":
-        return None, "MOEPIC_JAX_COPY_KERNEL is not 1"
-    want = f"// sha256 {_kernel_hash()}\n".encode()
-    if KERNEL_PTX.exists() and KERNEL_PTX.read_bytes().startswith(want):
-        return KERNEL_PTX.read_bytes(), "shipped"
-    out = cache_dir() / f"gather_{_kernel_hash()[:16]}.ptx"
-    if out.exists():
-        return out.read_bytes(), str(out)
-    nvcc = shutil.which("nvcc")
-    if not build or nvcc is None or os.environ.get("MOEPIC_JAX_DIRECT_SYNC") == "1":
-        return None, f"{KERNEL_PTX.name} is not made from this {KERNEL_SOURCE.name} and nvcc is not on the PATH"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_ptx = pathlib.Path(tmp) / out.name
-        # compute_80 PTX: the driver compiles it for any GPU since Ampere
-        try:
-            res = subprocess.run([nvcc, "-ptx", "-O3", "-arch=compute_80", str(KERNEL_SOURCE), "-o", str(tmp_ptx)],
-                                 capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"nvcc failed: {e}"
-        if res.returncode != 0:
-            return None, f"nvcc failed: {res.stderr[-500:]}"
-        tmp_ptx.write_bytes(want + tmp_ptx.read_bytes())
-        os.replace(tmp_ptx, out)
-    return out.read_bytes(), str(out)
-
-
 def _load_cudart() -> None:
     """Make the CUDA runtime's symbols global, so that the library's cuda* calls resolve to jaxlib's runtime."""
     found = sorted(p for d in sys.path for p in glob.glob(os.path.join(d, "nvidia", "**", "libcudart.so*"),
@@ -142,13 +104,6 @@ def _library(platform: str) -> tuple[ctypes.CDLL | None, str | None]:
         if platform == "gpu":
             _load_cudart()
         lib = ctypes.CDLL(str(so))
-        if platform == "gpu":
-            try:
-                ptx, _ = kernel_ptx()
-            except OSError:  # an unwritable cache: the copies run by DMA
-                ptx = None
-            if ptx is not None:
-                lib.MoepicH2DSetKernel(ctypes.c_char_p(ptx))
     except (RuntimeError, OSError) as e:
         return None, str(e)
     start, wait = _TARGETS[platform]
@@ -164,29 +119,15 @@ def _register(platform: str) -> str | None:
 
 
 def mode(platform: str) -> str:
-    """How this process's direct copies on `platform` run: "kernel" (gather.cu's kernel reads the plan and copies on
-    the device), "async" (a worker queues DMA copies; XLA's stream waits on the device), "sync" (each start waits on
-    the host for its plans), "cpu" (memcpy at wait), or "unused" (no copy has started yet, or the library cannot be
-    built)."""
+    """How this process's direct copies on `platform` run: "async" (a worker queues the copies; XLA's stream waits
+    on the device), "sync" (each start waits on the host for its plans), "cpu" (memcpy at wait), or "unused" (no
+    copy has started yet, or the library cannot be built)."""
     lib, _ = _library(platform)
     if lib is None:
         return "unused"
     if platform != "gpu":
         return "cpu"
-    return {-1: "unused", 0: "sync", 1: "async", 2: "kernel"}[lib.MoepicH2DMode()]
-
-
-def kernel_why(platform: str) -> str:
-    """Why this process's direct copies on a GPU do not use the copy kernel ("" when they do, or before the first
-    copy)."""
-    lib, why = _library(platform)
-    if lib is None:
-        return why or ""
-    if platform != "gpu":
-        return "not a GPU"
-    why = lib.MoepicH2DKernelWhy
-    why.restype = ctypes.c_char_p
-    return why().decode()
+    return {-1: "unused", 0: "sync", 1: "async"}[lib.MoepicH2DMode()]
 
 
 def available(device) -> bool:
