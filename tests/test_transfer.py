@@ -94,4 +94,3 @@ def test_import_sets_one_hardware_queue_per_stream_unless_set(given, expect):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          check=True).stdout.split()[-1]
     assert out == expect
-
