@@ -180,11 +180,8 @@ def main(argv=None) -> int:
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
 
-    cfg = C.get_config(args.model, tiny=args.tiny)
-    if args.experts != "none":
-        from moepic_jax.config import expert_quant
-
-        cfg = dataclasses.replace(cfg, expert_quant=expert_quant(args.experts, args.quant_group))
+    cfg = C.get_config(args.model, tiny=args.tiny, experts=args.experts,
+                       quant_group=args.quant_group if args.experts != "none" else None)
     model = C.random_model(cfg, dtype=args.dtype, seed=args.seed, zipf_bias=args.zipf, progress=not args.tiny)
     info = model.random_info
     print(f"model {C.MODEL_NAMES[args.model]}{' (tiny)' if args.tiny else ''}: experts "

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moepic_jax import model as M
-from moepic_jax.config import MoEConfig, from_hf_config
+from moepic_jax.config import MoEConfig, expert_quant, from_hf_config
 import moepic_jax
 from moepic_jax.io.loading import Model
 from moepic_jax.model.params import np_dtype
@@ -150,9 +150,11 @@ TINY_OVERRIDES = {
 }
 
 
-def get_config(name: str, tiny: bool = False, n_layers: int | None = None) -> MoEConfig:
+def get_config(name: str, tiny: bool = False, n_layers: int | None = None, experts: str | None = None,
+               quant_group: int | None = None) -> MoEConfig:
     """`MoEConfig` of a real model ("qwen15", "olmoe", "qwen3", "mixtral"), or of its tiny CPU stand-in; n_layers:
-    keep only the first n layers (a probe of per-layer costs that compiles faster)."""
+    keep only the first n layers (a probe of per-layer costs that compiles faster); experts, quant_group: quantized
+    experts as `moepic_jax.config.expert_quant` reads them (None / "none": the model dtype)."""
     if name not in REAL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REAL_CONFIGS)}")
     d = dict(REAL_CONFIGS[name])
@@ -162,7 +164,7 @@ def get_config(name: str, tiny: bool = False, n_layers: int | None = None) -> Mo
             d[k] = None  # ids of the real vocabulary would be outside the tiny one
     if n_layers is not None:
         d["num_hidden_layers"] = n_layers
-    return from_hf_config(d)
+    return dataclasses.replace(from_hf_config(d), expert_quant=expert_quant(experts, quant_group))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -141,10 +141,8 @@ def main(argv=None) -> int:
     name = args.name or f"probe_step_{args.model}" + (f"_l{args.layers}" if args.layers else "")
     env = C.env_info()
     print(f"# {name}: {env['device']} ({env['platform']}), jax {env['versions'].get('jax')}", flush=True)
-    cfg = C.get_config(args.model, tiny=args.tiny, n_layers=args.layers)
+    cfg = C.get_config(args.model, tiny=args.tiny, n_layers=args.layers, experts=args.experts)
     if args.experts != "none":
-        from moepic_jax.config import expert_quant
-        cfg = dataclasses.replace(cfg, expert_quant=expert_quant(args.experts))
         name += f"_{args.experts}"
     model = C.random_model(cfg, seed=args.seed, progress=not args.tiny)
     granule = 16 if args.tiny else 128

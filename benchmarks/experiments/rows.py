@@ -3,6 +3,7 @@
   python -m benchmarks.experiments.rows OUT_DIR/*.json
 """
 import json
+import pathlib
 import sys
 
 
@@ -14,14 +15,15 @@ def main(paths):
             rows = json.load(open(p))["rows"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        name = pathlib.Path(p).stem
         for r in rows:
             if r.get("tpot_ms") is None:
-                print(f"| {p.rsplit('/', 1)[-1]} | {r.get('policy')} | {r.get('options', '')} | {r.get('budget_frac')} "
+                print(f"| {name} | {r.get('policy')} | {r.get('options', '')} | {r.get('budget_frac')} "
                       f"| - | {r.get('error', 'no time')} |")
                 continue
             f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
             hits = None if r.get("miss_rate") is None else 1 - r["miss_rate"]
-            print(f"| {p.rsplit('/', 1)[-1][:-5]} | {r['policy']} | {r.get('options', '')} | {f('budget_frac', '.0%')} "
+            print(f"| {name} | {r['policy']} | {r.get('options', '')} | {f('budget_frac', '.0%')} "
                   f"| {f('budget_gib', '.1f')} | {r['tpot_ms']:.2f} | {f('floor_ms', '.2f')} | {f('efficiency', '.2f')} "
                   f"| {f('h2d_mb_per_token', '.0f')} | {f('prefetch_wasted_mb_per_token', '.0f')} "
                   f"| {'-' if hits is None else format(hits, '.1%')} | {f('predictor_recall', '.2f')} |")
