@@ -136,6 +136,20 @@ def test_direct_copies_exact(policy, offload_models, reference):
 
 
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
+def test_direct_copies_exact_with_full_hits_computed_from_slots(policy, offload_models, reference, monkeypatch):
+    """The experiment switch `decode.FULL_HIT_FFN_FROM_SLOT` (a full hit's FFN reads its cache slot and its output
+    is selected) keeps the resident model's logits, tokens and the conditional step's counters."""
+    from moepic_jax.offload import decode
+
+    monkeypatch.setattr(decode, "FULL_HIT_FFN_FROM_SLOT", True)
+    engines, counters = _direct_and_conditional(policy, offload_models, reference, SINGLE)
+    for got, exp in zip(*counters):
+        for k in exp:
+            np.testing.assert_array_equal(got[k], exp[k])
+    assert sum(c["full_hits"].sum() for c in counters[1]) > 0  # the switched path ran
+
+
+@pytest.mark.parametrize("policy", ["lru", "moepic"])
 def test_direct_copies_exact_at_batch_two(policy, offload_models, reference):
     """Two prompts: padded routed and predicted ids (-1), destination rows no plan writes."""
     engines, counters = _direct_and_conditional(policy, offload_models, reference, BATCH)

@@ -10,6 +10,13 @@ A variant is `policy:fraction[:option...]`, options:
   unrollN   `copy_step.COPY_UNROLL_GROUPS = N` while the engine compiles (copy groups unrolled, no loop, up to N)
   rule=R    the policy's cache replacement rule replaced by R (`cache.RULES`: static, lru, freq), in
             `policies.POLICY_SPECS` while the engine is built
+  pf, nopf  prefetch forced on / off (default: as the plan says)
+  slotffn   `decode.FULL_HIT_FFN_FROM_SLOT = True` while the engine compiles (a full hit's FFN reads its slot)
+
+`--routing calibrated` replays a trace drawn to the model's published routing statistics
+(`benchmarks/routing_traces.py`, its first --layers layers): the planner profiles its first half, the decode replays
+the second. Every GPU kernel and copy of the traced steps is written to `<name>_events.json` (stream, name, start
+and duration in microseconds from the first event), so a layer's critical path can be read off the timeline.
 
 Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase, which
 only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3 untraced
@@ -41,18 +48,25 @@ import weakref
 def parse_variant(item: str) -> dict:
     parts = item.split(":")
     try:
-        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, rule=None, label=item)
+        v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, rule=None, prefetch=None,
+                 slotffn=False, label=item)
     except (IndexError, ValueError):
-        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN][:rule=R]") from None
+        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN][:rule=R][:pf|:nopf]") \
+            from None
     for o in parts[2:]:
         if o == "adapt":
             v["adapt"] = True
+        elif o in ("pf", "nopf"):
+            v["prefetch"] = o == "pf"
+        elif o == "slotffn":
+            v["slotffn"] = True
         elif o.startswith("unroll") and o[6:].isdigit():
             v["unroll"] = int(o[6:])
         elif o.startswith("rule="):
             v["rule"] = o[5:]
         else:
-            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN, rule=R")
+            raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN, rule=R, "
+                             "pf, nopf, slotffn")
     return v
 
 
@@ -65,7 +79,7 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
     if not files:
         return {"error": "no xplane.pb written"}
     pd = jax.profiler.ProfileData.from_file(files[-1])
-    spans, by_name = [], collections.Counter()
+    spans, by_name, events = [], collections.Counter(), []
     out = collections.Counter()
     lines = {}
     for plane in pd.planes:
@@ -88,6 +102,7 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
                 out[kind + "_ms"] += ev.duration_ns / 1e6
                 by_name[name[:90]] += ev.duration_ns / 1e6
                 spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                events.append((line.name, name[:120], ev.start_ns, ev.duration_ns))
                 n, t = n + 1, t + ev.duration_ns / 1e6
             lines[f"{plane.name} {line.name}"] = {"events_per_step": n / steps, "ms_per_step": t / steps}
     if not spans:
@@ -103,7 +118,10 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
     res = {k: v / steps for k, v in out.items()}
     res["busy_ms"] = busy / 1e6 / steps
     res["lines"] = lines
-    res["top_ops_ms_per_step"] = {k: v / steps for k, v in by_name.most_common(15)}
+    res["top_ops_ms_per_step"] = {k: v / steps for k, v in by_name.most_common(25)}
+    t0 = min(e[2] for e in events)
+    res["events"] = [(ln, nm, round((st - t0) / 1e3, 2), round(d / 1e3, 2)) for ln, nm, st, d in sorted(
+        events, key=lambda e: e[2])]
     return res
 
 
@@ -118,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test: no device plane)")
     ap.add_argument("--experts", default="none", choices=("none", "int8", "int4"),
                     help="quantized experts (weight-only, group-wise; README 'Quantized experts')")
+    ap.add_argument("--routing", default="own", choices=("own", "calibrated"),
+                    help="own: the random routers (stress case); calibrated: a trace drawn to the model's published "
+                         "routing statistics (benchmarks/routing_traces.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=540.0, help="skip variants after this many seconds")
     ap.add_argument("--name", default=None)
@@ -134,6 +155,7 @@ def main(argv=None) -> int:
     C.set_gpu_env(args.model, args.tiny)  # before the first device use
     from moepic_jax.generate import bucket as _bucket, generate
     from moepic_jax.offload import copy_step, policies
+    from moepic_jax.offload import decode as decode_mod
     from moepic_jax.planning.calibrate import measure_hardware, profile_model
     from moepic_jax.runtime.engine import device_memory_stats
     from moepic_jax.runtime.factory import make_engine
@@ -151,7 +173,21 @@ def main(argv=None) -> int:
     base = make_engine(model, policy="ondemand", vram_budget=None, max_batch=1, max_seq_len=max_len)
     fixed = base.fixed_bytes_for(1, max_len, prefetch=True)
     expert_bytes = cfg.total_expert_bytes(model.dtype_bytes)
-    mp, hw = profile_model(base.weights), measure_hardware(base.weights)
+    hw, trace = measure_hardware(base.weights), None
+    if args.routing == "calibrated":
+        from benchmarks.bench_policies import load_trace
+        from moepic_jax.offload.decode import RoutingTrace
+        from moepic_jax.planning.calibrate import profile_from_trace
+
+        trace = load_trace(argparse.Namespace(routing="calibrated", trace_tokens=512, tiny=args.tiny, model=args.model,
+                                              seed=args.seed), cfg, RoutingTrace)[0]
+        L = cfg.n_layers  # the trace's first L layers (a shortened model)
+        trace = RoutingTrace(*(x[:, :L] for x in trace))
+        mp = profile_from_trace(RoutingTrace(*(x[:512] for x in trace)), cfg, model.dtype_bytes)
+        trace = RoutingTrace(*(x[512:] for x in trace))
+        name += "_calibrated"
+    else:
+        mp = profile_model(base.weights)
     ref = weakref.ref(base)
     del base
     C.release_engine(model, ref)
@@ -170,6 +206,7 @@ def main(argv=None) -> int:
         return (device_memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
     real_unroll, real_specs = copy_step.COPY_UNROLL_GROUPS, dict(policies.POLICY_SPECS)
+    real_slotffn = decode_mod.FULL_HIT_FFN_FROM_SLOT
 
     meta = {"benchmark": "probe_step: decode step time by variant, with a device profile", "env": env,
             "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
@@ -187,7 +224,15 @@ def main(argv=None) -> int:
                ("needed_gib", "needed GiB", ".3f"), ("budget_gib", "budget GiB", ".3f"),
                ("peaks", "peak GiB after warm-up / prefill / decode", ""), ("error", "error", "")]
 
+    events = {}  # variant -> the traced steps' GPU events
+
     def save():
+        if events:
+            import json
+
+            os.makedirs(args.out_dir or C.RESULTS_DIR, exist_ok=True)
+            with open(os.path.join(args.out_dir or C.RESULTS_DIR, f"{name}_events.json"), "w") as f:
+                json.dump(events, f)
         return C.write_results(name, rows, meta, out_dir=args.out_dir, columns=columns, plot=False,
                                title=f"{C.MODEL_NAMES[args.model]} ({cfg.n_layers} layers): decode step by variant")
 
@@ -202,10 +247,12 @@ def main(argv=None) -> int:
         try:
             if v["unroll"] is not None:
                 copy_step.COPY_UNROLL_GROUPS = v["unroll"]  # read when the copy step is traced (warm-up)
+            decode_mod.FULL_HIT_FFN_FROM_SLOT = v["slotffn"]  # read when the decode step is traced (warm-up)
             if v["rule"] is not None:  # read when the engine is built (`policies.policy_spec` in make_engine)
                 policies.POLICY_SPECS[v["policy"]] = dataclasses.replace(real_specs[v["policy"]], rule=v["rule"])
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
-                              adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len)
+                              adapt_to_prompt=v["adapt"], max_batch=1, max_seq_len=max_len, routing=trace,
+                              prefetch=v["prefetch"])
             row["cache_gib_planned"] = eng.cache_bytes() / 2**30
 
             def step(state, tok):  # one decode step, greedy
@@ -258,6 +305,7 @@ def main(argv=None) -> int:
             jax.profiler.stop_trace()
             row["step_wall_ms"] = float(np.mean(walls))
             prof = summarize_trace(log_dir, args.steps)
+            events[v["label"]] = prof.pop("events", [])
             row["profile"] = prof
             for k in ("busy_ms", "kernel_n", "kernel_ms", "slice_n", "slice_ms", "h2d_n", "h2d_ms", "d2h_n", "d2d_n",
                       "d2d_ms"):
@@ -279,6 +327,7 @@ def main(argv=None) -> int:
             row["error"] = f"{type(e).__name__}: {e}"
         finally:  # a failed engine too: its caches would skew the next variants' memory
             copy_step.COPY_UNROLL_GROUPS = real_unroll
+            decode_mod.FULL_HIT_FFN_FROM_SLOT = real_slotffn
             policies.POLICY_SPECS.update(real_specs)
             ref = weakref.ref(eng) if eng is not None else None
             eng = state = tok = None

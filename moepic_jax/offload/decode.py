@@ -111,6 +111,12 @@ def after(ids: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.where(jnp.sum(jnp.abs(h.astype(jnp.float32))) > 3e38, 0, ids)
 
 
+# Experiment switch, read when the direct step is traced: a full hit's FFN reads its cache slot and its output is
+# selected (True), or its rows are selected into the copies' buffer before the FFNs (False). Which is faster on the
+# GPU is being measured (`benchmarks/experiments/probe_step.py`, variant option `slotffn`).
+FULL_HIT_FFN_FROM_SLOT = False
+
+
 class Prefetch(NamedTuple):
     """The next layer's predicted experts, assembled on the device a layer ahead."""
 
@@ -255,7 +261,10 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0) & ~full_u
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
     platform = place.device.platform
-    bufs, each, miss, top_hit, flight = direct_step_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt)
+    whole = spec.splits[l] == F and cache.tops.shape[0] and cache.tops.shape[1] == F
+    slot_ffn = FULL_HIT_FFN_FROM_SLOT and whole
+    bufs, each, miss, top_hit, flight = direct_step_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt,
+                                                         full_rows=not slot_ffn)
     nbytes = jnp.sum(each)
     # This layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed expert.
     # Selecting the prefetched rows instead (each expert computed once) made every FFN wait for a pass over U
@@ -264,6 +273,12 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
+    if slot_ffn:  # a full hit's FFN reads its slot (no wait for the copies), its output is selected
+        slot, full_s = C.lookup(cache, uniq, F)
+        with jax.named_scope("ffn"):
+            hit_outs = jnp.stack([M.segment_ffn(x, cache.tops[jnp.maximum(slot[u], 0)], cfg.expert_quant)
+                                  .astype(jnp.float32) for u in range(U)])
+        outs = jnp.where(full_s[:, None, None], hit_outs, outs)
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:  # a prefetched expert's rows are where its prefetch landed
@@ -294,11 +309,11 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
 
 
 def direct_step_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, src: jax.Array, ids: jax.Array,
-                     need: jax.Array, nxt: tuple | None = None):
+                     need: jax.Array, nxt: tuple | None = None, full_rows: bool = True):
     """The rows [U, F, 3, W] of experts `ids` [U] where `need` [U] (others undefined), as the direct step has them:
     one `transfer.start` (tagged `tag`) copies the misses and top hits' bottoms (with the next layer's prefetch when
     nxt = (its src, its cache, its predicted ids, its split)), the step waits on the device, and a full hit's rows
-    come from its cache slot (no copy through the private stream).
+    come from its cache slot (no copy through the private stream; full_rows=False: left undefined).
     Returns (rows, H2D bytes of each [U], miss [U], top_hit [U], the next layer's `InFlight` or None)."""
     F = spec.cfg.d_ff
     plan, each, miss, top_hit = copy_plan(spec, split, cache, ids, need)
@@ -306,7 +321,7 @@ def direct_step_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, 
         now = transfer.Group(plan, src, cache.tops)
         dst, flight = start_copies(spec, tag, now, nxt)
         rows = transfer.wait(spec.place.device.platform, dst, now, tag, 0)
-    if split == F and cache.tops.shape[0] and cache.tops.shape[1] == F:  # slots hold whole experts: a hit is full
+    if full_rows and split == F and cache.tops.shape[0] and cache.tops.shape[1] == F:  # whole experts: hits are full
         slot, full = C.lookup(cache, ids, split)
         rows = jnp.where(full[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(rows.dtype), rows)
     return rows, each, miss, top_hit, flight
