@@ -136,12 +136,12 @@ def test_direct_copies_exact(policy, offload_models, reference):
 
 
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
-def test_direct_copies_exact_with_full_hits_computed_from_slots(policy, offload_models, reference, monkeypatch):
-    """The experiment switch `decode.FULL_HIT_FFN_FROM_SLOT` (a full hit's FFN reads its cache slot and its output
-    is selected) keeps the resident model's logits, tokens and the conditional step's counters."""
+def test_direct_copies_exact_with_ready_ffns_during_copies(policy, offload_models, reference, monkeypatch):
+    """The experiment switch `decode.READY_FFNS_DURING_COPIES` (full hits read from their slots and prefetched experts
+    computed between the copies' start and wait) keeps the resident model's logits, tokens and the conditional step's counters."""
     from moepic_jax.offload import decode
 
-    monkeypatch.setattr(decode, "FULL_HIT_FFN_FROM_SLOT", True)
+    monkeypatch.setattr(decode, "READY_FFNS_DURING_COPIES", True)
     engines, counters = _direct_and_conditional(policy, offload_models, reference, SINGLE)
     for got, exp in zip(*counters):
         for k in exp:

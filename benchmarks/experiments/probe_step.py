@@ -11,7 +11,8 @@ A variant is `policy:fraction[:option...]`, options:
   rule=R    the policy's cache replacement rule replaced by R (`cache.RULES`: static, lru, freq), in
             `policies.POLICY_SPECS` while the engine is built
   pf, nopf  prefetch forced on / off (default: as the plan says)
-  slotffn   `decode.FULL_HIT_FFN_FROM_SLOT = True` while the engine compiles (a full hit's FFN reads its slot)
+  early     `decode.READY_FFNS_DURING_COPIES = True` while the engine compiles (full hits and prefetched experts
+            computed while the copies stream)
 
 `--routing calibrated` replays a trace drawn to the model's published routing statistics
 (`benchmarks/routing_traces.py`, its first --layers layers): the planner profiles its first half, the decode replays
@@ -49,7 +50,7 @@ def parse_variant(item: str) -> dict:
     parts = item.split(":")
     try:
         v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, rule=None, prefetch=None,
-                 slotffn=False, label=item)
+                 early=False, label=item)
     except (IndexError, ValueError):
         raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN][:rule=R][:pf|:nopf]") \
             from None
@@ -58,15 +59,15 @@ def parse_variant(item: str) -> dict:
             v["adapt"] = True
         elif o in ("pf", "nopf"):
             v["prefetch"] = o == "pf"
-        elif o == "slotffn":
-            v["slotffn"] = True
+        elif o == "early":
+            v["early"] = True
         elif o.startswith("unroll") and o[6:].isdigit():
             v["unroll"] = int(o[6:])
         elif o.startswith("rule="):
             v["rule"] = o[5:]
         else:
             raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN, rule=R, "
-                             "pf, nopf, slotffn")
+                             "pf, nopf, early")
     return v
 
 
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
         return (device_memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
     real_unroll, real_specs = copy_step.COPY_UNROLL_GROUPS, dict(policies.POLICY_SPECS)
-    real_slotffn = decode_mod.FULL_HIT_FFN_FROM_SLOT
+    real_early = decode_mod.READY_FFNS_DURING_COPIES
 
     meta = {"benchmark": "probe_step: decode step time by variant, with a device profile", "env": env,
             "model": C.MODEL_NAMES[args.model], "n_layers": cfg.n_layers, "h2d": h2d,
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
         try:
             if v["unroll"] is not None:
                 copy_step.COPY_UNROLL_GROUPS = v["unroll"]  # read when the copy step is traced (warm-up)
-            decode_mod.FULL_HIT_FFN_FROM_SLOT = v["slotffn"]  # read when the decode step is traced (warm-up)
+            decode_mod.READY_FFNS_DURING_COPIES = v["early"]  # read when the decode step is traced (warm-up)
             if v["rule"] is not None:  # read when the engine is built (`policies.policy_spec` in make_engine)
                 policies.POLICY_SPECS[v["policy"]] = dataclasses.replace(real_specs[v["policy"]], rule=v["rule"])
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
             row["error"] = f"{type(e).__name__}: {e}"
         finally:  # a failed engine too: its caches would skew the next variants' memory
             copy_step.COPY_UNROLL_GROUPS = real_unroll
-            decode_mod.FULL_HIT_FFN_FROM_SLOT = real_slotffn
+            decode_mod.READY_FFNS_DURING_COPIES = real_early
             policies.POLICY_SPECS.update(real_specs)
             ref = weakref.ref(eng) if eng is not None else None
             eng = state = tok = None

@@ -111,10 +111,12 @@ def after(ids: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.where(jnp.sum(jnp.abs(h.astype(jnp.float32))) > 3e38, 0, ids)
 
 
-# Experiment switch, read when the direct step is traced: a full hit's FFN reads its cache slot and its output is
-# selected (True), or its rows are selected into the copies' buffer before the FFNs (False). Which is faster on the
-# GPU is being measured (`benchmarks/experiments/probe_step.py`, variant option `slotffn`).
-FULL_HIT_FFN_FROM_SLOT = False
+# Experiment switch, read when the direct step is traced (whole-expert slots only). True: the FFNs of experts whose
+# rows are on the device before this layer's copies land (a full hit read from its cache slot, a prefetched expert)
+# run between the copies' start and wait, and their outputs are selected. False: a full hit's rows are selected into
+# the copies' buffer after the wait, and every FFN follows the wait. Which is faster on the GPU is being measured
+# (`benchmarks/experiments/probe_step.py`, variant option `early`).
+READY_FFNS_DURING_COPIES = False
 
 
 class Prefetch(NamedTuple):
@@ -262,32 +264,40 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
     platform = place.device.platform
     whole = spec.splits[l] == F and cache.tops.shape[0] and cache.tops.shape[1] == F
-    slot_ffn = FULL_HIT_FFN_FROM_SLOT and whole
-    bufs, each, miss, top_hit, flight = direct_step_rows(spec, l, spec.splits[l], cache, src, uniq, ~got, nxt,
-                                                         full_rows=not slot_ffn)
+    early = READY_FFNS_DURING_COPIES and whole
+    slot, full_s = C.lookup(cache, uniq, F)
+
+    def ready_ffns(xb):  # the FFNs whose rows are on the device before this layer's copies land
+        hit_outs = pred_outs = pbufs = None
+        with jax.named_scope("ffn"):
+            if early:
+                hit_outs = jnp.stack([M.segment_ffn(xb, cache.tops[jnp.maximum(slot[u], 0)], cfg.expert_quant)
+                                      .astype(jnp.float32) for u in range(U)])
+            if pred is not None:
+                pbufs = transfer.wait(platform, pred.dst, pred.group, pred.tag, 1)
+                pred_outs = jnp.stack([M.segment_ffn(xb, pbufs[p], cfg.expert_quant).astype(jnp.float32)
+                                       for p in range(len(pred.ids))])
+        return hit_outs, pred_outs, pbufs
+
+    bufs, each, miss, top_hit, flight, ready = direct_step_rows(
+        spec, l, spec.splits[l], cache, src, uniq, ~got, nxt, full_rows=not early,
+        during=(ready_ffns, x) if early else None)
     nbytes = jnp.sum(each)
-    # This layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed expert.
-    # Selecting the prefetched rows instead (each expert computed once) made every FFN wait for a pass over U
-    # experts' rows through HBM: Qwen1.5 `moepic` with prefetch at 25 % decoded in 29.0 ms against 25.6 before
+    # By default this layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed
+    # expert. Selecting the prefetched rows instead (each expert computed once) made every FFN wait for a pass over
+    # U experts' rows through HBM: Qwen1.5 `moepic` with prefetch at 25 % decoded in 29.0 ms against 25.6 before
     # (two H100s, on which `lru` took 28.3 and 28.7 ms; docs/notes/2026-12-07-copy-kernel.md).
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
-    if slot_ffn:  # a full hit's FFN reads its slot (no wait for the copies), its output is selected
-        slot, full_s = C.lookup(cache, uniq, F)
-        with jax.named_scope("ffn"):
-            hit_outs = jnp.stack([M.segment_ffn(x, cache.tops[jnp.maximum(slot[u], 0)], cfg.expert_quant)
-                                  .astype(jnp.float32) for u in range(U)])
+    hit_outs, pred_outs, pbufs = ready if early else ready_ffns(x)
+    if early:  # a full hit's output, computed from its slot
         outs = jnp.where(full_s[:, None, None], hit_outs, outs)
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:  # a prefetched expert's rows are where its prefetch landed
         nbytes = nbytes + jnp.sum(pred.h2d_bytes)
-        pbufs = transfer.wait(platform, pred.dst, pred.group, pred.tag, 1)
         j = jnp.argmax(uniq[:, None] == pred.ids, axis=-1)  # [U] where each prefetched expert sits
-        with jax.named_scope("ffn"):
-            pred_outs = jnp.stack([M.segment_ffn(x, pbufs[p], cfg.expert_quant).astype(jnp.float32)
-                                   for p in range(len(pred.ids))])
         outs = jnp.where(got[:, None, None], pred_outs[j], outs)
         if spec.admits:  # a prefetched miss is admitted with its prefetched (top) rows
             admit_rows = jnp.where(got[:, None, None, None], pbufs[j, :rows_kept], admit_rows)
@@ -309,22 +319,29 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
 
 
 def direct_step_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, src: jax.Array, ids: jax.Array,
-                     need: jax.Array, nxt: tuple | None = None, full_rows: bool = True):
+                     need: jax.Array, nxt: tuple | None = None, full_rows: bool = True, during=None):
     """The rows [U, F, 3, W] of experts `ids` [U] where `need` [U] (others undefined), as the direct step has them:
     one `transfer.start` (tagged `tag`) copies the misses and top hits' bottoms (with the next layer's prefetch when
     nxt = (its src, its cache, its predicted ids, its split)), the step waits on the device, and a full hit's rows
     come from its cache slot (no copy through the private stream; full_rows=False: left undefined).
-    Returns (rows, H2D bytes of each [U], miss [U], top_hit [U], the next layer's `InFlight` or None)."""
+    during = (fn, arg): fn(arg) is computed after the copies start and before the step waits for them (optimization
+    barriers order it), so that it overlaps them.
+    Returns (rows, H2D bytes of each [U], miss [U], top_hit [U], the next layer's `InFlight` or None, fn(arg) or
+    None)."""
     F = spec.cfg.d_ff
     plan, each, miss, top_hit = copy_plan(spec, split, cache, ids, need)
     with jax.named_scope("copy_step"):
         now = transfer.Group(plan, src, cache.tops)
         dst, flight = start_copies(spec, tag, now, nxt)
+        ready = None
+        if during is not None:
+            dst, arg = jax.lax.optimization_barrier((dst, during[1]))
+            dst, ready = jax.lax.optimization_barrier((dst, during[0](arg)))
         rows = transfer.wait(spec.place.device.platform, dst, now, tag, 0)
     if full_rows and split == F and cache.tops.shape[0] and cache.tops.shape[1] == F:  # whole experts: hits are full
         slot, full = C.lookup(cache, ids, split)
         rows = jnp.where(full[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(rows.dtype), rows)
-    return rows, each, miss, top_hit, flight
+    return rows, each, miss, top_hit, flight, ready
 
 
 def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple | None):

@@ -461,7 +461,7 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
                 h = layer(h, ex, weights)
                 ids = ids_for(h, r, True)
                 nxt = (src, cache, ids_for(h, r + 1, False), F) if r + 1 < reps else None
-                rows, *_, flight = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
+                rows, *_, flight, _ = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
                 h = apply(apply(h, rows[0]), landed(pending))
                 pending = flight
                 continue
