@@ -78,12 +78,13 @@ def test_copy_cost_chains_apply_the_experts_they_copy(direct):
     """The chains that price the copy step (`conditional_costs`: plain, hit, miss, prefetched ahead) compute what
     they claim, against plain JAX on the device-resident experts: a copy that was skipped, landed in the wrong
     buffer or was waited for under another call's tag would change the result. With direct copies the prefetch
-    rides in the layer's own copy call (a hit), so the "ahead" layers apply that hit and the prefetched expert."""
+    rides in the layer's own copy call (a hit), so the "ahead" layers apply that hit and the prefetched expert (the
+    prefetched one first where the step computes it during the copies, `decode.READY_FFNS_DURING_COPIES`)."""
     import jax
     import jax.numpy as jnp
 
     from moepic_jax import model as M
-    from moepic_jax.offload import transfer
+    from moepic_jax.offload import decode, transfer
     from moepic_jax.planning import calibrate
 
     if direct and not transfer.available(jax.devices()[0]):
@@ -118,5 +119,6 @@ def test_copy_cost_chains_apply_the_experts_they_copy(direct):
             h = layer(h, ex, (lp, kv.k, kv.v))
             miss = 1 + r % (E - 1)
             h = {"plain": lambda: apply(h, r % E), "hit": lambda: apply(h, 0), "miss": lambda: apply(h, miss),
-                 "ahead": lambda: apply(apply(h, 0), miss) if direct else apply(h, miss)}[mode]()
+                 "ahead": lambda: (apply(h, miss) if not direct else apply(apply(h, miss), 0)
+                                   if decode.READY_FFNS_DURING_COPIES else apply(apply(h, 0), miss))}[mode]()
         np.testing.assert_allclose(np.asarray(got[mode]), np.asarray(h), rtol=1e-4, atol=1e-5, err_msg=mode)

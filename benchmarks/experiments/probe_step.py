@@ -11,13 +11,15 @@ A variant is `policy:fraction[:option...]`, options:
   rule=R    the policy's cache replacement rule replaced by R (`cache.RULES`: static, lru, freq), in
             `policies.POLICY_SPECS` while the engine is built
   pf, nopf  prefetch forced on / off (default: as the plan says)
-  early     `decode.READY_FFNS_DURING_COPIES = True` while the engine compiles (full hits and prefetched experts
-            computed while the copies stream)
+  early, late  `decode.READY_FFNS_DURING_COPIES` True / False while the engine compiles (full hits and prefetched
+            experts computed while the copies stream, the default / every FFN after the copies' wait)
 
 `--routing calibrated` replays a trace drawn to the model's published routing statistics
 (`benchmarks/routing_traces.py`, its first --layers layers): the planner profiles its first half, the decode replays
-the second. Every GPU kernel and copy of the traced steps is written to `<name>_events.json` (stream, name, start
-and duration in microseconds from the first event), so a layer's critical path can be read off the timeline.
+the second. Every GPU kernel and copy of the traced steps, and every CUDA API call of the host threads (the
+CUPTI plane: XLA's kernel launches, the copy worker's `cudaMemcpyAsync`), is written to `<name>_events.json`
+(stream or "host <thread>", name, start and duration in microseconds from the first GPU event), so a layer's
+critical path can be read off the timeline.
 
 Per variant: a warm-up on another prompt (compiles, prefill, 3 decode steps; the device peak after each phase, which
 only the process's first variant has to itself), the timed `generate`, then a prefill of a third prompt, 3 untraced
@@ -50,7 +52,7 @@ def parse_variant(item: str) -> dict:
     parts = item.split(":")
     try:
         v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, rule=None, prefetch=None,
-                 early=False, label=item)
+                 early=None, label=item)
     except (IndexError, ValueError):
         raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN][:rule=R][:pf|:nopf]") \
             from None
@@ -59,15 +61,15 @@ def parse_variant(item: str) -> dict:
             v["adapt"] = True
         elif o in ("pf", "nopf"):
             v["prefetch"] = o == "pf"
-        elif o == "early":
-            v["early"] = True
+        elif o in ("early", "late"):
+            v["early"] = o == "early"
         elif o.startswith("unroll") and o[6:].isdigit():
             v["unroll"] = int(o[6:])
         elif o.startswith("rule="):
             v["rule"] = o[5:]
         else:
             raise SystemExit(f"--variants item {item!r}: unknown option {o!r}; options: adapt, unrollN, rule=R, "
-                             "pf, nopf, early")
+                             "pf, nopf, early, late")
     return v
 
 
@@ -83,7 +85,11 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
     spans, by_name, events = [], collections.Counter(), []
     out = collections.Counter()
     lines = {}
+    host_events = []  # the CUDA API calls of every host thread (CUPTI): kernel launches, the worker's copies
     for plane in pd.planes:
+        if plane.name == "/host:CUPTI":
+            for line in plane.lines:
+                host_events += [(f"host {line.name}", ev.name[:120], ev.start_ns, ev.duration_ns) for ev in line.events]
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
@@ -122,7 +128,7 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
     res["top_ops_ms_per_step"] = {k: v / steps for k, v in by_name.most_common(25)}
     t0 = min(e[2] for e in events)
     res["events"] = [(ln, nm, round((st - t0) / 1e3, 2), round(d / 1e3, 2)) for ln, nm, st, d in sorted(
-        events, key=lambda e: e[2])]
+        events + [e for e in host_events if e[2] >= t0], key=lambda e: e[2])]
     return res
 
 
@@ -248,7 +254,8 @@ def main(argv=None) -> int:
         try:
             if v["unroll"] is not None:
                 copy_step.COPY_UNROLL_GROUPS = v["unroll"]  # read when the copy step is traced (warm-up)
-            decode_mod.READY_FFNS_DURING_COPIES = v["early"]  # read when the decode step is traced (warm-up)
+            if v["early"] is not None:  # read when the decode step is traced (warm-up)
+                decode_mod.READY_FFNS_DURING_COPIES = v["early"]
             if v["rule"] is not None:  # read when the engine is built (`policies.policy_spec` in make_engine)
                 policies.POLICY_SPECS[v["policy"]] = dataclasses.replace(real_specs[v["policy"]], rule=v["rule"])
             eng = make_engine(model, v["policy"], vram_budget=int(budget), granule=granule, profile=mp, hardware=hw,

@@ -111,12 +111,13 @@ def after(ids: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.where(jnp.sum(jnp.abs(h.astype(jnp.float32))) > 3e38, 0, ids)
 
 
-# Experiment switch, read when the direct step is traced (whole-expert slots only). True: the FFNs of experts whose
-# rows are on the device before this layer's copies land (a full hit read from its cache slot, a prefetched expert)
-# run between the copies' start and wait, and their outputs are selected. False: a full hit's rows are selected into
-# the copies' buffer after the wait, and every FFN follows the wait. Which is faster on the GPU is being measured
-# (`benchmarks/experiments/probe_step.py`, variant option `early`).
-READY_FFNS_DURING_COPIES = False
+# Read when the direct step is traced (whole-expert slots only). True (default): the FFNs of experts whose rows are
+# on the device before this layer's copies land (a full hit read from its cache slot, a prefetched expert) run
+# between the copies' start and wait, and their outputs are selected. False: a full hit's rows are selected into the
+# copies' buffer after the wait, and every FFN follows the wait. On an H100 under calibrated routing (8 layers, same
+# process) True took 28 % less time on Qwen3-30B-A3B with prefetch, 9 % without, 4 % less on Qwen1.5 without
+# prefetch and 1 % more with it (docs/notes/2026-12-07-decode-step-profile.md).
+READY_FFNS_DURING_COPIES = True
 
 
 class Prefetch(NamedTuple):
@@ -267,21 +268,22 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     early = READY_FFNS_DURING_COPIES and whole
     slot, full_s = C.lookup(cache, uniq, F)
 
-    def ready_ffns(xb):  # the FFNs whose rows are on the device before this layer's copies land
+    def ready_ffns(arg):  # the FFNs whose rows are on the device before this layer's copies land
+        xb, pdst = arg  # with `early`, both come through a barrier after this layer's copy start
         hit_outs = pred_outs = pbufs = None
         with jax.named_scope("ffn"):
             if early:
                 hit_outs = jnp.stack([M.segment_ffn(xb, cache.tops[jnp.maximum(slot[u], 0)], cfg.expert_quant)
                                       .astype(jnp.float32) for u in range(U)])
-            if pred is not None:
-                pbufs = transfer.wait(platform, pred.dst, pred.group, pred.tag, 1)
+            if pred is not None:  # the wait stalls XLA's stream: after the start, not before this layer's compute
+                pbufs = transfer.wait(platform, pdst, pred.group, pred.tag, 1)
                 pred_outs = jnp.stack([M.segment_ffn(xb, pbufs[p], cfg.expert_quant).astype(jnp.float32)
                                        for p in range(len(pred.ids))])
         return hit_outs, pred_outs, pbufs
 
     bufs, each, miss, top_hit, flight, ready = direct_step_rows(
         spec, l, spec.splits[l], cache, src, uniq, ~got, nxt, full_rows=not early,
-        during=(ready_ffns, x) if early else None)
+        during=(ready_ffns, (x, None if pred is None else pred.dst)) if early else None)
     nbytes = jnp.sum(each)
     # By default this layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed
     # expert. Selecting the prefetched rows instead (each expert computed once) made every FFN wait for a pass over
@@ -290,7 +292,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
-    hit_outs, pred_outs, pbufs = ready if early else ready_ffns(x)
+    hit_outs, pred_outs, pbufs = ready if early else ready_ffns((x, None if pred is None else pred.dst))
     if early:  # a full hit's output, computed from its slot
         outs = jnp.where(full_s[:, None, None], hit_outs, outs)
     rows_kept = cache.tops.shape[1]

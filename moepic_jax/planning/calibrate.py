@@ -457,12 +457,23 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
             if mode == "ahead" and direct:
                 # As the decode step queues a prefetch: in the layer's own copy call (here a full hit, no copy),
                 # after the layer's routing. A prefetch in a call of its own is tied to nothing before its wait;
-                # measured that way the H100 hid 0.09-0.20 of the window, where the step hid most of it.
+                # measured that way the H100 hid 0.09-0.20 of the window, where the step hid most of it. The wait
+                # for the previous layer's prefetch comes after this call's start when the step orders it so
+                # (`decode.READY_FFNS_DURING_COPIES`): unordered, XLA may queue it before the layer's compute.
                 h = layer(h, ex, weights)
                 ids = ids_for(h, r, True)
                 nxt = (src, cache, ids_for(h, r + 1, False), F) if r + 1 < reps else None
-                rows, *_, flight, _ = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
-                h = apply(apply(h, rows[0]), landed(pending))
+                if DS.READY_FFNS_DURING_COPIES:  # as the step orders it: the prefetched expert after the start
+                    def ready(arg, p=pending):  # h and the prefetch's destination, through the barrier
+                        hb, dst = arg
+                        return apply(hb, landed(p._replace(dst=dst)))
+
+                    rows, *_, flight, h = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt,
+                                                              during=(ready, (h, pending.dst)))
+                    h = apply(h, rows[0])
+                else:
+                    rows, *_, flight, _ = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
+                    h = apply(apply(h, rows[0]), landed(pending))
                 pending = flight
                 continue
             if mode == "ahead":
