@@ -111,12 +111,13 @@ def after(ids: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.where(jnp.sum(jnp.abs(h.astype(jnp.float32))) > 3e38, 0, ids)
 
 
-# Read when the direct step is traced (whole-expert slots only). True (default): the FFNs of experts whose rows are
-# on the device before this layer's copies land (a full hit read from its cache slot, a prefetched expert) run
-# between the copies' start and wait, and their outputs are selected. False: a full hit's rows are selected into the
-# copies' buffer after the wait, and every FFN follows the wait. On an H100 under calibrated routing (8 layers, same
-# process) True took 28 % less time on Qwen3-30B-A3B with prefetch, 9 % without, 4 % less on Qwen1.5 without
-# prefetch and 1 % more with it (docs/notes/2026-12-07-decode-step-profile.md).
+# Read when the direct step is traced. True (default): the FFNs of what is on the device before a layer's copies
+# land (the experts prefetched a layer ago, the shared expert, and with whole-expert slots a full hit, read from its
+# cache slot) run between the copies' start and wait, and their outputs are selected. False: a full hit's rows are
+# selected into the copies' buffer after the wait, and every FFN follows the wait. On an H100 under calibrated
+# routing (8 layers of `lru`, same process) True took 28 % less time on Qwen3-30B-A3B with prefetch, 9 % without,
+# 4 % less on Qwen1.5 without prefetch and 1 % more with it (docs/notes/2026-12-07-decode-step-profile.md). The
+# shared expert, the other policies' layers and the prefetch wait's ordering joined after that run: not measured.
 READY_FFNS_DURING_COPIES = True
 
 
@@ -265,24 +266,26 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
     platform = place.device.platform
     whole = spec.splits[l] == F and cache.tops.shape[0] and cache.tops.shape[1] == F
-    early = READY_FFNS_DURING_COPIES and whole
-    slot, full_s = C.lookup(cache, uniq, F)
+    early = READY_FFNS_DURING_COPIES
+    from_slot = early and whole  # a hit is a full hit, its rows in one slot
+    slot, full_s = C.lookup(cache, uniq, F) if from_slot else (None, None)
 
     def ready_ffns(arg):  # the FFNs whose rows are on the device before this layer's copies land
         xb, pdst = arg  # with `early`, both come through a barrier after this layer's copy start
         hit_outs = pred_outs = pbufs = None
+        shared = M.shared_expert(xb, lp.moe)  # it reads no copied rows either
         with jax.named_scope("ffn"):
-            if early:
+            if from_slot:
                 hit_outs = jnp.stack([M.segment_ffn(xb, cache.tops[jnp.maximum(slot[u], 0)], cfg.expert_quant)
                                       .astype(jnp.float32) for u in range(U)])
             if pred is not None:  # the wait stalls XLA's stream: after the start, not before this layer's compute
                 pbufs = transfer.wait(platform, pdst, pred.group, pred.tag, 1)
                 pred_outs = jnp.stack([M.segment_ffn(xb, pbufs[p], cfg.expert_quant).astype(jnp.float32)
                                        for p in range(len(pred.ids))])
-        return hit_outs, pred_outs, pbufs
+        return hit_outs, pred_outs, pbufs, shared
 
     bufs, each, miss, top_hit, flight, ready = direct_step_rows(
-        spec, l, spec.splits[l], cache, src, uniq, ~got, nxt, full_rows=not early,
+        spec, l, spec.splits[l], cache, src, uniq, ~got, nxt, full_rows=not from_slot,
         during=(ready_ffns, (x, None if pred is None else pred.dst)) if early else None)
     nbytes = jnp.sum(each)
     # By default this layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed
@@ -292,8 +295,8 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
-    hit_outs, pred_outs, pbufs = ready if early else ready_ffns((x, None if pred is None else pred.dst))
-    if early:  # a full hit's output, computed from its slot
+    hit_outs, pred_outs, pbufs, shared = ready if early else ready_ffns((x, None if pred is None else pred.dst))
+    if from_slot:  # a full hit's output, computed from its slot
         outs = jnp.where(full_s[:, None, None], hit_outs, outs)
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
@@ -312,7 +315,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
             cache = cache.replace(tops=cache.tops.at[slots].set(admit_rows.astype(cache.tops.dtype), mode="drop",
                                                                  unique_indices=True))
     y = combine(cfg, ids, w, uniq, outs)
-    y = y.astype(x.dtype) + M.shared_expert(x, lp.moe)
+    y = y.astype(x.dtype) + shared
     f32 = jnp.float32
     counters = dict(full_hits=jnp.sum(full, dtype=f32), top_hits=jnp.sum(top, dtype=f32),
                     misses=jnp.sum(miss_pairs, dtype=f32), predicted=jnp.sum(predicted, dtype=f32),
