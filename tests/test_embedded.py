@@ -141,6 +141,23 @@ def test_train_smoke_cpu(tmp_path):
     assert m.cfg.vocab_size == 400 and m.cfg.n_experts == 4 and m.tokenizer is not None
 
 
+def test_train_plateau_schedule_stops_when_validation_stops_improving(tmp_path):
+    """--schedule plateau: with an improvement threshold no evaluation after the first can meet, the lr scale halves
+    at each flat evaluation (patience 1) down to 1/8, and training stops at the next flat one: step 5 of 50."""
+    run = tmp_path / "run"
+    train.main(["--run-dir", str(run), "--tiny", "--steps", "50", "--batch", "2", "--seq", "32", "--vocab", "400",
+                "--data-limit-bytes", "100000", "--sample-chars", "20000", "--val-tokens", "256",
+                "--test-tokens", "512", "--log-every", "1", "--eval-every", "1", "--warmup", "1", "--lr", "1e-3",
+                "--compute-dtype", "float32", "--schedule", "plateau", "--patience", "1", "--min-delta", "10"])
+    log = json.loads((run / "log.json").read_text())
+    assert log["stopped_by"] == "plateau" and log["steps_run"] == 5
+    assert [(r["step"], r["scale"]) for r in log["lr_reductions"]] == [(2, 0.5), (3, 0.25), (4, 0.125)]
+    # the lr of step s (1-based) is 1e-3 times the scale after the evaluation of step s - 1
+    assert [round(r["lr"] / 1e-3, 6) for r in log["train"]] == [0.0, 1.0, 0.5, 0.25, 0.125]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--run-dir", str(run), "--schedule", "plateau"])  # no --patience: refused
+
+
 def test_split_is_by_path_hash():
     """The split depends only on the relative path: the same files are held out on every Python version."""
     assert train.split_of("ast.py") == "test"

@@ -27,7 +27,10 @@ so training and inference share one definition of the model. Params are float32 
 bfloat16 by default. The val split is evaluated every `--eval-every` steps and the best params are kept.
 Training ends at `--steps`, at `--minutes`, or when the val loss has not improved by `--min-delta` for `--patience`
 evaluations; with `--minutes` the cosine schedule is fitted to the steps the time allows (re-estimated at each
-evaluation from the speed so far), so the learning rate has decayed when the time is up. The test split is
+evaluation from the speed so far), so the learning rate has decayed when the time is up. `--schedule plateau`
+instead keeps the learning rate constant and scales it by `--plateau-factor` whenever the val loss stays flat for
+`--patience` evaluations (optax's `reduce_on_plateau`), and ends training once it stays flat at
+`--plateau-min-scale`: training runs until validation stops improving (or `--minutes` is up). The test split is
 scored per group (stdlib, installed, all: loss, perplexity, bits per byte), and `--baseline CKPT` scores an
 earlier checkpoint on the same files ("before").
 
@@ -595,8 +598,16 @@ def train(args) -> pathlib.Path:
     deadline = t0 + 60 * args.minutes if args.minutes else None
     total = args.steps  # the schedule's length; with --minutes, re-estimated from the speed of the steps
     hist, step, stop, since_best, t_first = [], 0, None, 0, None
+    plateau = args.schedule == "plateau"
+    if plateau:  # optax's ReduceLROnPlateau on the val loss: the lr scale halves after --patience flat evaluations
+        import optax
+
+        rop = optax.contrib.reduce_on_plateau(factor=args.plateau_factor, patience=args.patience, rtol=0.0,
+                                              atol=args.min_delta, min_scale=args.plateau_min_scale)
+        rop_state, scale, since_change = rop.init({}), 1.0, 0
     for step in range(args.steps):
-        lr = lr_at(step, args.lr, args.warmup, total)
+        lr = (args.lr * min(1.0, step / max(1, args.warmup)) * scale if plateau
+              else lr_at(step, args.lr, args.warmup, total))
         params, opt_state, m = step_jit(params, opt_state, jnp.int32(step), jnp.float32(lr))
         if step == 0:
             jax.block_until_ready(m)
@@ -628,11 +639,23 @@ def train(args) -> pathlib.Path:
                 since_best += 1
             if vl < best[0]:
                 best = (vl, step + 1, jax.tree.map(lambda a: a.copy(), params))
-            if args.patience and since_best >= args.patience and not stop:
+            if plateau:  # stop when the loss stays flat for --patience evaluations at the smallest scale
+                _, rop_state = rop.update({}, rop_state, value=jnp.float32(vl))
+                new_scale = float(rop_state.scale)
+                since_change = 0 if (since_best == 0 or new_scale != scale) else since_change + 1
+                if new_scale != scale:
+                    print(f"[train] val loss flat for {args.patience} evaluations: lr scale {new_scale:g}", flush=True)
+                    log.setdefault("lr_reductions", []).append({"step": step + 1, "scale": new_scale})
+                scale = new_scale
+                if scale <= args.plateau_min_scale and since_change >= args.patience and not stop:
+                    stop = "plateau"
+                    print(f"[train] val loss has not improved by {args.min_delta} for {args.patience} evaluations at "
+                          f"the smallest lr scale {scale:g}; stopping", flush=True)
+            elif args.patience and since_best >= args.patience and not stop:
                 stop = "patience"
                 print(f"[train] val loss has not improved by {args.min_delta} for {args.patience} evaluations; "
                       "stopping", flush=True)
-            if deadline and step + 1 > args.warmup:  # the schedule ends when the time does (steps + evals so far)
+            if deadline and step + 1 > args.warmup and not plateau:  # the schedule ends when the time does
                 per_step = (time.time() - t_first) / step
                 total = min(args.steps, step + 1 + int(max(0.0, deadline - time.time()) / per_step))
         if stop:
@@ -837,6 +860,12 @@ def _plot(log: dict, path: pathlib.Path) -> None:
 def _training_md(log: dict, ev: dict, out: pathlib.Path, notes: str | None = None) -> None:
     c, a, d = log["config"], log["args"], log["data"]
     last = log["train"][-1]
+    schedule = "cosine decay to 10 %"
+    if a.get("schedule") == "plateau":
+        red = ", ".join(f"{r['scale']:g} at step {r['step']}" for r in log.get("lr_reductions", [])) or "none"
+        schedule = (f"a constant lr, scaled by {a['plateau_factor']} after {a['patience']} evaluations without an "
+                    f"improvement of {a['min_delta']} (optax.contrib.reduce_on_plateau; scales: {red}), until the val "
+                    f"loss stayed flat at scale {a['plateau_min_scale']}")
     pop = "\n".join(f"| {r['layer']} | {r['norm_entropy']:.3f} | {r['max_share']:.3f} | {r['min_share']:.4f} | "
                     f"{', '.join(map(str, r['top3']))} |" for r in log["popularity"])
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -905,7 +934,7 @@ Versions of the training run: {', '.join(f'{k} {v}' for k, v in log['versions'].
 Tokenizer: {tokenizer}. Tokens: train {d['train_tokens']:,}, val {d['val_tokens']:,}, test {t_all['tokens']:,}.
 
 Optimiser: AdamW (b1 0.9, b2 0.95, weight decay {a['weight_decay']} on matrices), peak lr {a['lr']},
-{a['warmup']} warm-up steps then cosine decay to 10 %, global-norm clipping {a['clip']}; load-balancing loss
+{a['warmup']} warm-up steps then {schedule}, global-norm clipping {a['clip']}; load-balancing loss
 coefficient {a['aux_coef']}; batch {a['batch']} x {a['seq']} tokens; compute {a['compute_dtype']}, float32
 master weights; seed {a['seed']}. Steps run: {log['steps_run']} of {a['steps']} in {log['train_seconds']} s
 ({log['tokens_seen']:,} tokens, {log['epochs']} epochs){f" - stopped by {log.get('stopped_by', '--minutes')}" if
@@ -988,6 +1017,13 @@ def parse_args(argv=None):
     ap.add_argument("--patience", type=int, default=0,
                     help="stop after this many evaluations without a val loss improvement of --min-delta (0 = off)")
     ap.add_argument("--min-delta", type=float, default=0.0, help="nats/token that count as an improvement")
+    ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
+                    help="cosine: decay to 10 %% at --steps (or at --minutes); plateau: constant lr, scaled by "
+                         "--plateau-factor after --patience evaluations without an improvement of --min-delta "
+                         "(optax.contrib.reduce_on_plateau), training stops once the val loss stays flat at "
+                         "--plateau-min-scale: it runs until validation stops improving")
+    ap.add_argument("--plateau-factor", type=float, default=0.5)
+    ap.add_argument("--plateau-min-scale", type=float, default=0.125)
     ap.add_argument("--baseline", help="a checkpoint directory to score on the same test split (before/after)")
     ap.add_argument("--data-limit-bytes", type=int, help="use only this many characters of training text (smoke)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
@@ -997,6 +1033,8 @@ def parse_args(argv=None):
         ap.error("give --out (train + assemble), --run-dir (train only) or --from-run with --out")
     if args.from_run and not args.out:
         ap.error("--from-run needs --out")
+    if args.schedule == "plateau" and args.patience < 1:
+        ap.error("--schedule plateau needs --patience N (evaluations without improvement before the lr is scaled)")
     return args
 
 
