@@ -447,6 +447,12 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
 
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
+        if direct and DS.READY_FFNS_DURING_COPIES:  # as the step: a full hit's FFN from its slot during the copies
+            slot, full = C.lookup(cache, ids, F)
+            rows, *_, from_slot = DS.direct_step_rows(
+                spec, r, F, cache, src, ids, ids >= 0, full_rows=False,
+                during=(lambda hb: apply(hb, cache.tops[jnp.maximum(slot[0], 0)]), h))
+            return jnp.where(full[0], from_slot, apply(h, rows[0]))
         if direct:  # a hit is read from its slot, a miss copied by a start/wait pair, as in the decode step
             return apply(h, DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0)[0][0])
         return h + first(CS.expert_outputs(spec, normed(h), F, stack, cache, ids, ids >= 0))[None].astype(h.dtype)
@@ -465,12 +471,13 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
                 nxt = (src, cache, ids_for(h, r + 1, False), F) if r + 1 < reps else None
                 if DS.READY_FFNS_DURING_COPIES:  # as the step orders it: the prefetched expert after the start
                     def ready(arg, p=pending):  # h and the prefetch's destination, through the barrier
-                        hb, dst = arg
-                        return apply(hb, landed(p._replace(dst=dst)))
+                        hb, dst = arg  # the prefetched expert, then the full hit from its slot (expert 0, slot 0)
+                        return apply(apply(hb, landed(p._replace(dst=dst))), cache.tops[0])
 
-                    rows, *_, flight, h = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt,
-                                                              during=(ready, (h, pending.dst)))
-                    h = apply(h, rows[0])
+                    rows, *_, flight, h_ready = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt,
+                                                                    full_rows=False, during=(ready, (h, pending.dst)))
+                    # the step computes the copied rows' FFN too and selects: the layer waits for its copy call
+                    h = jnp.where(C.lookup(cache, ids, F)[1][0], h_ready, apply(h_ready, rows[0]))
                 else:
                     rows, *_, flight, _ = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
                     h = apply(apply(h, rows[0]), landed(pending))
