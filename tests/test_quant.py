@@ -331,3 +331,21 @@ def test_direct_copies_of_packed_rows_match_resident():
     res = moepic_jax.generate(PROMPT, model=m, max_new_tokens=8, engine=engine)
     assert engine.direct and res.token_ids == ref.token_ids
     assert res.stats.top_only_hit_rate > 0 and res.stats.predictor_recall > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "moepic"])
+def test_direct_copies_of_whole_packed_experts_match_resident(policy):
+    """Whole packed experts in the slots, prefetch forced on: a full hit's FFN reads (and dequantizes) its slot while
+    the copies stream (`decode.READY_FFNS_DURING_COPIES`), and the tokens are the resident model's."""
+    from moepic_jax.planning.profiles import CachePlan, LayerPlan
+
+    m = moepic_jax.load(experts="int4")
+    cfg = m.cfg
+    cached = tuple(e for e in range(cfg.n_experts) if e % 2 == 0)
+    plan = CachePlan(layers=tuple(LayerPlan(cfg.d_ff, cached) if moe else LayerPlan(0, ()) for moe in cfg.moe_layers),
+                     budget_bytes=0, model_id=cfg.identity())
+    ref = moepic_jax.generate(PROMPT, model=m, max_new_tokens=8, policy="resident")
+    engine = make_engine(m, policy=policy, plan=plan, prefetch=True, direct=True, **KW)
+    res = moepic_jax.generate(PROMPT, model=m, max_new_tokens=8, engine=engine)
+    assert engine.direct and res.token_ids == ref.token_ids
+    assert res.stats.full_hit_rate > 0 and res.stats.predictor_recall > 0
