@@ -335,8 +335,9 @@ def test_direct_copies_of_packed_rows_match_resident():
 
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
 def test_direct_copies_of_whole_packed_experts_match_resident(policy):
-    """Whole packed experts in the slots, prefetch forced on: a full hit's FFN reads (and dequantizes) its slot while
-    the copies stream (`decode.READY_FFNS_DURING_COPIES`), and the tokens are the resident model's."""
+    """Whole packed experts in the slots, prefetch forced on, the prefetched and shared experts computed while the
+    copies stream (`decode.READY_FFNS_DURING_COPIES`; a packed full hit keeps the row select): the tokens are the
+    resident model's."""
     from moepic_jax.planning.profiles import CachePlan, LayerPlan
 
     m = moepic_jax.load(experts="int4")

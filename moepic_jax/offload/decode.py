@@ -112,8 +112,8 @@ def after(ids: jax.Array, h: jax.Array) -> jax.Array:
 
 
 # Read when the direct step is traced. True (default): the FFNs of what is on the device before a layer's copies
-# land (the experts prefetched a layer ago, the shared expert, and with whole-expert slots a full hit, read from its
-# cache slot) run between the copies' start and wait, and their outputs are selected. False: a full hit's rows are
+# land (the experts prefetched a layer ago, the shared expert, and with whole-expert slots of unquantized experts a
+# full hit, read from its cache slot) run between the copies' start and wait, and their outputs are selected. False: a full hit's rows are
 # selected into the copies' buffer after the wait, and every FFN follows the wait. On an H100 under calibrated
 # routing (8 layers of `lru`, same process) True took 28 % less time on Qwen3-30B-A3B with prefetch, 9 % without,
 # 4 % less on Qwen1.5 without prefetch and 1 % more with it (docs/notes/2026-12-07-decode-step-profile.md). The
@@ -267,7 +267,10 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
     platform = place.device.platform
     whole = spec.splits[l] == F and cache.tops.shape[0] and cache.tops.shape[1] == F
     early = READY_FFNS_DURING_COPIES
-    from_slot = early and whole  # a hit is a full hit, its rows in one slot
+    # A full hit's FFN from its slot costs one more expert FFN per routed expert (U of them, hits or not). Packed
+    # (quantized) experts dequantize in every FFN, while their row select moves a quarter of the bytes: they keep
+    # the select (not measured either way).
+    from_slot = early and whole and cfg.expert_quant is None
     slot, full_s = C.lookup(cache, uniq, F) if from_slot else (None, None)
 
     def ready_ffns(arg):  # the FFNs whose rows are on the device before this layer's copies land

@@ -445,9 +445,12 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
     def apply(h, w):
         return h + M.segment_ffn(normed(h), w, cfg.expert_quant)[None].astype(h.dtype)
 
+    # the step computes a full hit from its slot during the copies (unquantized experts, `moe_decode_direct`)
+    slot_hits = direct and DS.READY_FFNS_DURING_COPIES and cfg.expert_quant is None
+
     def routed(h, r, hit, cache, stack):  # the decode step's own path: the output computed where the copy lands
         ids = ids_for(h, r, hit)
-        if direct and DS.READY_FFNS_DURING_COPIES:  # as the step: a full hit's FFN from its slot during the copies
+        if slot_hits:  # as the step: a full hit's FFN from its slot during the copies
             slot, full = C.lookup(cache, ids, F)
             rows, *_, from_slot = DS.direct_step_rows(
                 spec, r, F, cache, src, ids, ids >= 0, full_rows=False,
@@ -472,12 +475,15 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
                 if DS.READY_FFNS_DURING_COPIES:  # as the step orders it: the prefetched expert after the start
                     def ready(arg, p=pending):  # h and the prefetch's destination, through the barrier
                         hb, dst = arg  # the prefetched expert, then the full hit from its slot (expert 0, slot 0)
-                        return apply(apply(hb, landed(p._replace(dst=dst))), cache.tops[0])
+                        hb = apply(hb, landed(p._replace(dst=dst)))
+                        return apply(hb, cache.tops[0]) if slot_hits else hb
 
                     rows, *_, flight, h_ready = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt,
-                                                                    full_rows=False, during=(ready, (h, pending.dst)))
+                                                                    full_rows=not slot_hits,
+                                                                    during=(ready, (h, pending.dst)))
                     # the step computes the copied rows' FFN too and selects: the layer waits for its copy call
-                    h = jnp.where(C.lookup(cache, ids, F)[1][0], h_ready, apply(h_ready, rows[0]))
+                    h = (jnp.where(C.lookup(cache, ids, F)[1][0], h_ready, apply(h_ready, rows[0])) if slot_hits
+                         else apply(h_ready, rows[0]))
                 else:
                     rows, *_, flight, _ = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
                     h = apply(apply(h, rows[0]), landed(pending))
