@@ -54,8 +54,8 @@ def parse_variant(item: str) -> dict:
         v = dict(policy=parts[0], frac=float(parts[1]), adapt=False, unroll=None, rule=None, prefetch=None,
                  early=None, label=item)
     except (IndexError, ValueError):
-        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:adapt][:unrollN][:rule=R][:pf|:nopf]") \
-            from None
+        raise SystemExit(f"--variants item {item!r}: want policy:fraction[:option...], options "
+                         "adapt, unrollN, rule=R, pf, nopf, early, late") from None
     for o in parts[2:]:
         if o == "adapt":
             v["adapt"] = True
@@ -190,8 +190,9 @@ def main(argv=None) -> int:
                                               seed=args.seed), cfg, RoutingTrace)[0]
         L = cfg.n_layers  # the trace's first L layers (a shortened model)
         trace = RoutingTrace(*(x[:, :L] for x in trace))
-        mp = profile_from_trace(RoutingTrace(*(x[:512] for x in trace)), cfg, model.dtype_bytes)
-        trace = RoutingTrace(*(x[512:] for x in trace))
+        half = trace.ids.shape[0] // 2  # the planner profiles the first half; decode replays the second
+        mp = profile_from_trace(RoutingTrace(*(x[:half] for x in trace)), cfg, model.dtype_bytes)
+        trace = RoutingTrace(*(x[half:] for x in trace))
         name += "_calibrated"
     else:
         mp = profile_model(base.weights)

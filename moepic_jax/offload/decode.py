@@ -265,13 +265,13 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
         got = jnp.any(uniq[:, None] == pred.ids, axis=-1) & (uniq >= 0) & ~full_u
         predicted = jnp.any(ids[..., None] == pred.ids, axis=-1) & (ids >= 0)
     platform = place.device.platform
-    whole = spec.splits[l] == F and cache.tops.shape[0] and cache.tops.shape[1] == F
     early = READY_FFNS_DURING_COPIES
     # A full hit's FFN from its slot costs one more expert FFN per routed expert (U of them, hits or not). Packed
     # (quantized) experts dequantize in every FFN, while their row select moves a quarter of the bytes: they keep
     # the select (not measured either way).
-    from_slot = early and whole and cfg.expert_quant is None
-    slot, full_s = C.lookup(cache, uniq, F) if from_slot else (None, None)
+    from_slot = early and whole_slots(cache, spec.splits[l], F) and cfg.expert_quant is None
+    slot = C.lookup(cache, uniq, F)[0] if from_slot else None  # a full hit's slot (full_u: which are full hits)
+    ready_arg = (x, None if pred is None else pred.dst)
 
     def ready_ffns(arg):  # the FFNs whose rows are on the device before this layer's copies land
         xb, pdst = arg  # with `early`, both come through a barrier after this layer's copy start
@@ -289,18 +289,18 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
 
     bufs, each, miss, top_hit, flight, ready = direct_step_rows(
         spec, l, spec.splits[l], cache, src, uniq, ~got, nxt, full_rows=not from_slot,
-        during=(ready_ffns, (x, None if pred is None else pred.dst)) if early else None)
+        during=(ready_ffns, ready_arg) if early else None)
     nbytes = jnp.sum(each)
-    # By default this layer's copies first, then the prefetch slots' FFNs, and their outputs selected per routed
-    # expert. Selecting the prefetched rows instead (each expert computed once) made every FFN wait for a pass over
-    # U experts' rows through HBM: Qwen1.5 `moepic` with prefetch at 25 % decoded in 29.0 ms against 25.6 before
-    # (two H100s, on which `lru` took 28.3 and 28.7 ms; docs/notes/2026-12-07-copy-kernel.md).
+    # The prefetch slots' FFNs and their outputs selected per routed expert. Selecting the prefetched rows instead
+    # (each expert computed once) made every FFN wait for a pass over U experts' rows through HBM: Qwen1.5 `moepic`
+    # with prefetch at 25 % decoded in 29.0 ms against 25.6 before (two H100s, on which `lru` took 28.3 and 28.7 ms;
+    # docs/notes/2026-12-07-copy-kernel.md).
     with jax.named_scope("ffn"):
         outs = jnp.stack([M.segment_ffn(x, bufs[u], cfg.expert_quant).astype(jnp.float32)
                           for u in range(U)])  # [U, B, D]
-    hit_outs, pred_outs, pbufs, shared = ready if early else ready_ffns((x, None if pred is None else pred.dst))
+    hit_outs, pred_outs, pbufs, shared = ready if early else ready_ffns(ready_arg)
     if from_slot:  # a full hit's output, computed from its slot
-        outs = jnp.where(full_s[:, None, None], hit_outs, outs)
+        outs = jnp.where(full_u[:, None, None], hit_outs, outs)
     rows_kept = cache.tops.shape[1]
     admit_rows = bufs[:, :rows_kept] if spec.admits else None
     if pred is not None:  # a prefetched expert's rows are where its prefetch landed
@@ -346,10 +346,15 @@ def direct_step_rows(spec: StepSpec, tag: int, split: int, cache: C.LayerCache, 
             dst, arg = jax.lax.optimization_barrier((dst, during[1]))
             dst, ready = jax.lax.optimization_barrier((dst, during[0](arg)))
         rows = transfer.wait(spec.place.device.platform, dst, now, tag, 0)
-    if full_rows and split == F and cache.tops.shape[0] and cache.tops.shape[1] == F:  # whole experts: hits are full
+    if full_rows and whole_slots(cache, split, F):
         slot, full = C.lookup(cache, ids, split)
         rows = jnp.where(full[:, None, None, None], cache.tops[jnp.maximum(slot, 0)].astype(rows.dtype), rows)
     return rows, each, miss, top_hit, flight, ready
+
+
+def whole_slots(cache: C.LayerCache, split: int, d_ff: int) -> bool:
+    """Whether the layer's slots hold whole experts (static): then every hit is a full hit."""
+    return bool(split == d_ff and cache.tops.shape[0] and cache.tops.shape[1] == d_ff)
 
 
 def start_copies(spec: StepSpec, l: int, now: transfer.Group | None, nxt: tuple | None):

@@ -482,8 +482,8 @@ def conditional_costs(placed: PlacedWeights, stack: jax.Array, ex: jax.Array, la
                                                                     full_rows=not slot_hits,
                                                                     during=(ready, (h, pending.dst)))
                     # the step computes the copied rows' FFN too and selects: the layer waits for its copy call
-                    h = (jnp.where(C.lookup(cache, ids, F)[1][0], h_ready, apply(h_ready, rows[0])) if slot_hits
-                         else apply(h_ready, rows[0]))
+                    h_copied = apply(h_ready, rows[0])
+                    h = jnp.where(C.lookup(cache, ids, F)[1][0], h_ready, h_copied) if slot_hits else h_copied
                 else:
                     rows, *_, flight, _ = DS.direct_step_rows(spec, r, F, cache, src, ids, ids >= 0, nxt)
                     h = apply(apply(h, rows[0]), landed(pending))
