@@ -75,7 +75,8 @@ def parse_args(argv=None):
                     help="run only these policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf] runs (comma list), e.g."
                          " lru:0.5:b4,static:0.25:adapt,moepic:0.25:pf; bN = batch N (default: each --batch), adapt ="
                          " --adapt on for that run, direct / cond = that copy step, pf / nopf = prefetch forced on / off,"
-                         " early / late = ready FFNs computed during / after the layer's copies")
+                         " early / late = ready FFNs computed during / after the layer's copies, qreduce = quantized experts'"
+                         " multiply-reduce FFN at decode (layers.QUANT_REDUCE_MAX_TOKENS = 8)")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--routing", default="own",
@@ -89,14 +90,16 @@ def parse_args(argv=None):
 
 
 PAIR_OPTIONS = {"direct": {"direct": True}, "cond": {"direct": False}, "pf": {"prefetch": True},
-                "nopf": {"prefetch": False}, "early": {"early": True}, "late": {"early": False}}
+                "nopf": {"prefetch": False}, "early": {"early": True}, "late": {"early": False},
+                "qreduce": {"qreduce": 8}}
 
 
 def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
-    """One --pairs item "policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf][:early|:late]" -> runs (policy, fraction,
+    """One --pairs item "policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf][:early|:late][:qreduce]" -> runs (policy, fraction,
     batch, adapt, options). direct / cond: direct copies / the conditional copy step (default: --direct); pf / nopf:
     prefetch forced on / off; early / late: `decode.READY_FFNS_DURING_COPIES` True / False for that row (full hits
-    and prefetched experts computed during the layer's copies, or after their wait).
+    and prefetched experts computed during the layer's copies, or after their wait); qreduce:
+    `layers.QUANT_REDUCE_MAX_TOKENS` = 8 for that row.
     Raises SystemExit on a bad item."""
     parts = item.split(":")
     if len(parts) < 2 or parts[0] not in ALL_POLICIES or parts[0] == "resident":
@@ -152,6 +155,7 @@ def main(argv=None) -> int:
     import jax
 
     from moepic_jax.offload import transfer
+    from moepic_jax.model import layers as layers_mod
     from moepic_jax.offload import decode as decode_mod
     from moepic_jax.offload.decode import RoutingTrace
     from moepic_jax.planning.calibrate import default_hardware, measure_hardware, profile_from_trace, profile_model
@@ -320,13 +324,16 @@ def main(argv=None) -> int:
         over = {"prefetch": prefetch, "direct": args.direct}
         for o in opts:
             over.update(PAIR_OPTIONS[o])
-        early = over.pop("early", None)
-        real_early = decode_mod.READY_FFNS_DURING_COPIES
+        # module constants read whenever a step is traced: held for the whole row, restored after it
+        consts = {(decode_mod, "READY_FFNS_DURING_COPIES"): over.pop("early", None),
+                  (layers_mod, "QUANT_REDUCE_MAX_TOKENS"): over.pop("qreduce", None)}
+        real = {k: getattr(*k) for k in consts}
         prompts, warm_prompts = all_prompts[:batch], all_warm[:batch]
         eng = None
         try:
-            if early is not None:  # read whenever a decode step is traced: held for the whole row
-                decode_mod.READY_FFNS_DURING_COPIES = early
+            for (mod, attr), v in consts.items():
+                if v is not None:
+                    setattr(mod, attr, v)
             tb = time.perf_counter()
             if policy == "resident":
                 eng = make_engine(model, "resident")
@@ -411,7 +418,8 @@ def main(argv=None) -> int:
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
         finally:
-            decode_mod.READY_FFNS_DURING_COPIES = real_early
+            for (mod, attr), v in real.items():
+                setattr(mod, attr, v)
         return row
 
     longest = 0.0

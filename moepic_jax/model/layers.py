@@ -32,6 +32,10 @@ from moepic_jax.model.quant import dequantize_rows
 
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
+# Quantized experts on at most this many tokens take the multiply-reduce form of `segment_ffn` (0: never): products
+# and sums in float32, so XLA can fuse the dequantization into the reductions and read the packed bytes once,
+# where the einsum form may first write the dequantized weights (benchmarks/experiments/quant/ffn_probe.py).
+QUANT_REDUCE_MAX_TOKENS = 0
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, weight applied in the input dtype (as HF's *RMSNorm)."""
@@ -135,6 +139,12 @@ def segment_ffn(x: jax.Array, seg: jax.Array, quant: ExpertQuant | None = None) 
     Returns:
       [N, D]. Summing over an expert's segments gives the full expert output (exact).
     """
+    if quant is not None and x.shape[0] <= QUANT_REDUCE_MAX_TOKENS:
+        w = dequantize_rows(seg, quant, jnp.float32)  # [S, 3, D]
+        xf = x.astype(jnp.float32)
+        g = jnp.sum(xf[:, None, :] * w[None, :, 0], axis=-1)  # [N, S]
+        u = jnp.sum(xf[:, None, :] * w[None, :, 1], axis=-1)
+        return jnp.sum((jax.nn.silu(g) * u)[:, :, None] * w[None, :, 2], axis=1).astype(x.dtype)
     seg = expert_weights(seg, quant, x.dtype)
     g = jnp.einsum("nd,sd->ns", x, seg[:, 0])
     u = jnp.einsum("nd,sd->ns", x, seg[:, 1])

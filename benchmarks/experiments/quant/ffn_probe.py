@@ -23,20 +23,19 @@ import numpy as np
 
 from moepic_jax.config import ExpertQuant
 from moepic_jax.model import layers as M
-from moepic_jax.model.quant import dequantize_rows, quantize_rows_jax
+from moepic_jax.model.quant import quantize_rows_jax
 
 SHAPES = {"qwen15": (1408, 2048), "qwen3": (768, 2048), "mixtral": (14336, 4096)}
 
 
 def ffn_reduce(x, seg, quant):
-    """One expert's SwiGLU on a few tokens as elementwise products and sums (float32), dequantizing in the same
-    fusion: x [N, D], seg [S, 3, W] uint8 -> [N, D]."""
-    w = dequantize_rows(seg, quant, jnp.float32)  # [S, 3, D]
-    xf = x.astype(jnp.float32)
-    g = jnp.sum(xf[:, None, :] * w[None, :, 0], axis=-1)  # [N, S]
-    u = jnp.sum(xf[:, None, :] * w[None, :, 1], axis=-1)
-    h = jax.nn.silu(g) * u
-    return jnp.sum(h[:, :, None] * w[None, :, 2], axis=1).astype(x.dtype)
+    """`layers.segment_ffn` in its multiply-reduce form (QUANT_REDUCE_MAX_TOKENS): x [N, D], seg [S, 3, W] -> [N, D]."""
+    real = M.QUANT_REDUCE_MAX_TOKENS
+    M.QUANT_REDUCE_MAX_TOKENS = x.shape[0]  # read while tracing only
+    try:
+        return M.segment_ffn(x, seg, quant)
+    finally:
+        M.QUANT_REDUCE_MAX_TOKENS = real
 
 
 def kernel_counts(compiled) -> dict:
