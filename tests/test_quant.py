@@ -97,6 +97,22 @@ def test_packed_rows_layout_and_dequantization_error(q):
     assert rel < (0.025 if q.bits == 8 else 0.35), rel  # the outliers widen the first group's step
 
 
+@pytest.mark.parametrize("reduce_max", [0, 8], ids=["einsum", "reduce"])
+@pytest.mark.parametrize("q", SCHEMES[:2], ids=lambda q: q.name)
+def test_quantized_segment_ffn_matches_numpy_swiglu(q, reduce_max, monkeypatch):
+    from moepic_jax.model import layers
+
+    monkeypatch.setattr(layers, "QUANT_REDUCE_MAX_TOKENS", reduce_max)  # read while tracing
+    seg = Q.quantize_rows(_weights((1, 6, 3, 128), seed=2), q)[0]  # [S, 3, W]
+    x = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
+    w = Q.dequantize_rows_np(seg, q).astype(np.float64)  # [S, 3, D]
+    g, u = x @ w[:, 0].T, x @ w[:, 1].T
+    want = (g / (1 + np.exp(-g)) * u) @ w[:, 2]
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(layers.segment_ffn, static_argnums=2)(jnp.asarray(x), jnp.asarray(seg), q))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match=r"valid group sizes: \[2, 4, 8, 16, 32, 64, 128, 256\]"):
         ExpertQuant(8, 96).check(256)
