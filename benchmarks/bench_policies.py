@@ -75,8 +75,8 @@ def parse_args(argv=None):
                     help="run only these policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf] runs (comma list), e.g."
                          " lru:0.5:b4,static:0.25:adapt,moepic:0.25:pf; bN = batch N (default: each --batch), adapt ="
                          " --adapt on for that run, direct / cond = that copy step, pf / nopf = prefetch forced on / off,"
-                         " early / late = ready FFNs computed during / after the layer's copies, qreduce = quantized experts'"
-                         " multiply-reduce FFN at decode (layers.QUANT_REDUCE_MAX_TOKENS = 8)")
+                         " early / late = ready FFNs computed during / after the layer's copies, qreduce / qeinsum = quantized"
+                         " experts' FFN at decode in its multiply-reduce / einsum form (layers.QUANT_REDUCE_MAX_TOKENS)")
     ap.add_argument("--time-limit", type=float, default=510.0,
                     help="seconds; a (policy, budget) run that would likely end past it is skipped")
     ap.add_argument("--routing", default="own",
@@ -91,15 +91,16 @@ def parse_args(argv=None):
 
 PAIR_OPTIONS = {"direct": {"direct": True}, "cond": {"direct": False}, "pf": {"prefetch": True},
                 "nopf": {"prefetch": False}, "early": {"early": True}, "late": {"early": False},
-                "qreduce": {"qreduce": 8}}
+                "qreduce": {"qreduce": 8}, "qeinsum": {"qreduce": 0}}
 
 
 def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
-    """One --pairs item "policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf][:early|:late][:qreduce]" -> runs (policy, fraction,
+    """One --pairs item "policy:fraction[:bN][:adapt][:direct|:cond][:pf|:nopf][:early|:late][:qreduce|:qeinsum]" -> runs (policy, fraction,
     batch, adapt, options). direct / cond: direct copies / the conditional copy step (default: --direct); pf / nopf:
     prefetch forced on / off; early / late: `decode.READY_FFNS_DURING_COPIES` True / False for that row (full hits
-    and prefetched experts computed during the layer's copies, or after their wait); qreduce:
-    `layers.QUANT_REDUCE_MAX_TOKENS` = 8 for that row.
+    and prefetched experts computed during the layer's copies, or after their wait); qreduce /
+    qeinsum: quantized experts' FFN on up to 8 tokens in its multiply-reduce form, or always the einsum form, for that
+    row on every backend (`layers.QUANT_REDUCE_MAX_TOKENS`).
     Raises SystemExit on a bad item."""
     parts = item.split(":")
     if len(parts) < 2 or parts[0] not in ALL_POLICIES or parts[0] == "resident":
@@ -326,7 +327,8 @@ def main(argv=None) -> int:
             over.update(PAIR_OPTIONS[o])
         # module constants read whenever a step is traced: held for the whole row, restored after it
         consts = {(decode_mod, "READY_FFNS_DURING_COPIES"): over.pop("early", None),
-                  (layers_mod, "QUANT_REDUCE_MAX_TOKENS"): over.pop("qreduce", None)}
+                  (layers_mod, "QUANT_REDUCE_MAX_TOKENS"): None if (n := over.pop("qreduce", None)) is None
+                  else {"default": n}}
         real = {k: getattr(*k) for k in consts}
         prompts, warm_prompts = all_prompts[:batch], all_warm[:batch]
         eng = None

@@ -102,7 +102,7 @@ def test_packed_rows_layout_and_dequantization_error(q):
 def test_quantized_segment_ffn_matches_numpy_swiglu(q, reduce_max, monkeypatch):
     from moepic_jax.model import layers
 
-    monkeypatch.setattr(layers, "QUANT_REDUCE_MAX_TOKENS", reduce_max)  # read while tracing
+    monkeypatch.setattr(layers, "QUANT_REDUCE_MAX_TOKENS", {"default": reduce_max})  # read while tracing
     seg = Q.quantize_rows(_weights((1, 6, 3, 128), seed=2), q)[0]  # [S, 3, W]
     x = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
     w = Q.dequantize_rows_np(seg, q).astype(np.float64)  # [S, 3, D]

@@ -32,10 +32,13 @@ from moepic_jax.model.quant import dequantize_rows
 
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
-# Quantized experts on at most this many tokens take the multiply-reduce form of `segment_ffn` (0: never): products
-# and sums in float32, so XLA can fuse the dequantization into the reductions and read the packed bytes once,
-# where the einsum form may first write the dequantized weights (benchmarks/experiments/quant/ffn_probe.py).
-QUANT_REDUCE_MAX_TOKENS = 0
+# Quantized experts on at most this many tokens take the multiply-reduce form of `segment_ffn`, per backend (others:
+# the "default" entry): products and sums in float32, which XLA fuses with the dequantization, so the packed bytes
+# are read once. The einsum form dequantizes into a temporary first: on an H100 at one token it wrote a float32 copy
+# of each Mixtral-8x7B expert (716 MB for two) and took 300 us per int4 expert against 107 us (Qwen1.5 shapes:
+# 20.7 against 15.5 us; Qwen3's small experts: 13.1 against 14.4), benchmarks/experiments/quant/ffn_probe.py. On
+# the CPU the einsum form is the faster one. Batches of 2-8 tokens are not measured.
+QUANT_REDUCE_MAX_TOKENS = {"default": 8, "cpu": 0}
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, weight applied in the input dtype (as HF's *RMSNorm)."""
@@ -139,7 +142,8 @@ def segment_ffn(x: jax.Array, seg: jax.Array, quant: ExpertQuant | None = None) 
     Returns:
       [N, D]. Summing over an expert's segments gives the full expert output (exact).
     """
-    if quant is not None and x.shape[0] <= QUANT_REDUCE_MAX_TOKENS:
+    reduce_max = QUANT_REDUCE_MAX_TOKENS.get(jax.default_backend(), QUANT_REDUCE_MAX_TOKENS["default"])
+    if quant is not None and x.shape[0] <= reduce_max:
         w = dequantize_rows(seg, quant, jnp.float32)  # [S, 3, D]
         xf = x.astype(jnp.float32)
         g = jnp.sum(xf[:, None, :] * w[None, :, 0], axis=-1)  # [N, S]

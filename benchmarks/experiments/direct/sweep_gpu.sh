@@ -9,8 +9,8 @@
 set -u
 OUT="${1:?results folder}"
 MODEL="${2:-qwen15}"
-BUDGETS="${3:-0.1,0.25,0.5}"
-POL="${4:-ondemand,lru,static,moepic}"
+BUDGETS="${3-0.1,0.25,0.5}"  # an empty BUDGETS or POLICIES (""): only the EXTRA pairs
+POL="${4-ondemand,lru,static,moepic}"
 EXTRA="${5-lru:0.25:cond,lru:0.25:pf,moepic:0.25:pf}"
 EXPERTS="${EXPERTS:-none}"
 RES=",resident"; [ -n "${NO_RESIDENT:-}" ] && RES=""
@@ -25,7 +25,8 @@ fi
 # ondemand caches nothing: it runs at the first budget only
 PAIRS=$(first=1; for f in ${BUDGETS//,/ }; do for p in ${POL//,/ }; do
   [ "$p" = ondemand ] && [ $first = 0 ] && continue; printf '%s:%s,' "$p" "$f"; done; first=0; done)${EXTRA}
+POLARG="${POL}${RES}"; [ -z "$POLARG" ] && POLARG=lru  # with --pairs, --policies only adds the resident row
 timeout "${BENCH_TIMEOUT:-420}" python -m benchmarks.bench_policies --model "$MODEL" --routing calibrated \
-  --policies "${POL}${RES}" --pairs "${PAIRS%,}" --experts "$EXPERTS" --out-dir "$OUT" --name "$NAME" \
+  --policies "$POLARG" --pairs "${PAIRS%,}" --experts "$EXPERTS" --out-dir "$OUT" --name "$NAME" \
   --time-limit "${BENCH_LIMIT:-400}" 2>&1 \
   | grep -v "^  layer" | grep -E "^#|^model|^H2D|^routing|^fixed|TPOT|ERROR|Error|error|skip|^\|" | tail -40

@@ -28,10 +28,10 @@ from moepic_jax.model.quant import quantize_rows_jax
 SHAPES = {"qwen15": (1408, 2048), "qwen3": (768, 2048), "mixtral": (14336, 4096)}
 
 
-def ffn_reduce(x, seg, quant):
-    """`layers.segment_ffn` in its multiply-reduce form (QUANT_REDUCE_MAX_TOKENS): x [N, D], seg [S, 3, W] -> [N, D]."""
+def ffn_form(x, seg, quant, form):
+    """`layers.segment_ffn` in one form ("einsum" or "reduce", `QUANT_REDUCE_MAX_TOKENS`): x [N, D] -> [N, D]."""
     real = M.QUANT_REDUCE_MAX_TOKENS
-    M.QUANT_REDUCE_MAX_TOKENS = x.shape[0]  # read while tracing only
+    M.QUANT_REDUCE_MAX_TOKENS = {"default": x.shape[0] if form == "reduce" else 0}  # read while tracing only
     try:
         return M.segment_ffn(x, seg, quant)
     finally:
@@ -68,7 +68,7 @@ def main():
             variants[f"int{bits} reduce"] = (wq, q, "reduce")
         ref = None
         for name, (w, q, form) in variants.items():
-            one = (lambda x, s, q=q: M.segment_ffn(x, s, q)) if form == "einsum" else (lambda x, s, q=q: ffn_reduce(x, s, q))
+            one = lambda x, s, q=q, form=form: ffn_form(x, s, q, form)  # noqa: E731
             f = jax.jit(lambda x, w, one=one: jnp.stack([one(x, w[u]).astype(jnp.float32) for u in range(U)]))
             compiled = f.lower(x, w).compile()
             out = np.asarray(f(x, w))
