@@ -136,13 +136,13 @@ def test_direct_copies_exact(policy, offload_models, reference):
 
 
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
-def test_direct_copies_exact_with_every_ffn_after_the_wait(policy, offload_models, reference, monkeypatch):
-    """`decode.READY_FFNS_DURING_COPIES = False` (a full hit's rows selected into the copies' buffer, every FFN after
-    the wait; the default computes full hits from their slots and prefetched experts while the copies stream) keeps
-    the resident model's logits, tokens and the conditional step's counters."""
+def test_direct_copies_exact_with_ready_ffns_during_the_copies(policy, offload_models, reference, monkeypatch):
+    """`decode.READY_FFNS_DURING_COPIES = True` (full hits computed from their slots and prefetched experts while the
+    copies stream; the default selects a full hit's rows into the copies' buffer and runs every FFN after the wait)
+    keeps the resident model's logits, tokens and the conditional step's counters."""
     from moepic_jax.offload import decode
 
-    monkeypatch.setattr(decode, "READY_FFNS_DURING_COPIES", False)
+    monkeypatch.setattr(decode, "READY_FFNS_DURING_COPIES", True)
     engines, counters = _direct_and_conditional(policy, offload_models, reference, SINGLE)
     for got, exp in zip(*counters):
         for k in exp:

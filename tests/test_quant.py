@@ -349,12 +349,16 @@ def test_direct_copies_of_packed_rows_match_resident():
     assert res.stats.top_only_hit_rate > 0 and res.stats.predictor_recall > 0
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["after_wait", "during_copies"])
 @pytest.mark.parametrize("policy", ["lru", "moepic"])
-def test_direct_copies_of_whole_packed_experts_match_resident(policy):
-    """Whole packed experts in the slots, prefetch forced on, the prefetched and shared experts computed while the
-    copies stream (`decode.READY_FFNS_DURING_COPIES`; a packed full hit keeps the row select): the tokens are the
-    resident model's."""
+def test_direct_copies_of_whole_packed_experts_match_resident(policy, early, monkeypatch):
+    """Whole packed experts in the slots, prefetch forced on, the prefetched and shared experts computed after the
+    copies' wait or while they stream (`decode.READY_FFNS_DURING_COPIES`; a packed full hit keeps the row select
+    either way): the tokens are the resident model's."""
+    from moepic_jax.offload import decode
     from moepic_jax.planning.profiles import CachePlan, LayerPlan
+
+    monkeypatch.setattr(decode, "READY_FFNS_DURING_COPIES", early)
 
     m = moepic_jax.load(experts="int4")
     cfg = m.cfg

@@ -111,14 +111,17 @@ def after(ids: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.where(jnp.sum(jnp.abs(h.astype(jnp.float32))) > 3e38, 0, ids)
 
 
-# Read when the direct step is traced. True (default): the FFNs of what is on the device before a layer's copies
-# land (the experts prefetched a layer ago, the shared expert, and with whole-expert slots of unquantized experts a
-# full hit, read from its cache slot) run between the copies' start and wait, and their outputs are selected. False: a full hit's rows are
-# selected into the copies' buffer after the wait, and every FFN follows the wait. On an H100 under calibrated
-# routing (8 layers of `lru`, same process) True took 28 % less time on Qwen3-30B-A3B with prefetch, 9 % without,
-# 4 % less on Qwen1.5 without prefetch and 1 % more with it (docs/notes/2026-12-07-decode-step-profile.md). The
-# shared expert, the other policies' layers and the prefetch wait's ordering joined after that run: not measured.
-READY_FFNS_DURING_COPIES = True
+# Read when the direct step is traced. True: the FFNs of what is on the device before a layer's copies land (the
+# experts prefetched a layer ago, the shared expert, and with whole-expert slots of unquantized experts a full hit,
+# read from its cache slot) run between the copies' start and wait, and their outputs are selected. False
+# (default): a full hit's rows are selected into the copies' buffer after the wait, and every FFN follows the wait.
+# On an H100 under calibrated routing, 8 layers of `lru` in one process, True took 28 % less time on Qwen3-30B-A3B
+# with prefetch, 9 % without, 4 % less on Qwen1.5 without prefetch and 1 % more with it
+# (docs/notes/2026-12-07-decode-step-profile.md). At full size (48 layers of Qwen3, another H100) it decoded at 10 %
+# as False had, and at 25 % in 45.0 / 48.5 ms (`lru` / `moepic`) where False had taken 36.9-42.0 / 37.7-41.7 ms in
+# three earlier runs (docs/notes/2026-12-08-full-size-early-ffns.md): False, the step the README's rows measured,
+# stays the default until one machine runs both (benchmarks/experiments/direct/early_late_gpu.sh).
+READY_FFNS_DURING_COPIES = False
 
 
 class Prefetch(NamedTuple):
