@@ -14,10 +14,12 @@ from moepic_jax.config import MoEConfig, from_hf_config
 from moepic_jax.generate import ENGINES, GenerateResult, forward, generate
 from moepic_jax.io.loading import Model, load
 from moepic_jax.offload.policies import POLICIES
+from moepic_jax.runtime.compile_cache import use_compile_cache
 from moepic_jax.runtime.engine import Engine, OffloadEngine, ResidentEngine
 from moepic_jax.runtime.factory import EngineCache, make_engine
 from moepic_jax.stats import GenerateStats
 
 __all__ = ["ENGINES", "POLICIES", "Engine", "EngineCache", "GenerateResult", "GenerateStats", "MoEConfig", "Model",
-           "OffloadEngine", "ResidentEngine", "forward", "from_hf_config", "generate", "load", "make_engine"]
+           "OffloadEngine", "ResidentEngine", "forward", "from_hf_config", "generate", "load", "make_engine",
+           "use_compile_cache"]
 __version__ = "0.1.0"

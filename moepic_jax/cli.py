@@ -42,15 +42,12 @@ def _env_before_jax(args) -> None:
 
 
 def _compile_cache(args) -> None:
-    """JAX's persistent compilation cache in a user cache directory (off with --no-compile-cache): a second run
-    of the same command loads its compiled steps instead of compiling them again."""
+    """JAX's persistent compilation cache (`runtime.compile_cache`), unless --no-compile-cache."""
     if getattr(args, "no_compile_cache", True):
         return
-    import jax
+    from moepic_jax.runtime.compile_cache import use_compile_cache
 
-    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moepic_jax", "xla")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    use_compile_cache()
 
 
 def _budget(s: str | None):
@@ -161,12 +158,19 @@ def cmd_generate(args) -> int:
         prompt = [int(t) for t in prompt.split()]
     print(f"[{args.policy}, VRAM budget {args.vram_budget}: placing the model and compiling the steps ...]",
           file=sys.stderr, flush=True)
-    print(args.prompt, end="", flush=True)
-    _PENDING_LINE.append(True)
+
+    def stream(i, s):  # the prompt is echoed with the first new text: a budget error or a log line comes before it
+        if not _PENDING_LINE:
+            print(args.prompt, end="")
+            _PENDING_LINE.append(True)
+        print(s, end="", flush=True)
+
     res = moepic_jax.generate(prompt, model=model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                               policy=args.policy, vram_budget=_budget(args.vram_budget), plan=plan,
-                              stream=lambda i, s: print(s, end="", flush=True), **kw)
+                              stream=stream, **kw)
+    if not _PENDING_LINE:  # nothing was streamed (token ids only)
+        print(args.prompt, end="")
     if model.tokenizer is None:
         print(" ".join(map(str, res.token_ids[0])), end="")
     print()
@@ -241,7 +245,7 @@ def print_plan(plan, mp=None, hw=None, out=None) -> None:
     from moepic_jax.planning.planner import plan_bytes, plan_stats, predicted_tpot
 
     stats = plan_stats(plan, mp, hw) if mp is not None else None
-    print(f"cache budget {plan.budget_bytes / 2**30:.3f} GiB" +
+    print(f"expert cache budget {plan.budget_bytes / 2**30:.3f} GiB (the VRAM budget less the fixed part)" +
           (f", plan uses {plan_bytes(plan, mp) / 2**30:.3f} GiB" if mp is not None else "") +
           f", next-layer prefetch {'on' if plan.prefetch else 'off'}", file=out)
     print(f"{'layer':>5} {'split':>6} {'slots':>5}  cached experts", file=out)
@@ -250,7 +254,10 @@ def print_plan(plan, mp=None, hw=None, out=None) -> None:
         print(f"{l:>5} {lp.split:>6} {len(lp.cached):>5}  {ids}", file=out)
     if stats is not None and hw is not None:
         step = "direct copies" if hw.direct else "the conditional copy step"
-        print(f"predicted TPOT {predicted_tpot(plan, mp, hw) * 1e3:.2f} ms (decoding with {step})", file=out)
+        measured = hw.device != "default (not measured)"
+        where = (f"on {hw.device}" if measured else "on unmeasured H200 defaults; `moepic-jax profile --out P` "
+                 "measures this machine and `plan --hardware P.hardware.json` uses it")
+        print(f"predicted TPOT {predicted_tpot(plan, mp, hw) * 1e3:.2f} ms (decoding with {step}, {where})", file=out)
 
 
 def cmd_plan(args) -> int:

@@ -221,3 +221,27 @@ def test_lru_miss_never_evicts_an_expert_the_same_step_uses():
     assert int(cache.slot_of[0]) == slot0 and int(cache.slot_of[1]) == -1
     assert int(cache.slot_of[2]) == 1 - slot0
     assert np.all(np.asarray(cache.tops[slot0]) == 0) and np.all(np.asarray(cache.tops[1 - slot0]) == 2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.uint8])
+def test_write_rows_matches_numpy_and_drops_out_of_range_slots(dtype):
+    rng = np.random.default_rng(0)
+    tops = rng.integers(0, 100, (5, 3, 3, D)).astype(np.float32)
+    rows = rng.integers(100, 200, (4, 3, 3, D)).astype(np.float32)
+    slots = np.array([3, 7, 0, 5], np.int32)  # distinct; 7 and 5 are past the 5 slots: dropped
+    want = tops.copy()
+    for s, r in zip(slots, rows):
+        if s < len(tops):
+            want[s] = r
+    got = jax.jit(C.write_rows)(jnp.asarray(tops, dtype), jnp.asarray(slots), jnp.asarray(rows, dtype))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_cpu_admission_writes_a_bfloat16_cache_without_a_scatter():
+    """XLA:CPU widens a bfloat16 scatter to float32 around the whole operand, several passes over the cache, so
+    `write_rows` updates it row by row there."""
+    tops = jnp.zeros((8, 16, 3, 64), jnp.bfloat16)
+    text = jax.jit(C.write_rows).lower(tops, jnp.array([2, 9], jnp.int32),
+                                       jnp.ones((2, 16, 3, 64), jnp.bfloat16)).compile().as_text()
+    assert " scatter(" not in text and text.count("dynamic-update-slice(") >= 2

@@ -43,3 +43,16 @@ def test_one_cold_run_reports_its_timings(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["wall_s"] == r["wall_s"] and saved["meta"]["config"]["num_hidden_layers"] == 2
     assert not list(tmp_path.glob("moepic_cold_*"))  # the checkpoint and the compile cache are removed
+
+
+def test_use_compile_cache_writes_compiled_programs_to_its_directory(tmp_path):
+    """In a fresh process (JAX decides once, at its first compilation, whether a persistent cache is in use)."""
+    import subprocess
+    import sys
+
+    code = ("import jax, jax.numpy as jnp, moepic_jax, sys; d = moepic_jax.use_compile_cache(sys.argv[1], 0.0); "
+            "jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25)(jnp.arange(7.0)).block_until_ready(); print(d)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == str(tmp_path / "xla")
+    assert any((tmp_path / "xla").iterdir())

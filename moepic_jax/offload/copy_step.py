@@ -145,7 +145,7 @@ def copy_step(spec: StepSpec, split: int, stack: jax.Array, cache: C.LayerCache,
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
     def write(tops, rows, t):  # the group's admissions, outside the switch: XLA updates a carried buffer in place
-        return tops.at[t].set(rows.astype(tops.dtype), mode="drop", unique_indices=True) if admit else tops
+        return C.write_rows(tops, t, rows) if admit else tops
 
     tops = cache.tops
     if every and s == 0:

@@ -200,8 +200,7 @@ def moe_decode(spec: StepSpec, l: int, lp: M.LayerParams, stack, x, cache, pred:
         if spec.admits and n and rows_kept:  # a prefetched miss is admitted with its prefetched rows (not copied)
             with jax.named_scope("cache_admission"):
                 idx = jnp.where(g, r.admitted, n + jnp.arange(r.admitted.shape[0]))  # distinct; >= n is dropped
-                new_cache = new_cache.replace(tops=new_cache.tops.at[idx].set(
-                    pred.buffers[j, :rows_kept].astype(new_cache.tops.dtype), mode="drop", unique_indices=True))
+                new_cache = new_cache.replace(tops=C.write_rows(new_cache.tops, idx, pred.buffers[j, :rows_kept]))
     y = combine(cfg, ids, w, r.ids, outs)
     y = place.psum(y).astype(x.dtype) + M.shared_expert(x, lp.moe)
     f32 = jnp.float32
@@ -318,8 +317,7 @@ def moe_decode_direct(spec: StepSpec, l: int, lp: M.LayerParams, x: jax.Array, c
             order = jnp.argsort(2 * miss.astype(jnp.int32) + top_hit.astype(jnp.int32), stable=True)
             cache, target = C.admit_slots(spec.rule, cache, uniq[order], step)
             slots = jnp.zeros_like(target).at[order].set(target)
-            cache = cache.replace(tops=cache.tops.at[slots].set(admit_rows.astype(cache.tops.dtype), mode="drop",
-                                                                 unique_indices=True))
+            cache = cache.replace(tops=C.write_rows(cache.tops, slots, admit_rows))
     y = combine(cfg, ids, w, uniq, outs)
     y = y.astype(x.dtype) + shared
     f32 = jnp.float32
