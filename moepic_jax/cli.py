@@ -412,6 +412,9 @@ def main(argv=None) -> int:
         _check_args(args)  # before anything is loaded
         _compile_cache(args)
         return args.fn(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError) as e:
         sys.stdout.flush()
         print(f"\nerror: {e}" if _PENDING_LINE else f"error: {e}", file=sys.stderr)
