@@ -91,7 +91,7 @@ def parse_args(argv=None):
 
 PAIR_OPTIONS = {"direct": {"direct": True}, "cond": {"direct": False}, "pf": {"prefetch": True},
                 "nopf": {"prefetch": False}, "early": {"early": True}, "late": {"early": False},
-                "qreduce": {"qreduce": 8}, "qeinsum": {"qreduce": 0}}
+                "qreduce": {"qreduce": 1}, "qeinsum": {"qreduce": 0}}
 
 
 def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
@@ -99,7 +99,7 @@ def parse_pair(item: str, batches: list[int], args) -> list[tuple]:
     batch, adapt, options). direct / cond: direct copies / the conditional copy step (default: --direct); pf / nopf:
     prefetch forced on / off; early / late: `decode.READY_FFNS_DURING_COPIES` True / False for that row (full hits
     and prefetched experts computed during the layer's copies, or after their wait); qreduce /
-    qeinsum: quantized experts' FFN on up to 8 tokens in its multiply-reduce form, or always the einsum form, for that
+    qeinsum: quantized experts' FFN on one token in its multiply-reduce form, or always the einsum form, for that
     row on every backend (`layers.QUANT_REDUCE_MAX_TOKENS`).
     Raises SystemExit on a bad item."""
     parts = item.split(":")

@@ -159,6 +159,8 @@ def cmd_generate(args) -> int:
     print(f"[{args.policy}, VRAM budget {args.vram_budget}: placing the model and compiling the steps ...]",
           file=sys.stderr, flush=True)
 
+    _PENDING_LINE.clear()
+
     def stream(i, s):  # the prompt is echoed with the first new text: a budget error or a log line comes before it
         if not _PENDING_LINE:
             print(args.prompt, end="")
@@ -172,7 +174,7 @@ def cmd_generate(args) -> int:
     if not _PENDING_LINE:  # nothing was streamed (token ids only)
         print(args.prompt, end="")
     if model.tokenizer is None:
-        print(" ".join(map(str, res.token_ids[0])), end="")
+        print(" " + " ".join(map(str, res.token_ids[0])), end="")
     print()
     _PENDING_LINE.clear()
     print(res.stats.summary(), file=sys.stderr)
@@ -412,9 +414,10 @@ def main(argv=None) -> int:
         _check_args(args)  # before anything is loaded
         _compile_cache(args)
         return args.fn(args)
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback; status 1 as Python's own advice
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        _PENDING_LINE.clear()
+        return 1
     except (ValueError, FileNotFoundError) as e:
         sys.stdout.flush()
         print(f"\nerror: {e}" if _PENDING_LINE else f"error: {e}", file=sys.stderr)

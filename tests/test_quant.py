@@ -97,20 +97,42 @@ def test_packed_rows_layout_and_dequantization_error(q):
     assert rel < (0.025 if q.bits == 8 else 0.35), rel  # the outliers widen the first group's step
 
 
-@pytest.mark.parametrize("reduce_max", [0, 8], ids=["einsum", "reduce"])
+@pytest.mark.parametrize("reduce", [False, True], ids=["einsum", "reduce"])
 @pytest.mark.parametrize("q", SCHEMES[:2], ids=lambda q: q.name)
-def test_quantized_segment_ffn_matches_numpy_swiglu(q, reduce_max, monkeypatch):
+def test_quantized_segment_ffn_matches_numpy_swiglu(q, reduce):
     from moepic_jax.model import layers
 
-    monkeypatch.setattr(layers, "QUANT_REDUCE_MAX_TOKENS", {"default": reduce_max})  # read while tracing
     seg = Q.quantize_rows(_weights((1, 6, 3, 128), seed=2), q)[0]  # [S, 3, W]
     x = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
     w = Q.dequantize_rows_np(seg, q).astype(np.float64)  # [S, 3, D]
     g, u = x @ w[:, 0].T, x @ w[:, 1].T
     want = (g / (1 + np.exp(-g)) * u) @ w[:, 2]
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(jax.jit(layers.segment_ffn, static_argnums=2)(jnp.asarray(x), jnp.asarray(seg), q))
+        fn = jax.jit(lambda x, s: layers.segment_ffn(x, s, q, reduce))
+        got = np.asarray(fn(jnp.asarray(x), jnp.asarray(seg)))
+    assert ("dot(" in fn.lower(jnp.asarray(x), jnp.asarray(seg)).as_text(dialect="hlo")) != reduce  # the form asked
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("limit", [2, 8])
+def test_resident_gathered_experts_take_the_form_of_the_whole_block(limit, monkeypatch):
+    """The resident decode path computes each token alone (`experts_gathered`), the offloaded paths all N tokens at
+    once: both must take the form that N tokens get, or bfloat16 results differ between them."""
+    from moepic_jax.model import layers
+
+    monkeypatch.setattr(layers, "QUANT_REDUCE_MAX_TOKENS", {"default": limit})
+    q, real, forms = SCHEMES[0], layers.segment_ffn, []
+
+    def spy(x, seg, quant=None, reduce=None):
+        forms.append(layers.quant_reduce_form(quant, x.shape[0]) if reduce is None else reduce)
+        return real(x, seg, quant, reduce)
+
+    monkeypatch.setattr(layers, "segment_ffn", spy)
+    experts = jnp.asarray(Q.quantize_rows(_weights((4, 2, 3, 128), seed=4), q))
+    N = 5
+    x = jnp.ones((N, 128), jnp.bfloat16)
+    layers.experts_gathered(x, experts, jnp.zeros((N, 2), jnp.int32), jnp.ones((N, 2), jnp.float32), q)
+    assert len(forms) == 2 * N and set(forms) == {N <= limit}
 
 
 def test_bad_options_are_clear_errors():

@@ -33,12 +33,12 @@ from moepic_jax.model.quant import dequantize_rows
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
 # Quantized experts on at most this many tokens take the multiply-reduce form of `segment_ffn`, per backend (others:
-# the "default" entry): products and sums in float32, which XLA fuses with the dequantization, so the packed bytes
+# the "default" entry; one token, the measured case: at 2-8 tokens the float32 products may not fuse): products and sums in float32, which XLA fuses with the dequantization, so the packed bytes
 # are read once. The einsum form dequantizes into a temporary first: on an H100 at one token it wrote a float32 copy
 # of each Mixtral-8x7B expert (716 MB for two) and took 300 us per int4 expert against 107 us (Qwen1.5 shapes:
 # 20.7 against 15.5 us; Qwen3's small experts: 13.1 against 14.4), benchmarks/experiments/quant/ffn_probe.py. On
-# the CPU the einsum form is the faster one. Batches of 2-8 tokens are not measured.
-QUANT_REDUCE_MAX_TOKENS = {"default": 8, "cpu": 0}
+# the CPU the einsum form is the faster one.
+QUANT_REDUCE_MAX_TOKENS = {"default": 1, "cpu": 0}
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, weight applied in the input dtype (as HF's *RMSNorm)."""
@@ -133,17 +133,26 @@ def expert_weights(rows: jax.Array, quant: ExpertQuant | None, dtype) -> jax.Arr
     return rows if quant is None else dequantize_rows(rows, quant, dtype)
 
 
-def segment_ffn(x: jax.Array, seg: jax.Array, quant: ExpertQuant | None = None) -> jax.Array:
+def quant_reduce_form(quant: ExpertQuant | None, n_tokens: int) -> bool:
+    """Whether quantized experts on `n_tokens` tokens take `segment_ffn`'s multiply-reduce form
+    (`QUANT_REDUCE_MAX_TOKENS` of the default backend)."""
+    limit = QUANT_REDUCE_MAX_TOKENS.get(jax.default_backend(), QUANT_REDUCE_MAX_TOKENS["default"])
+    return quant is not None and n_tokens <= limit
+
+
+def segment_ffn(x: jax.Array, seg: jax.Array, quant: ExpertQuant | None = None,
+                reduce: bool | None = None) -> jax.Array:
     """Partial SwiGLU output of a run of neurons of one expert.
 
     Args:
       x: [N, D]; seg: [S, 3, D] neuron-major rows (gate col, up col, down row), or with `quant` (static) the
-        stored rows [S, 3, W] uint8, dequantized to x's dtype here.
+        stored rows [S, 3, W] uint8, dequantized here.
+      reduce: the form for quantized rows (static; default `quant_reduce_form(quant, N)`). A caller that splits
+        a block's tokens passes the block's choice, so that every path computing the same tokens uses one form.
     Returns:
       [N, D]. Summing over an expert's segments gives the full expert output (exact).
     """
-    reduce_max = QUANT_REDUCE_MAX_TOKENS.get(jax.default_backend(), QUANT_REDUCE_MAX_TOKENS["default"])
-    if quant is not None and x.shape[0] <= reduce_max:
+    if quant is not None and (quant_reduce_form(quant, x.shape[0]) if reduce is None else reduce):
         w = dequantize_rows(seg, quant, jnp.float32)  # [S, 3, D]
         xf = x.astype(jnp.float32)
         g = jnp.sum(xf[:, None, :] * w[None, :, 0], axis=-1)  # [N, S]
@@ -195,11 +204,12 @@ def experts_gathered(x: jax.Array, experts: jax.Array, ids: jax.Array, w: jax.Ar
     form decoded Qwen1.5-MoE-A2.7B faster (benchmarks/experiments/probe_decode.py).
     """
     rows = []
+    reduce = quant_reduce_form(quant, x.shape[0])  # as the offloaded paths choose for these N tokens
     for n in range(ids.shape[0]):
         acc = jnp.zeros((x.shape[1],), jnp.float32)
         for k in range(ids.shape[1]):
             ex = jax.lax.dynamic_index_in_dim(experts, ids[n, k], keepdims=False)  # [F, 3, D]
-            acc = acc + w[n, k] * segment_ffn(x[n:n + 1], ex, quant)[0].astype(jnp.float32)
+            acc = acc + w[n, k] * segment_ffn(x[n:n + 1], ex, quant, reduce)[0].astype(jnp.float32)
         rows.append(acc)
     return jnp.stack(rows)
 

@@ -2,7 +2,7 @@
 # One device call: where the direct decode step's time goes under calibrated routing, 8 layers of Qwen1.5-MoE-A2.7B
 # and of Qwen3-30B-A3B at 25 %: TPOT per variant and a device profile with every kernel and copy of 5 traced
 # steps (<name>_events.json), prefetch forced on and off, and the FFNs of full hits (read from their slots) and
-# prefetched experts computed while this layer's copies stream (`early`, now the default) against after the wait
+# prefetched experts computed while this layer's copies stream (`early`; the default is `late`) against after the wait
 # (`late`, the default when this ran: the results name those variants without an option).
 #   bash benchmarks/experiments/direct/profile_gpu.sh OUT_DIR
 set -u
