@@ -833,6 +833,8 @@ def assemble(run: str | pathlib.Path, out: str | pathlib.Path, notes: str | path
     _training_md(log, ev, out, None if notes is None else pathlib.Path(notes).read_text())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"[assemble] {out}: {size / 2**20:.1f} MiB; sample ppl {ppl:.3f}", flush=True)
+    print("[assemble] the wheel ships checkpoints/ file by file: list the new files in pyproject.toml's "
+          "[tool.setuptools.data-files] (tests/test_layout.py checks the list)", flush=True)
     return out
 
 
