@@ -256,8 +256,9 @@ def print_plan(plan, mp=None, hw=None, out=None) -> None:
         print(f"{l:>5} {lp.split:>6} {len(lp.cached):>5}  {ids}", file=out)
     if stats is not None and hw is not None:
         step = "direct copies" if hw.direct else "the conditional copy step"
-        measured = hw.device != "default (not measured)"
-        where = (f"on {hw.device}" if measured else "on unmeasured H200 defaults; `moepic-jax profile --out P` "
+        from moepic_jax.planning.calibrate import DEFAULT_DEVICE
+
+        where = (f"on {hw.device}" if hw.device != DEFAULT_DEVICE else "on unmeasured H200 defaults; `moepic-jax profile --out P` "
                  "measures this machine and `plan --hardware P.hardware.json` uses it")
         print(f"predicted TPOT {predicted_tpot(plan, mp, hw) * 1e3:.2f} ms (decoding with {step}, {where})", file=out)
 

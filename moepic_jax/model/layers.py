@@ -33,12 +33,13 @@ from moepic_jax.model.quant import dequantize_rows
 # Finite "minus infinity" for masks: a fully masked (padding) row stays finite instead of NaN.
 _MASK_VALUE = -1e30
 # Quantized experts on at most this many tokens take the multiply-reduce form of `segment_ffn`, per backend (others:
-# the "default" entry; one token, the measured case: at 2-8 tokens the float32 products may not fuse): products and sums in float32, which XLA fuses with the dequantization, so the packed bytes
+# the "default" entry): products and sums in float32, which XLA fuses with the dequantization, so the packed bytes
 # are read once. The einsum form dequantizes into a temporary first: on an H100 at one token it wrote a float32 copy
 # of each Mixtral-8x7B expert (716 MB for two) and took 300 us per int4 expert against 107 us (Qwen1.5 shapes:
-# 20.7 against 15.5 us; Qwen3's small experts: 13.1 against 14.4), benchmarks/experiments/quant/ffn_probe.py. On
-# the CPU the einsum form is the faster one.
+# 20.7 against 15.5 us; Qwen3's small experts: 13.1 against 14.4), benchmarks/experiments/quant/ffn_probe.py. One
+# token is the measured case (at 2-8 tokens the float32 products may not fuse); on the CPU the einsum is faster.
 QUANT_REDUCE_MAX_TOKENS = {"default": 1, "cpu": 0}
+
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, weight applied in the input dtype (as HF's *RMSNorm)."""

@@ -53,6 +53,7 @@ DEFAULT_COND_WINDOW_FRACTION = 0.0
 # stream copy hid 0.90-0.92 of itself behind compute).
 DEFAULT_DIRECT_OVERHEAD_S = 1.5e-4
 DEFAULT_DIRECT_WINDOW_FRACTION = 0.9
+DEFAULT_DEVICE = "default (not measured)"  # the `device` of `default_hardware`
 
 _DEFAULT_TEXT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""
@@ -265,7 +266,7 @@ def default_hardware(n_layers: int, direct: bool = False) -> HardwareProfile:
     """The unmeasured default (the figures above) for the conditional copy step or, direct=True, for direct copies;
     `measure_hardware` measures the machine in use."""
     return HardwareProfile(h2d_latency_s=DEFAULT_H2D_LATENCY_S, h2d_bandwidth_Bps=DEFAULT_H2D_BANDWIDTH_BPS,
-                           layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device="default (not measured)",
+                           layer_compute_s=np.full(n_layers, DEFAULT_LAYER_COMPUTE_S), device=DEFAULT_DEVICE,
                            cond_overhead_s=DEFAULT_DIRECT_OVERHEAD_S if direct else DEFAULT_COND_OVERHEAD_S,
                            cond_window_fraction=DEFAULT_DIRECT_WINDOW_FRACTION if direct
                            else DEFAULT_COND_WINDOW_FRACTION, direct=direct)

@@ -29,13 +29,8 @@ SHAPES = {"qwen15": (1408, 2048), "qwen3": (768, 2048), "mixtral": (14336, 4096)
 
 
 def ffn_form(x, seg, quant, form):
-    """`layers.segment_ffn` in one form ("einsum" or "reduce", `QUANT_REDUCE_MAX_TOKENS`): x [N, D] -> [N, D]."""
-    real = M.QUANT_REDUCE_MAX_TOKENS
-    M.QUANT_REDUCE_MAX_TOKENS = {"default": x.shape[0] if form == "reduce" else 0}  # read while tracing only
-    try:
-        return M.segment_ffn(x, seg, quant)
-    finally:
-        M.QUANT_REDUCE_MAX_TOKENS = real
+    """`layers.segment_ffn` in one form ("einsum" or "reduce"): x [N, D] -> [N, D]."""
+    return M.segment_ffn(x, seg, quant, reduce=quant is not None and form == "reduce")
 
 
 def kernel_counts(compiled) -> dict:
